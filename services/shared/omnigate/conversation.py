@@ -1,0 +1,109 @@
+"""A generation request and its streamed events as plain Python objects.
+
+The shape follows Hugging Face's chat format ("Multimodal Generation" guide): a list of messages, each
+with a role and typed content parts. Servicers convert protobuf messages to and from these types.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from omnigate.media import Audio, Image, Video
+
+
+class GenerationMode(enum.StrEnum):
+    TEXT = "text"
+    AUDIO = "audio"
+    IMAGE = "image"
+
+
+class Modality(enum.StrEnum):
+    TEXT = "text"
+    IMAGE = "image"
+    AUDIO = "audio"
+    VIDEO = "video"
+
+
+@dataclass
+class ContentPart:
+    """One typed part of a message: exactly one of text / image / audio / video is set."""
+
+    type: Modality
+    text: str | None = None
+    image: Image | None = None
+    audio: Audio | None = None
+    video: Video | None = None
+
+
+@dataclass
+class Message:
+    role: str  # "system", "user" or "assistant"
+    content: list[ContentPart]
+
+
+@dataclass
+class GenerationParams:
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GenerationRequest:
+    messages: list[Message]
+    params: GenerationParams = field(default_factory=GenerationParams)
+    mode: GenerationMode = GenerationMode.TEXT
+    return_full_text: bool = False
+    video_fps: float | None = None
+    use_audio_in_video: bool = False
+    speaker: str | None = None
+    request_id: str = ""
+
+
+# ---- streamed events -------------------------------------------------------------------------
+
+
+@dataclass
+class TextDelta:
+    text: str
+
+
+@dataclass
+class AudioChunk:
+    samples: object  # numpy float32 array, mono
+    sample_rate: int
+    sequence: int
+
+
+@dataclass
+class ImageOutput:
+    data: bytes  # encoded image
+    mime_type: str
+    width: int
+    height: int
+
+
+@dataclass
+class Timings:
+    queue_s: float = 0.0
+    prefill_s: float = 0.0  # time to first token after the request started running
+    generate_s: float = 0.0  # total time in generate (text + speech/image)
+    total_s: float = 0.0
+
+
+@dataclass
+class Summary:
+    finish_reason: str  # "stop", "length", "stop_sequence"
+    prompt_tokens: int
+    output_tokens: int
+    timings: Timings = field(default_factory=Timings)
+    audio_seconds: float = 0.0
+
+
+Event = TextDelta | AudioChunk | ImageOutput | Summary

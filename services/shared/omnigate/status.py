@@ -1,0 +1,94 @@
+"""Maps domain errors to gRPC statuses with google.rpc.Status details, in one place for both services.
+
+| error kind          | gRPC code           |
+|---------------------|---------------------|
+| invalid_argument    | INVALID_ARGUMENT    |
+| permission_denied   | PERMISSION_DENIED   |
+| resource_exhausted  | RESOURCE_EXHAUSTED (+ RetryInfo when retriable) |
+| unavailable         | UNAVAILABLE         |
+| deadline_exceeded   | DEADLINE_EXCEEDED   |
+| internal / unknown  | INTERNAL, generic message (details only in the log) |
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from omnigate.errors import LimitExceeded, OmnigateError
+
+log = logging.getLogger(__name__)
+
+ERROR_DOMAIN = "omnigate.dev"
+
+GRPC_CODES: dict[str, grpc.StatusCode] = {
+    "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
+    "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
+    "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "deadline_exceeded": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "internal": grpc.StatusCode.INTERNAL,
+}
+
+INTERNAL_MESSAGE = "internal error; the request was logged"
+
+
+def to_status(exc: BaseException) -> grpc.Status:
+    """Builds the gRPC status (with ErrorInfo and, when retriable, RetryInfo details) for an exception."""
+    if isinstance(exc, OmnigateError) and exc.code in GRPC_CODES and exc.code != "internal":
+        code = GRPC_CODES[exc.code]
+        message = exc.message
+        reason = type(exc).__name__
+    else:
+        code = grpc.StatusCode.INTERNAL
+        message = INTERNAL_MESSAGE
+        reason = "INTERNAL"
+    details = []
+    info = error_details_pb2.ErrorInfo(reason=_reason_name(reason), domain=ERROR_DOMAIN)
+    details.append(_pack(info))
+    if isinstance(exc, LimitExceeded) and exc.retry_after_s is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(exc.retry_after_s * 1e9))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+    proto = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details)
+    return rpc_status.to_status(proto)
+
+
+def retry_after_s(error: grpc.RpcError) -> float | None:
+    """The RetryInfo delay carried by a failed call's status, if any."""
+    status = rpc_status.from_call(error) if hasattr(error, "trailing_metadata") else None
+    if status is None:
+        return None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return info.retry_delay.ToNanoseconds() / 1e9
+    return None
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    """Ends an RPC with the status for ``exc`` (logs unexpected errors with their traceback)."""
+    if not isinstance(exc, OmnigateError) or exc.code == "internal":
+        log.error("internal error", exc_info=exc)
+    await context.abort_with_status(to_status(exc))
+
+
+def _pack(message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def _reason_name(reason: str) -> str:
+    """ErrorInfo.reason is UPPER_SNAKE_CASE by convention."""
+    out = []
+    for i, ch in enumerate(reason):
+        if ch.isupper() and i and (reason[i - 1].islower()):
+            out.append("_")
+        out.append(ch.upper())
+    return "".join(out)

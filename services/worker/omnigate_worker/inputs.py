@@ -1,0 +1,107 @@
+"""Turns a plain GenerationRequest into the processor's model inputs.
+
+This follows what ``processor.apply_chat_template(..., tokenize=True)`` does (render the chat template,
+collect the media in conversation order, call the processor), in two explicit steps so that media that
+arrives already decoded can be passed in every case, including the audio track of a video, which
+``apply_chat_template`` can only load from a file with torchcodec (not available on every machine).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import PIL.Image
+
+from omnigate.conversation import GenerationRequest, Modality
+from omnigate.errors import InvalidInput
+
+
+@dataclass
+class CollectedMedia:
+    """The conversation as the chat template sees it, and the media in the order the processor wants."""
+
+    messages: list[dict]
+    images: list[PIL.Image.Image] = field(default_factory=list)
+    videos: list[np.ndarray] = field(default_factory=list)
+    audio: list[np.ndarray] = field(default_factory=list)
+    audio_from_video_indices: list[int | None] = field(default_factory=list)
+    video_fps: float | None = None
+
+
+def collect(request: GenerationRequest) -> CollectedMedia:
+    """Builds chat-template messages (media parts carry their decoded data) and the media lists."""
+    out = CollectedMedia(messages=[])
+    for message in request.messages:
+        content = []
+        for part in message.content:
+            if part.type is Modality.TEXT:
+                content.append({"type": "text", "text": part.text or ""})
+            elif part.type is Modality.IMAGE:
+                image = PIL.Image.fromarray(part.image.pixels, mode="RGB")
+                out.images.append(image)
+                content.append({"type": "image", "image": image})
+            elif part.type is Modality.AUDIO:
+                out.audio.append(part.audio.samples)
+                out.audio_from_video_indices.append(None)
+                content.append({"type": "audio", "audio": part.audio.samples})
+            elif part.type is Modality.VIDEO:
+                video = part.video
+                if out.video_fps is not None and abs(out.video_fps - video.sampled_fps) > 1e-6:
+                    raise InvalidInput("all videos of a request must be sampled at the same fps")
+                out.video_fps = video.sampled_fps
+                if request.use_audio_in_video:
+                    if video.audio is None:
+                        raise InvalidInput("use_audio_in_video is set but a video arrived without its audio track")
+                    out.audio.append(video.audio.samples)
+                    out.audio_from_video_indices.append(len(out.videos))
+                out.videos.append(video.frames)
+                content.append({"type": "video", "video": video.frames})
+        out.messages.append({"role": message.role, "content": content})
+    return out
+
+
+def processor_kwargs(processor, media: CollectedMedia, use_audio_in_video: bool) -> dict:
+    """The processor call's keyword arguments for these media (the same ones the equivalence tests use)."""
+    kwargs: dict = {}
+    if media.videos:
+        # Frames arrive already sampled at `video_fps`: the processor must not sample again, but needs the
+        # rate to place frames in time (Qwen-Omni's `video_second_per_grid` = temporal_patch_size / fps).
+        kwargs["fps"] = media.video_fps
+        kwargs["do_sample_frames"] = False
+        video_processor = getattr(processor, "video_processor", None)
+        if video_processor is not None and getattr(video_processor, "size", None):
+            # transformers 5.23: Qwen2.5-Omni's processor-level `videos_kwargs` default size overrides the
+            # saved video processor size (64x64 frames became 336x336), so pass the saved size per call.
+            kwargs["size"] = dict(video_processor.size)
+    if media.audio:
+        feature_extractor = getattr(processor, "feature_extractor", None)
+        if feature_extractor is not None:
+            kwargs["sampling_rate"] = feature_extractor.sampling_rate
+    if use_audio_in_video and media.videos:
+        kwargs["load_audio_from_video"] = True
+        kwargs["audio_from_video_indices"] = list(media.audio_from_video_indices)
+    return kwargs
+
+
+def build(processor, request: GenerationRequest):
+    """Renders the prompt and runs the processor; returns (BatchFeature with tensors, prompt text)."""
+    media = collect(request)
+    try:
+        prompt = processor.apply_chat_template(media.messages, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # jinja raises on conversations the template rejects (roles, order)
+        raise InvalidInput(f"the model's chat template rejected the conversation: {exc}") from exc
+    kwargs = processor_kwargs(processor, media, request.use_audio_in_video)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and prompt.startswith(bos):
+        kwargs["add_special_tokens"] = False  # as apply_chat_template: the template already wrote BOS
+    inputs = processor(
+        text=prompt,
+        images=media.images or None,
+        videos=media.videos or None,
+        audio=media.audio or None,
+        return_tensors="pt",
+        **kwargs,
+    )
+    return inputs, prompt

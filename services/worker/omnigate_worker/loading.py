@@ -1,0 +1,64 @@
+"""Loads a model and its processor through the standard transformers path.
+
+``AutoModelForMultimodalLM.from_pretrained`` + ``AutoProcessor.from_pretrained`` with a hub id or a local
+path; bfloat16 on CUDA and float32 on CPU by default; flash-attention when ``flash_attn`` imports on CUDA,
+else sdpa.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForMultimodalLM, AutoProcessor
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    processor: object
+    device: torch.device
+    dtype: torch.dtype
+    attn_implementation: str
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_attention(name: str, device: torch.device) -> str:
+    if name != "auto":
+        return name
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load(model_id: str, device: str, dtype: str, attn_implementation: str, trust_remote_code: bool) -> LoadedModel:
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    attn = resolve_attention(attn_implementation, dev)
+    log.info("loading %s on %s as %s with %s attention", model_id, dev, torch_dtype, attn)
+    model = AutoModelForMultimodalLM.from_pretrained(
+        model_id, dtype=torch_dtype, attn_implementation=attn, trust_remote_code=trust_remote_code
+    )
+    model.to(dev)
+    model.eval()
+    processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+    return LoadedModel(model=model, processor=processor, device=dev, dtype=torch_dtype, attn_implementation=attn)

@@ -1,0 +1,86 @@
+"""Worker entry point: ``omnigate-worker [--model ID_OR_PATH] [--port N] ...`` (flags or OMNIGATE_WORKER_*)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+from grpc_health.v1 import health, health_pb2
+from prometheus_client import CollectorRegistry, start_http_server
+
+from omnigate_worker.metrics import WorkerMetrics
+from omnigate_worker.scheduler import Scheduler
+from omnigate_worker.server import SERVICE_NAME, WorkerServicer, build_server
+from omnigate_worker.settings import WorkerSettings
+
+log = logging.getLogger("omnigate_worker")
+
+
+async def serve(settings: WorkerSettings) -> None:
+    registry = CollectorRegistry()
+    metrics = WorkerMetrics(registry)
+    if settings.metrics_port >= 0:
+        metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=registry)
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_host, metrics_server.server_port)
+
+    health_servicer = health.aio.HealthServicer()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    # The server starts before the model loads so that health checks answer NOT_SERVING meanwhile.
+    servicer = WorkerServicer(settings, metrics)
+    server, port = build_server(servicer, settings, health_servicer)
+    await server.start()
+    log.info("worker gRPC listening on %s:%d (loading %s)", settings.host, port, settings.model)
+
+    started = time.monotonic()
+    engine = await asyncio.to_thread(_load_engine, settings)
+    if settings.warmup:
+        await asyncio.to_thread(engine.warmup)
+    metrics.model_load.set(time.monotonic() - started)
+    scheduler = Scheduler(engine, settings.max_queue, metrics)
+    scheduler.start()
+    servicer.attach(engine, scheduler)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("worker SERVING %s (%s) after %.1f s", settings.model, engine.info.device, time.monotonic() - started)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    log.info("draining: NOT_SERVING, finishing in-flight requests (up to %.0f s)", settings.grace_period_s)
+    await health_servicer.enter_graceful_shutdown()
+    scheduler.stop_accepting()
+    deadline = time.monotonic() + settings.grace_period_s
+    while scheduler.busy() and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    await server.stop(grace=max(0.0, deadline - time.monotonic()))
+    scheduler.shutdown()
+    log.info("worker stopped")
+
+
+def _load_engine(settings: WorkerSettings):
+    from omnigate_worker import loading
+    from omnigate_worker.transformers_engine import TransformersEngine
+
+    loaded = loading.load(
+        settings.model, settings.device, settings.dtype, settings.attn_implementation, settings.trust_remote_code
+    )
+    return TransformersEngine(loaded, settings, settings.model)
+
+
+def main() -> None:
+    settings = WorkerSettings(_cli_parse_args=True)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

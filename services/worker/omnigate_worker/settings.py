@@ -1,0 +1,45 @@
+"""Worker settings (environment variables prefixed ``OMNIGATE_WORKER_``, or command-line flags)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "models/tiny-qwen2.5-omni"
+
+
+class WorkerSettings(BaseSettings):
+    """Everything the worker can be told. Built once in ``main()`` and passed down."""
+
+    model_config = SettingsConfigDict(env_prefix="OMNIGATE_WORKER_", cli_parse_args=False, extra="ignore")
+
+    model: str = Field(DEFAULT_MODEL, description="Hugging Face model id or local path to load.")
+    device: str = Field("auto", description="Torch device: 'auto' (cuda if available, else cpu), 'cpu', 'cuda:0'.")
+    dtype: str = Field("auto", description="'auto' (bfloat16 on CUDA, float32 on CPU), 'float32', 'bfloat16', 'float16'.")
+    attn_implementation: str = Field(
+        "auto", description="'auto' (flash_attention_2 when flash_attn imports on CUDA, else sdpa), 'sdpa', 'eager', ..."
+    )
+    trust_remote_code: bool = Field(False, description="Allow model repositories to run their own code.")
+    host: str = Field("127.0.0.1", description="Address the gRPC server binds to.")
+    port: int = Field(50061, description="gRPC port (0 = let the OS choose; the chosen port is logged).")
+    metrics_host: str = Field("127.0.0.1", description="Address of the Prometheus metrics endpoint.")
+    metrics_port: int = Field(9401, description="Prometheus metrics port (0 = OS-chosen, -1 = disabled).")
+    reflection: bool = Field(True, description="Serve gRPC server reflection.")
+    max_new_tokens_limit: int = Field(4096, description="Upper bound accepted for a request's max_new_tokens.")
+    max_talker_tokens: int = Field(
+        4096, description="Upper bound on speech codec tokens per request (Qwen2.5-Omni talker)."
+    )
+    talker_tokens_per_text_token: int = Field(
+        8, description="Speech codec tokens allowed per generated text token (bounds speech length)."
+    )
+    max_request_media_bytes: int = Field(
+        512 * 1024 * 1024, description="Upper bound on the raw decoded media bytes of one request."
+    )
+    max_message_bytes: int = Field(
+        8 * 1024 * 1024, description="Largest single gRPC message accepted or sent (media travels in chunks)."
+    )
+    max_queue: int = Field(64, description="Requests waiting to run before new ones get RESOURCE_EXHAUSTED.")
+    audio_chunk_seconds: float = Field(0.5, description="Seconds of speech per streamed audio chunk.")
+    warmup: bool = Field(True, description="Run one tiny generation before reporting SERVING.")
+    grace_period_s: float = Field(30.0, description="On SIGTERM, seconds to let in-flight requests finish.")
+    log_level: str = Field("INFO", description="Python log level.")

@@ -1,0 +1,343 @@
+"""The real engine: transformers' loading and generation code, with streaming.
+
+Family differences handled here (transformers 5.23, each reproduced; see the models note in the README):
+- Qwen-Omni models ignore ``max_new_tokens``: the user's limit is mapped onto ``thinker_max_new_tokens``
+  and the speech length onto ``talker_max_new_tokens``; text mode passes ``generation_mode="text"`` so the
+  talker does not run.
+- Qwen-Omni speech output with image or video input needs ``thinker_pixel_values[_videos]``.
+- Streaming goes through ``thinker_streamer`` on Omni (a plain ``streamer`` also receives codec ids).
+- Janus image output: the pipeline's postprocess fails, so image tokens are decoded here with
+  ``decode_image_tokens`` under ``no_grad`` and postprocessed by the image processor.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+
+import numpy as np
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+
+from omnigate.conversation import (
+    AudioChunk,
+    GenerationMode,
+    GenerationRequest,
+    ImageOutput,
+    Modality,
+    Summary,
+    TextDelta,
+    Timings,
+)
+from omnigate.errors import InvalidInput, LimitExceeded
+from omnigate_worker import inputs as model_inputs
+from omnigate_worker.engine import Engine, EventSink, ModelInfo
+from omnigate_worker.loading import LoadedModel
+from omnigate_worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+# Speech output rate of model families whose config does not state it (the published models' rate).
+OUTPUT_AUDIO_RATES = {"Qwen2_5OmniForConditionalGeneration": 24000}
+ROLES = {"system", "user", "assistant"}
+
+
+class _CancelCriteria(StoppingCriteria):
+    """Stops generation at the next step when the request is cancelled or a stop string was seen."""
+
+    def __init__(self, cancelled: threading.Event, stop: threading.Event) -> None:
+        self._cancelled = cancelled
+        self._stop = stop
+
+    def __call__(self, input_ids, scores, **kwargs):
+        done = self._cancelled.is_set() or self._stop.is_set()
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+class _Streamer(TextStreamer):
+    """Decodes tokens as they are produced and hands finished text to the request's text handler."""
+
+    def __init__(self, tokenizer, on_text, on_token) -> None:
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self._on_text = on_text
+        self._on_token = on_token
+
+    def put(self, value):
+        if not self.next_tokens_are_prompt:
+            self._on_token(int(value.numel()))
+        super().put(value)
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if text:
+            self._on_text(text)
+
+
+class _TextOutput:
+    """Streams text deltas, holding back what could be the start of a stop string."""
+
+    def __init__(self, emit: EventSink, stop_strings: list[str], stop_flag: threading.Event) -> None:
+        self._emit = emit
+        self._stops = [s for s in stop_strings if s]
+        self._hold = max((len(s) for s in self._stops), default=1) - 1
+        self._pending = ""
+        self._stop_flag = stop_flag
+        self.stopped_by_string = False
+        self.first_output_at: float | None = None
+        self.tokens = 0
+
+    def on_token(self, count: int) -> None:
+        self.tokens += count
+
+    def on_text(self, text: str) -> None:
+        if self.stopped_by_string:
+            return
+        self._pending += text
+        if self._stops:
+            cut = min((i for i in (self._pending.find(s) for s in self._stops) if i >= 0), default=-1)
+            if cut >= 0:
+                self._send(self._pending[:cut])
+                self._pending = ""
+                self.stopped_by_string = True
+                self._stop_flag.set()
+                return
+        ready = len(self._pending) - self._hold
+        if ready > 0:
+            self._send(self._pending[:ready])
+            self._pending = self._pending[ready:]
+
+    def flush(self) -> None:
+        if not self.stopped_by_string and self._pending:
+            self._send(self._pending)
+        self._pending = ""
+
+    def _send(self, text: str) -> None:
+        if not text:
+            return
+        if self.first_output_at is None:
+            self.first_output_at = time.monotonic()
+        self._emit(TextDelta(text))
+
+
+class TransformersEngine(Engine):
+    def __init__(self, loaded: LoadedModel, settings: WorkerSettings, model_id: str) -> None:
+        self._model = loaded.model
+        self._processor = loaded.processor
+        self._device = loaded.device
+        self._dtype = loaded.dtype
+        self._settings = settings
+        self._tokenizer = getattr(self._processor, "tokenizer", self._processor)
+        self._is_omni = hasattr(self._model, "thinker") and hasattr(self._model, "speaker_map")
+        architecture = type(self._model).__name__
+        inputs = [Modality(m) for m in _as_tuple(getattr(self._model, "input_modalities", ("text",)))]
+        outputs = [Modality(m) for m in _as_tuple(getattr(self._model, "output_modalities", ("text",)))]
+        if self._is_omni and not getattr(self._model, "has_talker", False) and Modality.AUDIO in outputs:
+            outputs.remove(Modality.AUDIO)
+        feature_extractor = getattr(self._processor, "feature_extractor", None)
+        self.info = ModelInfo(
+            model_id=model_id,
+            architecture=architecture,
+            input_modalities=inputs,
+            output_modalities=outputs,
+            input_audio_sample_rate=int(getattr(feature_extractor, "sampling_rate", 0) or 0),
+            output_audio_sample_rate=OUTPUT_AUDIO_RATES.get(architecture, 24000)
+            if Modality.AUDIO in outputs
+            else 0,
+            speakers=sorted(getattr(self._model, "speaker_map", {}) or {}),
+            device=f"{loaded.device} {str(loaded.dtype).removeprefix('torch.')}",
+        )
+
+    # -- checks before a request is queued ------------------------------------------------------
+
+    def validate(self, request: GenerationRequest) -> None:
+        info = self.info
+        if not request.messages:
+            raise InvalidInput("the conversation is empty; send at least one message")
+        for i, message in enumerate(request.messages):
+            if message.role not in ROLES:
+                raise InvalidInput(f"message {i} has role {message.role!r}; use one of {', '.join(sorted(ROLES))}")
+            if not message.content:
+                raise InvalidInput(f"message {i} has no content")
+            for part in message.content:
+                if part.type not in info.input_modalities:
+                    raise InvalidInput(
+                        f"{info.model_id} cannot take {part.type.value} input; it takes "
+                        f"{', '.join(m.value for m in info.input_modalities)}"
+                    )
+        if request.use_audio_in_video and Modality.AUDIO not in info.input_modalities:
+            raise InvalidInput(f"{info.model_id} cannot take audio, so a video's audio track cannot be used")
+        wanted = {GenerationMode.TEXT: Modality.TEXT, GenerationMode.AUDIO: Modality.AUDIO}.get(
+            request.mode, Modality.IMAGE
+        )
+        if wanted not in info.output_modalities:
+            raise InvalidInput(
+                f"{info.model_id} cannot generate {wanted.value}; it generates "
+                f"{', '.join(m.value for m in info.output_modalities)}"
+            )
+        if request.speaker and request.speaker not in info.speakers:
+            raise InvalidInput(
+                f"unknown speaker {request.speaker!r}; available: {', '.join(info.speakers) or 'none'}"
+            )
+
+    # -- generation -----------------------------------------------------------------------------
+
+    def warmup(self) -> None:
+        from omnigate.conversation import ContentPart, GenerationParams, Message
+
+        request = GenerationRequest(
+            messages=[Message("user", [ContentPart(Modality.TEXT, text="Hello")])],
+            params=GenerationParams(max_new_tokens=2),
+        )
+        self.generate(request, lambda event: None, threading.Event())
+
+    @torch.inference_mode()
+    def generate(self, request: GenerationRequest, emit: EventSink, cancelled: threading.Event) -> None:
+        started = time.monotonic()
+        inputs, _prompt = model_inputs.build(self._processor, request)
+        inputs = inputs.to(self._device).to(dtype=self._dtype)  # BatchFeature casts floating tensors only
+        prompt_len = int(inputs["input_ids"].shape[1])
+        stop_flag = threading.Event()
+        text = _TextOutput(emit, request.params.stop, stop_flag)
+        if request.return_full_text:
+            text.on_text(self._tokenizer.decode(inputs["input_ids"][0], skip_special_tokens=True))
+        criteria = StoppingCriteriaList([_CancelCriteria(cancelled, stop_flag)])
+        if request.params.seed is not None:
+            torch.manual_seed(request.params.seed)
+
+        if request.mode is GenerationMode.IMAGE:
+            sequences, image = self._generate_image(inputs, request, criteria)
+            if cancelled.is_set():
+                return
+            emit(image)
+            output_tokens = 0
+            first_output_at = time.monotonic()
+            audio_seconds = 0.0
+        else:
+            streamer = _Streamer(self._tokenizer, text.on_text, text.on_token)
+            sequences, waveform = self._generate_text_or_speech(inputs, request, streamer, criteria)
+            text.flush()
+            if cancelled.is_set():
+                return
+            output_tokens = int(sequences.shape[1]) - prompt_len
+            first_output_at = text.first_output_at
+            audio_seconds = 0.0
+            if waveform is not None:
+                audio_seconds = self._emit_audio(waveform, emit)
+                if first_output_at is None:
+                    first_output_at = time.monotonic()
+
+        finished = time.monotonic()
+        if text.stopped_by_string:
+            reason = "stop_sequence"
+        elif request.mode is not GenerationMode.IMAGE and output_tokens >= request.params.max_new_tokens:
+            reason = "length"
+        else:
+            reason = "stop"
+        emit(
+            Summary(
+                finish_reason=reason,
+                prompt_tokens=prompt_len,
+                output_tokens=output_tokens,
+                timings=Timings(
+                    prefill_s=(first_output_at or finished) - started,
+                    generate_s=finished - started,
+                    total_s=finished - started,
+                ),
+                audio_seconds=audio_seconds,
+            )
+        )
+
+    def _sampling_kwargs(self, request: GenerationRequest) -> dict:
+        p = request.params
+        kwargs: dict = {"do_sample": p.do_sample}
+        if p.do_sample:
+            for name in ("temperature", "top_p", "top_k"):
+                value = getattr(p, name)
+                if value is not None:
+                    kwargs[name] = value
+        else:
+            # Greedy: neutralise sampling defaults a checkpoint's generation_config may carry.
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if p.repetition_penalty is not None:
+            kwargs["repetition_penalty"] = p.repetition_penalty
+        return kwargs
+
+    def _generate_text_or_speech(self, inputs, request, streamer, criteria):
+        """Returns (sequences including the prompt, waveform tensor or None)."""
+        p = request.params
+        sampling = self._sampling_kwargs(request)
+        if not self._is_omni:
+            sequences = self._model.generate(
+                **inputs, max_new_tokens=p.max_new_tokens, streamer=streamer, stopping_criteria=criteria, **sampling
+            )
+            return sequences, None
+
+        kwargs = {f"thinker_{k}": v for k, v in sampling.items()}
+        kwargs.update(
+            thinker_max_new_tokens=p.max_new_tokens,
+            thinker_streamer=streamer,
+            thinker_stopping_criteria=criteria,
+            use_audio_in_video=request.use_audio_in_video,
+        )
+        if request.mode is GenerationMode.TEXT:
+            sequences = self._model.generate(**inputs, generation_mode="text", **kwargs)
+            return sequences, None
+
+        model_kwargs = dict(inputs)
+        for name in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+            # transformers 5.23: with speech output, visual inputs must be addressed to the thinker or
+            # generate() fails with "model_kwargs are not used: pixel_values".
+            if name in model_kwargs:
+                model_kwargs[f"thinker_{name}"] = model_kwargs.pop(name)
+        talker_tokens = min(
+            self._settings.max_talker_tokens, p.max_new_tokens * self._settings.talker_tokens_per_text_token
+        )
+        sequences, waveform = self._model.generate(
+            **model_kwargs,
+            generation_mode="audio",
+            speaker=request.speaker or self._default_speaker(),
+            talker_max_new_tokens=talker_tokens,
+            **kwargs,
+        )
+        return sequences, waveform
+
+    def _default_speaker(self) -> str:
+        speakers = list(getattr(self._model, "speaker_map", {}) or {})
+        return "Chelsie" if "Chelsie" in speakers else speakers[0]
+
+    def _emit_audio(self, waveform, emit: EventSink) -> float:
+        samples = waveform.detach().float().reshape(-1).cpu().numpy()
+        if not np.all(np.isfinite(samples)):
+            raise LimitExceeded("speech synthesis produced invalid samples")  # pragma: no cover
+        rate = self.info.output_audio_sample_rate
+        step = max(1, int(rate * self._settings.audio_chunk_seconds))
+        for sequence, start in enumerate(range(0, len(samples), step)):
+            emit(AudioChunk(samples=samples[start : start + step], sample_rate=rate, sequence=sequence))
+        return len(samples) / rate
+
+    def _generate_image(self, inputs, request, criteria):
+        """Image output (Janus-style): generate image tokens, decode them, encode a PNG."""
+        model = self._model
+        if not hasattr(model, "decode_image_tokens"):
+            raise InvalidInput(f"{self.info.model_id} has no image decoder")
+        sampling = self._sampling_kwargs(request)
+        tokens = model.generate(**inputs, generation_mode="image", stopping_criteria=criteria, **sampling)
+        decoded = model.decode_image_tokens(tokens)
+        image_processor = self._processor.image_processor
+        images = image_processor.postprocess(list(decoded.float()), return_tensors="np")
+        pixels = np.asarray(images["pixel_values"][0])
+        if pixels.dtype != np.uint8:
+            pixels = np.clip(pixels, 0, 255).astype(np.uint8)
+        import PIL.Image
+
+        picture = PIL.Image.fromarray(pixels, mode="RGB")
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        return tokens, ImageOutput(
+            data=buffer.getvalue(), mime_type="image/png", width=picture.width, height=picture.height
+        )
+
+
+def _as_tuple(value) -> tuple:
+    return (value,) if isinstance(value, str) else tuple(value)

@@ -26,10 +26,10 @@ import av
 import numpy as np
 import soundfile as sf
 import soxr
-from omnigate.media import Audio, DecodeLimits, Image, Video
 from PIL import Image as PILImage
 from PIL import ImageOps
 
+from omnigate.media import Audio, DecodeLimits, Image, Video
 from omnigate_gateway.errors import InvalidInput, LimitExceeded, MediaDecodeError, OmnigateError
 
 # Formats each decoder accepts, by ``sniff`` name.
@@ -171,11 +171,13 @@ def describe_format(fmt: str) -> str:
     return _DESCRIPTIONS.get(fmt, f"a {fmt} file")
 
 
-def _require_kind(data: bytes, expected: str, accepted: frozenset[str]) -> str:
+def _require_kind(data: bytes, kind: str, accepted: frozenset[str]) -> str:
+    """Sniffs ``data`` and refuses it unless it is one of the ``accepted`` formats of ``kind``."""
     fmt = sniff(data)
     if fmt == "empty":
-        raise MediaDecodeError(f"the {expected} is empty (0 bytes)")
+        raise MediaDecodeError(f"the {kind} is empty (0 bytes)")
     if fmt not in accepted:
+        expected = "an image" if kind == "image" else kind
         supported = ", ".join(sorted(accepted))
         raise MediaDecodeError(f"expected {expected}, got {describe_format(fmt)}; supported formats: {supported}")
     return fmt
@@ -191,10 +193,23 @@ def _library_errors(what: str) -> Iterator[None]:
     except MemoryError:
         raise LimitExceeded(f"{what} needs more memory to decode than this gateway has") from None
     except Exception as e:  # libraries raise many types on malformed input; all of them mean "bad media"
-        detail = str(e).strip() or type(e).__name__
-        if len(detail) > 200:
-            detail = detail[:200] + "…"
-        raise MediaDecodeError(f"could not decode {what}: {detail}") from e
+        raise MediaDecodeError(f"could not decode {what}: {_library_detail(e)}") from e
+
+
+def _library_detail(error: Exception) -> str:
+    """A short, address-free reason from a library exception."""
+    if isinstance(error, av.FFmpegError):
+        detail = error.strerror or ""
+    elif isinstance(error, PILImage.UnidentifiedImageError):
+        detail = "the data is corrupt or not in the format its header claims"
+    else:
+        detail = str(error)
+    detail = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", detail).strip()  # drop "<_io.BytesIO object at 0x…>"
+    if not detail:
+        detail = type(error).__name__
+    if len(detail) > 200:
+        detail = detail[:200] + "…"
+    return detail[0].lower() + detail[1:]
 
 
 def _refuse_nested_io(url: str, flags: int, options: dict) -> None:
@@ -224,7 +239,7 @@ def decode_audio(data: bytes, target_rate: int, limits: DecodeLimits) -> Audio:
     rate = 0
     if fmt in _SOUNDFILE_FORMATS:
         try:
-            samples, rate = _read_with_soundfile(data, limits.max_audio_duration_s, limits)
+            samples, rate = _read_with_soundfile(data, fmt, limits)
         except OmnigateError:
             raise
         except Exception:  # libsndfile cannot read it; FFmpeg gets a try below
@@ -238,15 +253,27 @@ def decode_audio(data: bytes, target_rate: int, limits: DecodeLimits) -> Audio:
     return _finish_audio(samples, rate, target_rate, what)
 
 
-def _read_with_soundfile(data: bytes, max_duration_s: float, limits: DecodeLimits) -> tuple[np.ndarray, int]:
+def _read_with_soundfile(data: bytes, fmt: str, limits: DecodeLimits) -> tuple[np.ndarray, int]:
+    max_duration_s = limits.max_audio_duration_s
     with sf.SoundFile(io.BytesIO(data)) as f:
         rate, frames, channels = int(f.samplerate), int(f.frames), int(f.channels)
         if rate <= 0 or channels <= 0:
-            raise MediaDecodeError("the audio header declares no samples or channels")
-        _check_audio_duration(frames / rate, max_duration_s, "audio")
-        _check_decoded_bytes(frames * channels * 4, "the audio", limits)
-        block = f.read(dtype="float32", always_2d=True)
-    return block.mean(axis=1, dtype=np.float32), rate
+            raise MediaDecodeError("the audio header declares no sample rate or no channels")
+        if fmt != "mp3":  # an MP3's frame count is only an estimate; it is counted while decoding instead
+            _check_audio_duration(frames / rate, max_duration_s, "audio")
+            _check_decoded_bytes(frames * channels * 4, "the audio", limits)
+        max_frames = int(max_duration_s * rate)
+        pieces: list[np.ndarray] = []
+        total = 0
+        while True:
+            block = f.read(1 << 16, dtype="float32", always_2d=True)
+            if len(block) == 0:
+                break
+            pieces.append(block.mean(axis=1, dtype=np.float32))
+            total += len(block)
+            if total > max_frames:
+                _check_audio_duration(total / rate, max_duration_s, "audio")
+    return (np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)), rate
 
 
 def _decode_audio_stream(
@@ -308,7 +335,7 @@ def _check_decoded_bytes(size: int, what: str, limits: DecodeLimits) -> None:
 
 def decode_image(data: bytes, limits: DecodeLimits) -> Image:
     """Decodes an image to RGB uint8 (H, W, 3), EXIF orientation applied, alpha composited on white."""
-    fmt = _require_kind(data, "an image", IMAGE_FORMATS)
+    fmt = _require_kind(data, "image", IMAGE_FORMATS)
     what = describe_format(fmt)
     PILImage.init()  # registers every plugin once; ``formats=`` then limits which ones may open the bytes
     with _library_errors(what):

@@ -107,3 +107,19 @@ class Summary:
 
 
 Event = TextDelta | AudioChunk | ImageOutput | Summary
+
+
+@dataclass
+class ModelInfo:
+    """What the served model takes and produces (worker's GetModelInfo, as plain data)."""
+
+    model_id: str
+    architecture: str
+    input_modalities: list[Modality]
+    output_modalities: list[Modality]
+    input_audio_sample_rate: int = 0
+    output_audio_sample_rate: int = 0
+    speakers: list[str] = field(default_factory=list)
+    device: str = "cpu"
+    max_new_tokens: int = 0
+    max_request_media_bytes: int = 0

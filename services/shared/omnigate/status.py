@@ -92,3 +92,33 @@ def _reason_name(reason: str) -> str:
             out.append("_")
         out.append(ch.upper())
     return "".join(out)
+
+
+_KINDS_BY_CODE = {
+    grpc.StatusCode.INVALID_ARGUMENT: "InvalidInput",
+    grpc.StatusCode.PERMISSION_DENIED: "PermissionDenied",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "LimitExceeded",
+    grpc.StatusCode.UNAVAILABLE: "Unavailable",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "DeadlineExceeded",
+}
+
+
+def from_rpc_error(error: grpc.RpcError, *, upstream: str) -> OmnigateError:
+    """A failed upstream call as a domain error, keeping its message and retry delay.
+
+    Unexpected upstream codes become an internal error (logged, generic to the caller); an unreachable
+    upstream is Unavailable, naming ``upstream``.
+    """
+    from omnigate import errors
+
+    code = error.code()
+    details = error.details() or ""
+    if code is grpc.StatusCode.UNAVAILABLE and ("connect" in details.lower() or "socket" in details.lower()):
+        return errors.Unavailable(f"{upstream} is unavailable ({details}); retry shortly")
+    kind = _KINDS_BY_CODE.get(code)
+    if kind is None:
+        log.error("%s failed with %s: %s", upstream, code.name, details)
+        return errors.InternalError(details)
+    if kind == "LimitExceeded":
+        return errors.LimitExceeded(details, retry_after_s=retry_after_s(error))
+    return getattr(errors, kind)(details)

@@ -17,13 +17,13 @@ from omnigate.conversation import (
     ImageOutput,
     Message,
     Modality,
+    ModelInfo,
     Summary,
     TextDelta,
 )
 from omnigate.errors import InvalidInput, LimitExceeded
 from omnigate.media import Audio, Image, Video
 from omnigate.worker.v1 import worker_pb2 as pb
-from omnigate_worker.engine import ModelInfo
 
 MODES = {
     pb.GENERATION_MODE_TEXT: GenerationMode.TEXT,

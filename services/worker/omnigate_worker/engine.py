@@ -9,24 +9,8 @@ from __future__ import annotations
 import abc
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-from omnigate.conversation import Event, GenerationRequest, Modality
-
-
-@dataclass
-class ModelInfo:
-    """What the loaded model takes and produces."""
-
-    model_id: str
-    architecture: str
-    input_modalities: list[Modality]
-    output_modalities: list[Modality]
-    input_audio_sample_rate: int = 0
-    output_audio_sample_rate: int = 0
-    speakers: list[str] = field(default_factory=list)
-    device: str = "cpu"
-
+from omnigate.conversation import Event, GenerationRequest, ModelInfo
 
 EventSink = Callable[[Event], None]
 

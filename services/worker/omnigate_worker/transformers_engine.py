@@ -27,13 +27,14 @@ from omnigate.conversation import (
     GenerationRequest,
     ImageOutput,
     Modality,
+    ModelInfo,
     Summary,
     TextDelta,
     Timings,
 )
 from omnigate.errors import InvalidInput, LimitExceeded
 from omnigate_worker import inputs as model_inputs
-from omnigate_worker.engine import Engine, EventSink, ModelInfo
+from omnigate_worker.engine import Engine, EventSink
 from omnigate_worker.loading import LoadedModel
 from omnigate_worker.settings import WorkerSettings
 

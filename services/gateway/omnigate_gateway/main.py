@@ -1,0 +1,85 @@
+"""Gateway entry point: ``omnigate-gateway [--port N] [--worker-target HOST:PORT] ...`` (or OMNIGATE_GATEWAY_*)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from grpc_health.v1 import health, health_pb2
+from prometheus_client import CollectorRegistry, start_http_server
+
+from omnigate_gateway.fetch import MediaFetcher
+from omnigate_gateway.ingest import MediaIngestor
+from omnigate_gateway.metrics import GatewayMetrics
+from omnigate_gateway.server import SERVICE_NAME, GatewayServicer, build_server
+from omnigate_gateway.settings import GatewaySettings
+from omnigate_gateway.worker_client import WorkerClient
+
+log = logging.getLogger("omnigate_gateway")
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def watch_worker(worker: WorkerClient, health_servicer, interval_s: float) -> None:
+    """Keeps the gateway's health in step with its worker: SERVING only while the worker is."""
+    current = None
+    while True:
+        ready = await worker.refresh()
+        state = SERVING if ready else NOT_SERVING
+        if state != current:
+            for name in ("", SERVICE_NAME):
+                await health_servicer.set(name, state)
+            log.info("gateway %s (worker %s)", "SERVING" if ready else "NOT_SERVING", worker.target)
+            current = state
+        await asyncio.sleep(interval_s)
+
+
+async def serve(settings: GatewaySettings) -> None:
+    registry = CollectorRegistry()
+    metrics = GatewayMetrics(registry)
+    if settings.metrics_port >= 0:
+        metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=registry)
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_host, metrics_server.server_port)
+
+    fetcher = MediaFetcher(settings.fetch_limits())
+    ingestor = MediaIngestor(fetcher, settings, metrics)
+    worker = WorkerClient(settings.worker_target, settings.worker_chunk_bytes)
+    health_servicer = health.aio.HealthServicer()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, NOT_SERVING)
+    server, port = build_server(GatewayServicer(settings, worker, ingestor, metrics), settings, health_servicer)
+    await server.start()
+    log.info("gateway gRPC listening on %s:%d, worker %s", settings.host, port, settings.worker_target)
+    watcher = asyncio.create_task(watch_worker(worker, health_servicer, settings.worker_check_interval_s))
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    log.info("draining: NOT_SERVING, finishing in-flight requests")
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace=30.0)
+    await worker.close()
+    await fetcher.aclose()
+    ingestor.close()
+    log.info("gateway stopped")
+
+
+def main() -> None:
+    settings = GatewaySettings(_cli_parse_args=True)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -16,7 +16,9 @@ import soundfile as sf
 from PIL import Image
 
 
-def tone(seconds: float, rate: int, channels: int = 1, freq: float = 440.0, amplitude: float = 0.5) -> np.ndarray:
+def tone(
+    seconds: float, rate: int, channels: int = 1, freq: float = 440.0, amplitude: float = 0.5
+) -> np.ndarray:
     """A sine tone as float32 samples, shape (n, channels)."""
     n = int(round(seconds * rate))
     t = np.arange(n, dtype=np.float64) / rate
@@ -168,7 +170,12 @@ def _make_video(
 
 
 def make_mp4(
-    seconds: float = 2.0, fps: int = 10, w: int = 64, h: int = 48, with_audio: bool = True, freq: float = 440.0
+    seconds: float = 2.0,
+    fps: int = 10,
+    w: int = 64,
+    h: int = 48,
+    with_audio: bool = True,
+    freq: float = 440.0,
 ) -> bytes:
     """H.264 video (+ AAC stereo audio at 44.1 kHz)."""
     options = {"preset": "ultrafast", "crf": "18", "tune": "zerolatency"}
@@ -176,7 +183,12 @@ def make_mp4(
 
 
 def make_webm(
-    seconds: float = 2.0, fps: int = 10, w: int = 64, h: int = 48, with_audio: bool = True, freq: float = 440.0
+    seconds: float = 2.0,
+    fps: int = 10,
+    w: int = 64,
+    h: int = 48,
+    with_audio: bool = True,
+    freq: float = 440.0,
 ) -> bytes:
     """VP9 video (+ Opus stereo audio at 48 kHz)."""
     options = {"deadline": "realtime", "cpu-used": "8", "crf": "20", "b": "0"}

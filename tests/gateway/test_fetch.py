@@ -11,6 +11,7 @@ from urllib.parse import quote_from_bytes
 import httpx
 import pytest
 from media_factory import make_png, make_wav
+
 from omnigate_gateway.errors import (
     ErrorCode,
     ForbiddenSource,
@@ -179,7 +180,13 @@ async def test_total_timeout(media_server):
 
 @pytest.mark.parametrize(
     "url",
-    ["file:///etc/passwd", "ftp://example.com/a.wav", "gopher://example.com/", "FILE:///etc/passwd", "/etc/passwd"],
+    [
+        "file:///etc/passwd",
+        "ftp://example.com/a.wav",
+        "gopher://example.com/",
+        "FILE:///etc/passwd",
+        "/etc/passwd",
+    ],
 )
 async def test_forbidden_scheme(fetcher, url):
     with pytest.raises(ForbiddenSource, match="http://, https:// or data:") as info:

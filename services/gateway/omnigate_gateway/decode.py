@@ -33,7 +33,9 @@ from omnigate.media import Audio, DecodeLimits, Image, Video
 from omnigate_gateway.errors import InvalidInput, LimitExceeded, MediaDecodeError, OmnigateError
 
 # Formats each decoder accepts, by ``sniff`` name.
-AUDIO_FORMATS = frozenset({"wav", "flac", "ogg", "mp3", "aac", "m4a", "aiff", "caf", "mp4", "mov", "webm", "mkv"})
+AUDIO_FORMATS = frozenset(
+    {"wav", "flac", "ogg", "mp3", "aac", "m4a", "aiff", "caf", "mp4", "mov", "webm", "mkv"}
+)
 IMAGE_FORMATS = frozenset({"png", "jpeg", "webp", "gif", "bmp", "tiff"})
 VIDEO_FORMATS = frozenset({"mp4", "mov", "webm", "mkv", "avi", "ogg", "mpegts"})
 
@@ -179,7 +181,9 @@ def _require_kind(data: bytes, kind: str, accepted: frozenset[str]) -> str:
     if fmt not in accepted:
         expected = "an image" if kind == "image" else kind
         supported = ", ".join(sorted(accepted))
-        raise MediaDecodeError(f"expected {expected}, got {describe_format(fmt)}; supported formats: {supported}")
+        raise MediaDecodeError(
+            f"expected {expected}, got {describe_format(fmt)}; supported formats: {supported}"
+        )
     return fmt
 
 
@@ -204,7 +208,9 @@ def _library_detail(error: Exception) -> str:
         detail = "the data is corrupt or not in the format its header claims"
     else:
         detail = str(error)
-    detail = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", detail).strip()  # drop "<_io.BytesIO object at 0x…>"
+    detail = re.sub(
+        r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", detail
+    ).strip()  # drop "<_io.BytesIO object at 0x…>"
     if not detail:
         detail = type(error).__name__
     if len(detail) > 200:
@@ -294,7 +300,9 @@ def _decode_audio_stream(
     total = 0
     for frame in container.decode(stream):
         if frame.sample_rate and frame.sample_rate != rate:
-            raise MediaDecodeError(f"the {what} changes sample rate mid-stream ({rate} -> {frame.sample_rate} Hz)")
+            raise MediaDecodeError(
+                f"the {what} changes sample rate mid-stream ({rate} -> {frame.sample_rate} Hz)"
+            )
         for converted in resampler.resample(frame):
             planes = converted.to_ndarray()  # (channels, n) float32
             pieces.append(planes.mean(axis=0, dtype=np.float32))
@@ -344,7 +352,9 @@ def decode_image(data: bytes, limits: DecodeLimits) -> Image:
         except PILImage.DecompressionBombError as e:  # Pillow's own, higher, limit tripped first
             declared = re.search(r"\((\d+) pixels\)", str(e))
             size = f"{declared.group(1)} pixels" if declared else "too many pixels"
-            raise LimitExceeded(f"the image is {size}; the limit is {limits.max_image_pixels} pixels") from None
+            raise LimitExceeded(
+                f"the image is {size}; the limit is {limits.max_image_pixels} pixels"
+            ) from None
         with image:
             width, height = image.size  # from the header; nothing decoded yet
             if width * height > limits.max_image_pixels:
@@ -376,10 +386,13 @@ def _to_rgb_array(image: PILImage.Image) -> np.ndarray:
         mode = image.mode
     if mode.startswith("I;16") or mode in ("I", "F"):  # 16/32-bit grayscale: scale, don't clip, to 8 bits
         values = np.asarray(image, dtype=np.float64)
+        peak = values.max(initial=0.0)
         if mode == "F":
-            scale = 255.0 if values.max(initial=0.0) <= 1.0 else 1.0  # float images are 0..1 or 0..255
+            scale = 255.0 if peak <= 1.0 else 1.0  # float images hold 0..1 or 0..255
+        elif mode == "I" and peak <= 255.0:
+            scale = 1.0  # 32-bit container, 8-bit values
         else:
-            scale = 255.0 / 65535.0
+            scale = 255.0 / 65535.0  # 16-bit samples
         gray = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
         return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
     if mode != "RGB":
@@ -400,7 +413,9 @@ def decode_video(
     ``max_video_frames`` frames are kept; an explicit ``fps`` that would need more frames is refused.
     """
     if fps is not None and not (fps > 0 and math.isfinite(fps)):
-        raise InvalidInput(f"the video sampling rate must be a positive number of frames per second; got {fps}")
+        raise InvalidInput(
+            f"the video sampling rate must be a positive number of frames per second; got {fps}"
+        )
     if load_audio and audio_rate <= 0:
         raise InvalidInput(f"the audio sample rate must be positive; got {audio_rate}")
     fmt = _require_kind(data, "video", VIDEO_FORMATS)

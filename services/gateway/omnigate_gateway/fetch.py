@@ -193,7 +193,9 @@ class MediaFetcher:
                 f"reading {_describe(url)} stalled for more than {self._limits.read_timeout_s:g} s"
             ) from None
         except httpx.TransportError as e:
-            raise MediaFetchError(f"the connection to {_describe(url)} failed mid-body: {_reason(e)}") from None
+            raise MediaFetchError(
+                f"the connection to {_describe(url)} failed mid-body: {_reason(e)}"
+            ) from None
         return b"".join(chunks)
 
     async def _check_destination(self, url: str) -> None:
@@ -261,8 +263,9 @@ def _decode_data_url(url: str, cap: int) -> bytes:
     is_base64 = header.lower().endswith(";base64")
     if is_base64:
         text = "".join(unquote_to_bytes(payload).decode("ascii", errors="replace").split())
-        if len(text) // 4 * 3 > cap:
-            raise LimitExceeded(_size_message("the data: URL", len(text) // 4 * 3, cap))
+        decoded_size = len(text.rstrip("=")) * 3 // 4  # exact for valid base64, known before decoding
+        if decoded_size > cap:
+            raise LimitExceeded(_size_message("the data: URL", decoded_size, cap))
         text += "=" * (-len(text) % 4)
         try:
             altchars = b"-_" if ("-" in text or "_" in text) else None  # URL-safe alphabet

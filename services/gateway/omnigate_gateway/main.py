@@ -10,6 +10,7 @@ import signal
 from grpc_health.v1 import health, health_pb2
 from prometheus_client import CollectorRegistry, start_http_server
 
+from omnigate.lifecycle import configure_logging, write_ports_file
 from omnigate_gateway.fetch import MediaFetcher
 from omnigate_gateway.ingest import MediaIngestor
 from omnigate_gateway.metrics import GatewayMetrics
@@ -39,10 +40,12 @@ async def watch_worker(worker: WorkerClient, health_servicer, interval_s: float)
 
 async def serve(settings: GatewaySettings) -> None:
     registry = CollectorRegistry()
+    metrics_port = None
     metrics = GatewayMetrics(registry)
     if settings.metrics_port >= 0:
         metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=registry)
-        log.info("metrics on http://%s:%d/metrics", settings.metrics_host, metrics_server.server_port)
+        metrics_port = metrics_server.server_port
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_host, metrics_port)
 
     fetcher = MediaFetcher(settings.fetch_limits())
     ingestor = MediaIngestor(fetcher, settings, metrics)
@@ -52,6 +55,8 @@ async def serve(settings: GatewaySettings) -> None:
         await health_servicer.set(name, NOT_SERVING)
     server, port = build_server(GatewayServicer(settings, worker, ingestor, metrics), settings, health_servicer)
     await server.start()
+    if settings.ports_file:
+        write_ports_file(settings.ports_file, port, metrics_port)
     log.info("gateway gRPC listening on %s:%d, worker %s", settings.host, port, settings.worker_target)
     watcher = asyncio.create_task(watch_worker(worker, health_servicer, settings.worker_check_interval_s))
 
@@ -66,7 +71,7 @@ async def serve(settings: GatewaySettings) -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await watcher
     await health_servicer.enter_graceful_shutdown()
-    await server.stop(grace=30.0)
+    await server.stop(grace=settings.grace_period_s)
     await worker.close()
     await fetcher.aclose()
     ingestor.close()
@@ -75,9 +80,7 @@ async def serve(settings: GatewaySettings) -> None:
 
 def main() -> None:
     settings = GatewaySettings(_cli_parse_args=True)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level)
     asyncio.run(serve(settings))
 
 

@@ -49,6 +49,10 @@ class GatewaySettings(BaseSettings):
     max_message_bytes: int = Field(
         64 * 1024 * 1024, description="Largest single gRPC message accepted from clients (inline media)."
     )
+    grace_period_s: float = Field(30.0, description="On SIGTERM, seconds to let in-flight requests finish.")
+    ports_file: str | None = Field(
+        None, description="Write the bound ports as JSON to this file once listening (for tests and scripts)."
+    )
     log_level: str = Field("INFO", description="Python log level.")
 
     def fetch_limits(self) -> FetchLimits:

@@ -10,6 +10,7 @@ import time
 from grpc_health.v1 import health, health_pb2
 from prometheus_client import CollectorRegistry, start_http_server
 
+from omnigate.lifecycle import configure_logging, write_ports_file
 from omnigate_worker.metrics import WorkerMetrics
 from omnigate_worker.scheduler import Scheduler
 from omnigate_worker.server import SERVICE_NAME, WorkerServicer, build_server
@@ -20,10 +21,12 @@ log = logging.getLogger("omnigate_worker")
 
 async def serve(settings: WorkerSettings) -> None:
     registry = CollectorRegistry()
+    metrics_port = None
     metrics = WorkerMetrics(registry)
     if settings.metrics_port >= 0:
         metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=registry)
-        log.info("metrics on http://%s:%d/metrics", settings.metrics_host, metrics_server.server_port)
+        metrics_port = metrics_server.server_port
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_host, metrics_port)
 
     health_servicer = health.aio.HealthServicer()
     for name in ("", SERVICE_NAME):
@@ -33,6 +36,8 @@ async def serve(settings: WorkerSettings) -> None:
     servicer = WorkerServicer(settings, metrics)
     server, port = build_server(servicer, settings, health_servicer)
     await server.start()
+    if settings.ports_file:
+        write_ports_file(settings.ports_file, port, metrics_port)
     log.info("worker gRPC listening on %s:%d (loading %s)", settings.host, port, settings.model)
 
     started = time.monotonic()
@@ -76,9 +81,7 @@ def _load_engine(settings: WorkerSettings):
 
 def main() -> None:
     settings = WorkerSettings(_cli_parse_args=True)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level)
     asyncio.run(serve(settings))
 
 

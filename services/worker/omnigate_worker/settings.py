@@ -42,4 +42,7 @@ class WorkerSettings(BaseSettings):
     audio_chunk_seconds: float = Field(0.5, description="Seconds of speech per streamed audio chunk.")
     warmup: bool = Field(True, description="Run one tiny generation before reporting SERVING.")
     grace_period_s: float = Field(30.0, description="On SIGTERM, seconds to let in-flight requests finish.")
+    ports_file: str | None = Field(
+        None, description="Write the bound ports as JSON to this file once listening (for tests and scripts)."
+    )
     log_level: str = Field("INFO", description="Python log level.")

@@ -273,33 +273,34 @@ def media_root(tmp_path):
     return root
 
 
-def test_read_local_inside_root(media_root):
-    fetcher = MediaFetcher(FetchLimits(local_files_root=str(media_root)))
-    assert fetcher.read_local("a.wav") == b"inside"
-    assert fetcher.read_local("sub/b.png") == b"nested"
-    assert fetcher.read_local(str(media_root / "sub" / "b.png")) == b"nested"
-    assert fetcher.read_local("alias.wav") == b"inside"  # a symlink that stays inside is fine
+async def test_read_local_inside_root(media_root):
+    async with MediaFetcher(FetchLimits(local_files_root=str(media_root))) as fetcher:
+        assert fetcher.read_local("a.wav") == b"inside"
+        assert fetcher.read_local("sub/b.png") == b"nested"
+        assert fetcher.read_local(str(media_root / "sub" / "b.png")) == b"nested"
+        assert fetcher.read_local("alias.wav") == b"inside"  # a symlink that stays inside is fine
 
 
 @pytest.mark.parametrize("path", ["../outside.txt", "sub/../../outside.txt", "escape.txt", "/etc/passwd"])
-def test_read_local_outside_root_refused(media_root, path):
-    fetcher = MediaFetcher(FetchLimits(local_files_root=str(media_root)))
-    with pytest.raises(ForbiddenSource, match="must be inside"):
-        fetcher.read_local(path)
+async def test_read_local_outside_root_refused(media_root, path):
+    async with MediaFetcher(FetchLimits(local_files_root=str(media_root))) as fetcher:
+        with pytest.raises(ForbiddenSource, match="must be inside"):
+            fetcher.read_local(path)
 
 
-def test_read_local_errors(media_root):
-    fetcher = MediaFetcher(FetchLimits(local_files_root=str(media_root), max_bytes=1000))
-    with pytest.raises(MediaFetchError, match="no such file"):
-        fetcher.read_local("missing.wav")
-    with pytest.raises(MediaFetchError, match="not a regular file"):
-        fetcher.read_local("sub")
-    with pytest.raises(LimitExceeded, match="2000 bytes; the limit is 1000 bytes"):
-        fetcher.read_local("big.bin")
-    with pytest.raises(MediaFetchError, match="not a valid local path"):
-        fetcher.read_local("a\x00.wav")
+async def test_read_local_errors(media_root):
+    async with MediaFetcher(FetchLimits(local_files_root=str(media_root), max_bytes=1000)) as fetcher:
+        with pytest.raises(MediaFetchError, match="no such file"):
+            fetcher.read_local("missing.wav")
+        with pytest.raises(MediaFetchError, match="not a regular file"):
+            fetcher.read_local("sub")
+        with pytest.raises(LimitExceeded, match="2000 bytes; the limit is 1000 bytes"):
+            fetcher.read_local("big.bin")
+        with pytest.raises(MediaFetchError, match="not a valid local path"):
+            fetcher.read_local("a\x00.wav")
 
 
-def test_read_local_disabled_without_root():
-    with pytest.raises(ForbiddenSource, match="not enabled"):
-        MediaFetcher(FetchLimits()).read_local("/etc/passwd")
+async def test_read_local_disabled_without_root():
+    async with MediaFetcher(FetchLimits()) as fetcher:
+        with pytest.raises(ForbiddenSource, match="not enabled"):
+            fetcher.read_local("/etc/passwd")

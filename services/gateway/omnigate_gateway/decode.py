@@ -208,9 +208,8 @@ def _library_detail(error: Exception) -> str:
         detail = "the data is corrupt or not in the format its header claims"
     else:
         detail = str(error)
-    detail = re.sub(
-        r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", detail
-    ).strip()  # drop "<_io.BytesIO object at 0x…>"
+    # Drop object reprs such as "<_io.BytesIO object at 0x7f...>".
+    detail = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", detail).strip()
     if not detail:
         detail = type(error).__name__
     if len(detail) > 200:
@@ -294,6 +293,8 @@ def _decode_audio_stream(
     rate = int(stream.codec_context.sample_rate or stream.rate or 0)
     if rate <= 0:
         raise MediaDecodeError(f"the {what} stream declares no sample rate")
+    if duration is not None:
+        _check_decoded_bytes(int(duration * rate) * 4, f"the {what}", limits)  # mono float32
     max_samples = int(max_duration_s * rate) + rate  # one second of slack over the limit
     resampler = av.AudioResampler(format="fltp")  # planar float, same layout and rate
     pieces: list[np.ndarray] = []

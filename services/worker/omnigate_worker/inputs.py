@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import PIL.Image
 
-from omnigate.conversation import GenerationRequest, Modality
+from omnigate.conversation import GenerationMode, GenerationRequest, Modality
 from omnigate.errors import InvalidInput
 
 
@@ -61,7 +61,9 @@ def collect(request: GenerationRequest) -> CollectedMedia:
     return out
 
 
-def processor_kwargs(processor, media: CollectedMedia, use_audio_in_video: bool) -> dict:
+def processor_kwargs(
+    processor, media: CollectedMedia, use_audio_in_video: bool, mode: GenerationMode = GenerationMode.TEXT
+) -> dict:
     """The processor call's keyword arguments for these media (the same ones the equivalence tests use)."""
     kwargs: dict = {}
     if media.videos:
@@ -78,6 +80,8 @@ def processor_kwargs(processor, media: CollectedMedia, use_audio_in_video: bool)
         feature_extractor = getattr(processor, "feature_extractor", None)
         if feature_extractor is not None:
             kwargs["sampling_rate"] = feature_extractor.sampling_rate
+    if mode is GenerationMode.IMAGE:
+        kwargs["generation_mode"] = "image"  # e.g. Janus appends its begin-of-image token to the prompt
     if use_audio_in_video and media.videos:
         kwargs["load_audio_from_video"] = True
         kwargs["audio_from_video_indices"] = list(media.audio_from_video_indices)
@@ -91,7 +95,7 @@ def build(processor, request: GenerationRequest):
         prompt = processor.apply_chat_template(media.messages, add_generation_prompt=True, tokenize=False)
     except Exception as exc:  # jinja raises on conversations the template rejects (roles, order)
         raise InvalidInput(f"the model's chat template rejected the conversation: {exc}") from exc
-    kwargs = processor_kwargs(processor, media, request.use_audio_in_video)
+    kwargs = processor_kwargs(processor, media, request.use_audio_in_video, request.mode)
     tokenizer = getattr(processor, "tokenizer", processor)
     bos = getattr(tokenizer, "bos_token", None)
     if bos and prompt.startswith(bos):

@@ -36,6 +36,7 @@ How to drive these checkpoints in transformers 5.23 (each call sequence is exerc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -710,20 +711,55 @@ def is_up_to_date(folder: Path) -> bool:
 
 
 def _write_stamp(folder: Path, family: Family) -> None:
+    import transformers
+
     stamp = {
         "family": family.name,
         "recipe_version": RECIPE_VERSION,
         "seed": SEED,
+        "transformers_version": transformers.__version__,  # for the reader; config.json records it too
         "files": file_hashes(folder),
     }
     (folder / STAMP_FILE).write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
 
 
 def _remove_stale_tmp(out_root: Path, family: Family) -> None:
-    """Remove temporary folders that interrupted builds of ``family`` left behind."""
-    for leftover in out_root.glob(f".{family.folder}.*.tmp"):
-        if time.time() - leftover.stat().st_mtime > _STALE_TMP_SECONDS:
-            shutil.rmtree(leftover, ignore_errors=True)
+    """Remove temporary folders that interrupted builds of ``family`` left behind.
+
+    Only old ones: a young one may belong to a build running right now in another process.
+    """
+    for pattern in (f".{family.folder}.*.tmp", f".{family.folder}.*.old"):
+        for leftover in out_root.glob(pattern):
+            if time.time() - leftover.stat().st_mtime > _STALE_TMP_SECONDS:
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' warnings and progress bars while building.
+
+    Saving a Qwen2.5-Omni config diffs it against a default talker config whose real-size token ids do not
+    fit its own vocabulary, and transformers warns about that default on every save.
+    """
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    progress_bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if progress_bar:
+            hf_logging.enable_progress_bar()
+
+
+def _normalize_modes(folder: Path) -> None:
+    """Files readable by everyone (save_pretrained writes the weights 0600), folder listable."""
+    folder.chmod(0o755)  # mkdtemp creates 0700 folders
+    for path in folder.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def build_family(name: str, out_root: Path, force: bool = False) -> BuildResult:
@@ -738,8 +774,10 @@ def build_family(name: str, out_root: Path, force: bool = False) -> BuildResult:
     _remove_stale_tmp(out_root, family)
     tmp = Path(tempfile.mkdtemp(prefix=f".{family.folder}.", suffix=".tmp", dir=out_root))
     try:
-        family.build(tmp)
+        with _quiet_transformers():
+            family.build(tmp)
         _write_stamp(tmp, family)
+        _normalize_modes(tmp)
         _replace_folder(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -754,7 +792,6 @@ def _replace_folder(new: Path, target: Path) -> None:
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
         os.replace(target, old / target.name)
     os.replace(new, target)
-    os.chmod(target, 0o755)  # mkdtemp creates 0700 folders
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -781,8 +818,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    # Building never needs the network; make sure transformers does not try.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     families = list(FAMILIES) if args.family == "all" else [args.family]
     for result in build(args.out, families, force=args.force):
         verb = f"built in {result.seconds:.1f} s" if result.built else "up to date"

@@ -18,6 +18,7 @@ import threading
 import time
 
 import numpy as np
+import PIL.Image
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
@@ -207,7 +208,7 @@ class TransformersEngine(Engine):
             torch.manual_seed(request.params.seed)
 
         if request.mode is GenerationMode.IMAGE:
-            sequences, image = self._generate_image(inputs, request, criteria)
+            sequences, image = self._generate_image(inputs, request)
             if cancelled.is_set():
                 return
             emit(image)
@@ -317,21 +318,21 @@ class TransformersEngine(Engine):
             emit(AudioChunk(samples=samples[start : start + step], sample_rate=rate, sequence=sequence))
         return len(samples) / rate
 
-    def _generate_image(self, inputs, request, criteria):
-        """Image output (Janus-style): generate image tokens, decode them, encode a PNG."""
+    def _generate_image(self, inputs, request):
+        """Image output (Janus-style): generate image tokens, decode them, encode a PNG.
+
+        transformers 5.23: the pipeline's image postprocess fails ("PIL.Image.Image is not a valid
+        TensorType"), so tokens are decoded here; image generation takes no stopping criteria, so a
+        cancelled request is dropped when its image is done.
+        """
         model = self._model
         if not hasattr(model, "decode_image_tokens"):
             raise InvalidInput(f"{self.info.model_id} has no image decoder")
         sampling = self._sampling_kwargs(request)
-        tokens = model.generate(**inputs, generation_mode="image", stopping_criteria=criteria, **sampling)
+        tokens = model.generate(**inputs, generation_mode="image", **sampling)
         decoded = model.decode_image_tokens(tokens)
-        image_processor = self._processor.image_processor
-        images = image_processor.postprocess(list(decoded.float()), return_tensors="np")
-        pixels = np.asarray(images["pixel_values"][0])
-        if pixels.dtype != np.uint8:
-            pixels = np.clip(pixels, 0, 255).astype(np.uint8)
-        import PIL.Image
-
+        processed = self._processor.image_processor.postprocess(list(decoded.float()), return_tensors="pt")
+        pixels = processed["pixel_values"][0].permute(1, 2, 0).cpu().numpy().astype(np.uint8)
         picture = PIL.Image.fromarray(pixels, mode="RGB")
         buffer = io.BytesIO()
         picture.save(buffer, format="PNG")

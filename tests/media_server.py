@@ -1,20 +1,11 @@
-"""Fixtures for the gateway's fetch and decode tests: a local HTTP media server on 127.0.0.1."""
+"""A local HTTP media server on 127.0.0.1 (OS-chosen port) for tests: real sockets, real HTTP."""
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
-
-import pytest
-
-_TESTS_DIR = str(Path(__file__).resolve().parent.parent)
-if _TESTS_DIR not in sys.path:  # makes tests/media_factory.py importable as ``media_factory``
-    sys.path.insert(0, _TESTS_DIR)
 
 
 class MediaServer:
@@ -133,14 +124,3 @@ def _make_handler(server: MediaServer) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
 
     return Handler
-
-
-@pytest.fixture(scope="session")
-def media_server() -> Iterator[MediaServer]:
-    """A local HTTP server (OS-chosen port) serving ``media_server.files``; tests add files with ``serve``."""
-    server = MediaServer({})
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()

@@ -427,7 +427,14 @@ _JANUS_NAMED_TOKENS = {
     "boi_token": "<begin_of_image>",
     "eoi_token": "<end_of_image>",
 }
-_JANUS_SPECIAL_TOKENS = (_JANUS_BOS, _JANUS_EOS, _JANUS_PAD, "<|User|>", "<|Assistant|>", *_JANUS_NAMED_TOKENS.values())
+_JANUS_SPECIAL_TOKENS = (
+    _JANUS_BOS,
+    _JANUS_EOS,
+    _JANUS_PAD,
+    "<|User|>",
+    "<|Assistant|>",
+    *_JANUS_NAMED_TOKENS.values(),
+)
 
 # The real Janus-Pro template (``<|User|>: {text}\n<image_placeholder>\n\n<|Assistant|>:``), extended to
 # accept plain-string content.

@@ -322,11 +322,16 @@ def test_omni_speech_from_text(loaded):
 
 
 def test_omni_speech_from_image(loaded):
-    """With audio output, vision tensors must be handed to the thinker alone (notes item 2)."""
+    """With audio output, pixels must be handed to the thinker alone (notes item 2).
+
+    Un-prefixed ``pixel_values`` also reach the talker, whose generate() rejects them ("model_kwargs are not
+    used"). ``image_grid_thw`` stays shared: the talker lays out its positions with it.
+    """
     model, processor = loaded(OMNI)
     inputs = dict(_inputs(processor, _user({"type": "image", "image": _image()}, _text("What is this?"))))
+    with pytest.raises(ValueError, match="pixel_values"):
+        model.generate(**inputs, thinker_max_new_tokens=1, talker_max_new_tokens=1)
     inputs["thinker_pixel_values"] = inputs.pop("pixel_values")
-    inputs["thinker_image_grid_thw"] = inputs.pop("image_grid_thw")
     torch.manual_seed(0)
     _, wave = model.generate(**inputs, thinker_max_new_tokens=MAX_NEW, talker_max_new_tokens=10)
     _assert_speech(model, wave, 10)

@@ -20,17 +20,32 @@ The folder then holds ``omnigate-build.json`` (recipe version + SHA-256 of every
 family whose folder still matches its stamp, unless ``--force`` is given. Bump ``RECIPE_VERSION`` whenever
 a change here alters what is written.
 
-How to drive these checkpoints in transformers 5.23 (each call sequence is exercised by
-``tests/worker/test_tiny_models.py``):
+How to drive these checkpoints in transformers 5.23 (each sequence is exercised by
+``tests/worker/test_tiny_models.py``), with ``inputs = processor.apply_chat_template(messages,
+add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")``:
 
-- Qwen2.5-Omni ignores ``max_new_tokens``: pass ``thinker_max_new_tokens`` (and ``talker_max_new_tokens``
-  for speech). ``generation_mode="text"`` skips the talker; without it ``generate`` returns
-  ``(sequences, waveform)``. Speech with image/video input needs the vision tensors prefixed
-  ``thinker_`` (``thinker_pixel_values``, ``thinker_image_grid_thw``, ...), otherwise the talker rejects them.
-- Through ``pipeline("any-to-any")`` the Omni limits go in ``generate_kwargs``:
-  ``generate_kwargs={"thinker_max_new_tokens": n, "generation_mode": "text"}``.
-- Janus image output: see ``generate_janus_image``'s docstring in the tests; the pipeline's image
-  postprocess is broken in 5.23.
+- Qwen2.5-Omni ignores ``max_new_tokens``. Text: ``model.generate(**inputs, thinker_max_new_tokens=n,
+  generation_mode="text")`` returns the sequences. Speech: ``model.generate(**inputs,
+  thinker_max_new_tokens=n, talker_max_new_tokens=m, speaker="Chelsie")`` returns ``(sequences,
+  waveform)``, a 1-D float tensor at 24 kHz (480 samples per talker token).
+- Omni speech with image or video input: rename ``pixel_values`` / ``pixel_values_videos`` to
+  ``thinker_pixel_values`` / ``thinker_pixel_values_videos`` (un-prefixed, they also reach the talker, which
+  rejects them); keep ``image_grid_thw`` / ``video_grid_thw`` un-prefixed, the talker's positions use them.
+- Omni video with its audio track: render the prompt with ``apply_chat_template(..., tokenize=False)``
+  (video placeholder only, no audio part), then ``processor(text=prompt, videos=[frames], audio=[pcm_16k],
+  audio_from_video_indices=[0], load_audio_from_video=True, fps=2.0, do_sample_frames=True,
+  video_metadata=[{"total_num_frames": n, "fps": source_fps, "duration": seconds}],
+  videos_kwargs={"size": {...}}, return_tensors="pt")`` and ``generate(..., use_audio_in_video=True)``.
+  The Omni processor class overrides the saved video frame size; pass ``videos_kwargs={"size": ...}``
+  per call (``processor_kwargs={"videos_kwargs": ...}`` through ``apply_chat_template``).
+- Omni through ``pipeline("any-to-any")``: the limit goes in ``generate_kwargs``, e.g.
+  ``pipe(text=messages, return_full_text=False, generate_kwargs={"thinker_max_new_tokens": n,
+  "generation_mode": "text"})``; for speech, ``generation_mode="audio"`` plus both limits in
+  ``generate_kwargs``.
+- Janus image output: ``apply_chat_template(..., processor_kwargs={"generation_mode": "image"})``, then
+  ``codes = model.generate(**inputs, generation_mode="image")``, ``pixels = model.decode_image_tokens(codes)``
+  under ``torch.no_grad()``, ``processor.postprocess(list(pixels.float()), return_tensors="pt")`` gives uint8
+  ``(batch, 3, 64, 64)``. The pipeline's image postprocess (``return_tensors="PIL.Image.Image"``) raises.
 """
 
 from __future__ import annotations

@@ -321,6 +321,16 @@ def test_omni_speech_from_text(loaded):
     _assert_speech(model, other, 5)
 
 
+def test_omni_speech_needs_two_thinker_tokens(loaded):
+    """transformers 5.23 fails to build the talker input when the thinker produced a single token (limit 1,
+    or EOS first): callers asking for speech must allow at least 2 thinker tokens and expect this error
+    when the thinker stops at once. If this test fails, transformers fixed it and the guard can go."""
+    model, processor = loaded(OMNI)
+    inputs = _inputs(processor, _user(_text("Hi")))
+    with pytest.raises(ValueError, match="non-empty list of Tensors"):
+        model.generate(**inputs, thinker_max_new_tokens=1, talker_max_new_tokens=1)
+
+
 def test_omni_speech_from_image(loaded):
     """With audio output, pixels must be handed to the thinker alone (notes item 2).
 
@@ -330,7 +340,7 @@ def test_omni_speech_from_image(loaded):
     model, processor = loaded(OMNI)
     inputs = dict(_inputs(processor, _user({"type": "image", "image": _image()}, _text("What is this?"))))
     with pytest.raises(ValueError, match="pixel_values"):
-        model.generate(**inputs, thinker_max_new_tokens=1, talker_max_new_tokens=1)
+        model.generate(**inputs, thinker_max_new_tokens=2, talker_max_new_tokens=1)
     inputs["thinker_pixel_values"] = inputs.pop("pixel_values")
     torch.manual_seed(0)
     _, wave = model.generate(**inputs, thinker_max_new_tokens=MAX_NEW, talker_max_new_tokens=10)

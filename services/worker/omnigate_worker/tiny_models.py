@@ -400,9 +400,7 @@ def build_qwen2_5_omni(out: Path) -> None:
     model = Qwen2_5OmniForConditionalGeneration(config).eval()
     with torch.no_grad():
         model.token2wav.code2wav_bigvgan_model.conv_post.weight.mul_(_OMNI_VOCODER_GAIN)
-    model.generation_config = GenerationConfig(
-        eos_token_id=eos_ids, pad_token_id=tid("<|endoftext|>"), bos_token_id=None
-    )
+    model.generation_config = GenerationConfig(eos_token_id=eos_ids, pad_token_id=tid("<|endoftext|>"))
     model.save_pretrained(out)
 
     # spk_dict.pt is mandatory for Qwen2_5OmniForConditionalGeneration.from_pretrained.
@@ -809,12 +807,17 @@ def build_family(name: str, out_root: Path, force: bool = False) -> BuildResult:
 
 def _replace_folder(new: Path, target: Path) -> None:
     """Move ``new`` to ``target``; an existing ``target`` is moved aside first and then deleted."""
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-        os.replace(target, old / target.name)
-    os.replace(new, target)
-    if old is not None:
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    os.replace(target, old / target.name)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old / target.name, target)  # put the previous build back
+        raise
+    finally:
         shutil.rmtree(old, ignore_errors=True)
 
 

@@ -15,13 +15,14 @@ GATEWAY_METRICS_PORT ?= 9400
 WORKER_METRICS_PORT ?= 9401
 MODEL ?= $(MODELS_DIR)/tiny-qwen2.5-omni
 
-.PHONY: help install protos models run test test-fast lint format clean
+.PHONY: help install protos models run demo-media serve-demo-media test lint format clean
 
 help:
 	@echo "make install   create $(VENV) and install Omnigate with the gateway, worker and dev extras"
 	@echo "make protos    generate Python code from protos/ into services/shared/omnigate/"
 	@echo "make models    build the tiny offline checkpoints into $(MODELS_DIR)/"
 	@echo "make run       run a worker and the gateway in the foreground (Ctrl-C stops both)"
+	@echo "make serve-demo-media  write sample media into demo-media/ and serve it on http://127.0.0.1:8088/"
 	@echo "make test      run all tests"
 	@echo "make lint      ruff over services/ and tests/"
 
@@ -54,6 +55,13 @@ run: install protos models
 		OMNIGATE_GATEWAY_WORKER_TARGET=127.0.0.1:$(WORKER_PORT) OMNIGATE_GATEWAY_ALLOW_PRIVATE_NETWORKS=true \
 		$(PY) -m omnigate_gateway.main & \
 	wait -n
+
+demo-media: install
+	$(PY) tests/media_factory.py demo-media
+
+# Serves demo-media/ on http://127.0.0.1:8088/ (for the README's examples); Ctrl-C stops it.
+serve-demo-media: demo-media
+	$(PY) -m http.server 8088 --bind 127.0.0.1 --directory demo-media
 
 test: install protos models
 	$(PY) -m pytest -q

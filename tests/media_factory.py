@@ -193,3 +193,27 @@ def make_webm(
     """VP9 video (+ Opus stereo audio at 48 kHz)."""
     options = {"deadline": "realtime", "cpu-used": "8", "crf": "20", "b": "0"}
     return _make_video("webm", "libvpx-vp9", options, "libopus", 48000, seconds, fps, w, h, with_audio, freq)
+
+
+def write_samples(directory: str) -> list[str]:
+    """Writes a small set of sample files (used by ``make demo-media`` for the README's examples)."""
+    import pathlib
+
+    out = pathlib.Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {
+        "sound.wav": make_wav(seconds=2.0, rate=44100, channels=2),
+        "sound.mp3": make_mp3(seconds=2.0, rate=44100, channels=2),
+        "picture.png": make_png(128, 96),
+        "clip.mp4": make_mp4(seconds=4.0, fps=10, w=128, h=96, with_audio=True),
+    }
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+    return sorted(str(out / name) for name in files)
+
+
+if __name__ == "__main__":
+    import sys
+
+    for path in write_samples(sys.argv[1] if len(sys.argv) > 1 else "demo-media"):
+        print(path)

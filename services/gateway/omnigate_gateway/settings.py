@@ -12,7 +12,7 @@ from omnigate_gateway.fetch import FetchLimits
 class GatewaySettings(BaseSettings):
     """Everything the gateway can be told. Built once in ``main()`` and passed down."""
 
-    model_config = SettingsConfigDict(env_prefix="OMNIGATE_GATEWAY_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="OMNIGATE_GATEWAY_", extra="ignore", cli_kebab_case=True)
 
     host: str = Field("127.0.0.1", description="Address the public gRPC server binds to.")
     port: int = Field(50051, description="Public gRPC port (0 = OS-chosen; the chosen port is logged).")

@@ -11,7 +11,7 @@ DEFAULT_MODEL = "models/tiny-qwen2.5-omni"
 class WorkerSettings(BaseSettings):
     """Everything the worker can be told. Built once in ``main()`` and passed down."""
 
-    model_config = SettingsConfigDict(env_prefix="OMNIGATE_WORKER_", cli_parse_args=False, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="OMNIGATE_WORKER_", extra="ignore", cli_kebab_case=True)
 
     model: str = Field(DEFAULT_MODEL, description="Hugging Face model id or local path to load.")
     device: str = Field("auto", description="Torch device: 'auto' (cuda if available, else cpu), 'cpu', 'cuda:0'.")

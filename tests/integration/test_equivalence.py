@@ -24,7 +24,11 @@ MAX_NEW_TOKENS = 12
 OMNI = MODELS_DIR / "tiny-qwen2.5-omni"
 # Qwen2.5-Omni ignores max_new_tokens (transformers 5.23): the limit goes to the thinker, and text mode
 # keeps the talker from running.
-OMNI_GENERATE = {"generation_mode": "text", "thinker_max_new_tokens": MAX_NEW_TOKENS, "thinker_do_sample": False}
+OMNI_GENERATE = {
+    "generation_mode": "text",
+    "thinker_max_new_tokens": MAX_NEW_TOKENS,
+    "thinker_do_sample": False,
+}
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +68,9 @@ def _video_kwargs(pipe, fps: float) -> dict:
 def test_text_only(omni_stack, omni_pipeline):
     content = [{"type": "text", "text": "Tell me a story."}]
     expected = omni_pipeline(
-        text=[{"role": "user", "content": content}], return_full_text=False, generate_kwargs=dict(OMNI_GENERATE)
+        text=[{"role": "user", "content": content}],
+        return_full_text=False,
+        generate_kwargs=dict(OMNI_GENERATE),
     )[0]["generated_text"]
     assert expected
     assert _service_text(omni_stack, content) == expected
@@ -119,7 +125,9 @@ def test_video_with_its_audio_track(omni_stack, omni_pipeline, media):
     video = decoded["video"]
     question = {"type": "text", "text": "Describe this video."}
     prompt = omni_pipeline.processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "video"}, question]}], add_generation_prompt=True, tokenize=False
+        [{"role": "user", "content": [{"type": "video"}, question]}],
+        add_generation_prompt=True,
+        tokenize=False,
     )
     expected = omni_pipeline(
         text=prompt,
@@ -144,10 +152,13 @@ def test_video_with_its_audio_track(omni_stack, omni_pipeline, media):
     with omni_stack.client() as client:
         with_track = client.generate_all(
             [{"role": "user", "content": [{"type": "video", "url": urls["video"]}, question]}],
-            max_new_tokens=1, fps=1, load_audio_from_video=True,
+            max_new_tokens=1,
+            fps=1,
+            load_audio_from_video=True,
         ).summary.prompt_tokens
         frames_only = client.generate_all(
             [{"role": "user", "content": [{"type": "video", "url": urls["video"]}, question]}],
-            max_new_tokens=1, fps=1,
+            max_new_tokens=1,
+            fps=1,
         ).summary.prompt_tokens
     assert with_track > frames_only

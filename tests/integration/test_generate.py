@@ -34,10 +34,14 @@ def _wav_samples(data: bytes) -> tuple[np.ndarray, int]:
 
 @pytest.mark.parametrize("fmt", ["wav", "flac", "mp3"])
 def test_audio_url_streams_text(omni_stack, media_server, fmt):
-    maker = {"wav": media_factory.make_wav, "flac": media_factory.make_flac, "mp3": media_factory.make_mp3}[fmt]
+    maker = {"wav": media_factory.make_wav, "flac": media_factory.make_flac, "mp3": media_factory.make_mp3}[
+        fmt
+    ]
     url = media_server.serve(f"/sound.{fmt}", maker(seconds=1.5, rate=44100, channels=2))
     with omni_stack.client() as client:
-        events = list(client.generate(_user({"type": "audio", "url": url}, _text(QUESTION)), max_new_tokens=20))
+        events = list(
+            client.generate(_user({"type": "audio", "url": url}, _text(QUESTION)), max_new_tokens=20)
+        )
     deltas = [e for e in events if isinstance(e, TextDelta)]
     summary = events[-1]
     assert isinstance(summary, Summary), "the stream ends with a summary"
@@ -55,8 +59,9 @@ def test_image_url_streams_text(omni_stack, media_server, fmt):
     data = media_factory.make_png(64, 48) if fmt == "png" else media_factory.make_jpeg(64, 48)
     url = media_server.serve(f"/picture.{fmt}", data)
     with omni_stack.client() as client:
-        result = client.generate_all(_user({"type": "image", "url": url}, _text("Describe this image.")),
-                                     max_new_tokens=8)
+        result = client.generate_all(
+            _user({"type": "image", "url": url}, _text("Describe this image.")), max_new_tokens=8
+        )
     assert result.text.strip()
     assert result.summary.output_tokens <= 8
 
@@ -70,7 +75,9 @@ def test_inline_local_path_is_sent_by_the_client(omni_stack, tmp_path):
 
 
 def test_video_with_audio_track_answered_with_speech(omni_stack, media_server):
-    url = media_server.serve("/clip.mp4", media_factory.make_mp4(seconds=3.0, fps=10, w=64, h=48, with_audio=True))
+    url = media_server.serve(
+        "/clip.mp4", media_factory.make_mp4(seconds=3.0, fps=10, w=64, h=48, with_audio=True)
+    )
     with omni_stack.client() as client:
         info = client.model_info()
         result = client.generate_all(
@@ -95,10 +102,14 @@ def test_speaker_choice_and_unknown_speaker(omni_stack):
     with omni_stack.client() as client:
         speakers = client.model_info()["speakers"]
         assert "Ethan" in speakers
-        result = client.generate_all(_user(_text("Hi")), generation_mode="audio", speaker="Ethan", max_new_tokens=3)
+        result = client.generate_all(
+            _user(_text("Hi")), generation_mode="audio", speaker="Ethan", max_new_tokens=3
+        )
         assert isinstance(result.audio[0], AudioChunk)
         with pytest.raises(grpc.RpcError) as err:
-            client.generate_all(_user(_text("Hi")), generation_mode="audio", speaker="Nobody", max_new_tokens=3)
+            client.generate_all(
+                _user(_text("Hi")), generation_mode="audio", speaker="Nobody", max_new_tokens=3
+            )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "Nobody" in err.value.details() and "Ethan" in err.value.details()
 

@@ -24,7 +24,12 @@ def test_sixty_second_video_at_fps_2_reaches_the_worker(omni_stack):
     video = _sixty_second_video_at_two_fps()
     assert video.frames.nbytes > 4 * 1024 * 1024 * 4  # 18 MB of frames, plus 3.8 MB of audio
     request = GenerationRequest(
-        messages=[Message("user", [ContentPart(Modality.VIDEO, video=video), ContentPart(Modality.TEXT, text="Describe.")])],
+        messages=[
+            Message(
+                "user",
+                [ContentPart(Modality.VIDEO, video=video), ContentPart(Modality.TEXT, text="Describe.")],
+            )
+        ],
         params=GenerationParams(max_new_tokens=2),
         use_audio_in_video=True,
     )

@@ -42,8 +42,14 @@ def test_grpcurl_generate_streams_json_events(omni_stack):
         "parameters": {"max_new_tokens": 4},
         "generation_mode": "GENERATION_MODE_TEXT",
     }
-    out = _run(GRPCURL, "-plaintext", "-d", json.dumps(request), omni_stack.gateway.target,
-               "omnigate.gateway.v1.GatewayService/Generate")
+    out = _run(
+        GRPCURL,
+        "-plaintext",
+        "-d",
+        json.dumps(request),
+        omni_stack.gateway.target,
+        "omnigate.gateway.v1.GatewayService/Generate",
+    )
     assert out.returncode == 0, out.stderr
     decoder = json.JSONDecoder()
     events, text = [], out.stdout.strip()
@@ -58,8 +64,18 @@ def test_grpcurl_generate_streams_json_events(omni_stack):
 
 def test_cli_streams_text_for_an_audio_url(omni_stack, media_server):
     url = media_server.serve("/cli/sound.wav", media_factory.make_wav(seconds=1.0))
-    out = _run(OMNIGATE, "generate", "--gateway", omni_stack.gateway.target, "--audio", url,
-               "--text", "What do you hear in this audio?", "--max-new-tokens", "20")
+    out = _run(
+        OMNIGATE,
+        "generate",
+        "--gateway",
+        omni_stack.gateway.target,
+        "--audio",
+        url,
+        "--text",
+        "What do you hear in this audio?",
+        "--max-new-tokens",
+        "20",
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip()
 
@@ -68,9 +84,25 @@ def test_cli_writes_speech_wav_for_a_local_video(omni_stack, tmp_path):
     video = tmp_path / "clip.mp4"
     video.write_bytes(media_factory.make_mp4(seconds=2.0, fps=10, w=64, h=48, with_audio=True))
     output = tmp_path / "answer.wav"
-    out = _run(OMNIGATE, "--gateway", omni_stack.gateway.target, "generate", "--video", str(video),
-               "--text", "Describe this video.", "--fps", "1", "--load-audio-from-video",
-               "--generation-mode", "audio", "--max-new-tokens", "6", "--output", str(output))
+    out = _run(
+        OMNIGATE,
+        "--gateway",
+        omni_stack.gateway.target,
+        "generate",
+        "--video",
+        str(video),
+        "--text",
+        "Describe this video.",
+        "--fps",
+        "1",
+        "--load-audio-from-video",
+        "--generation-mode",
+        "audio",
+        "--max-new-tokens",
+        "6",
+        "--output",
+        str(output),
+    )
     assert out.returncode == 0, out.stderr
     with wave.open(io.BytesIO(output.read_bytes())) as w:
         assert w.getframerate() == 24000 and w.getnchannels() == 1
@@ -80,8 +112,18 @@ def test_cli_writes_speech_wav_for_a_local_video(omni_stack, tmp_path):
 
 def test_cli_writes_png_from_an_image_model(janus_stack, tmp_path):
     output = tmp_path / "picture.png"
-    out = _run(OMNIGATE, "generate", "--gateway", janus_stack.gateway.target, "--text", "A red square",
-               "--generation-mode", "image", "--output", str(output))
+    out = _run(
+        OMNIGATE,
+        "generate",
+        "--gateway",
+        janus_stack.gateway.target,
+        "--text",
+        "A red square",
+        "--generation-mode",
+        "image",
+        "--output",
+        str(output),
+    )
     assert out.returncode == 0, out.stderr
     image = PIL.Image.open(output)
     assert image.format == "PNG" and image.mode == "RGB"
@@ -93,8 +135,18 @@ def test_cli_health_models_and_errors(omni_stack):
     models = json.loads(_run(OMNIGATE, "models", "--gateway", omni_stack.gateway.target).stdout)
     assert set(models["input_modalities"]) == {"text", "image", "audio", "video"}
     assert models["output_audio_sample_rate"] == 24000
-    bad = _run(OMNIGATE, "generate", "--gateway", omni_stack.gateway.target, "--text", "hi",
-               "--generation-mode", "image")
+    bad = _run(
+        OMNIGATE,
+        "generate",
+        "--gateway",
+        omni_stack.gateway.target,
+        "--text",
+        "hi",
+        "--generation-mode",
+        "image",
+    )
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "cannot generate image" in bad.stderr
-    missing = _run(OMNIGATE, "generate", "--gateway", omni_stack.gateway.target, "--audio", "/no/such/file.wav")
+    missing = _run(
+        OMNIGATE, "generate", "--gateway", omni_stack.gateway.target, "--audio", "/no/such/file.wav"
+    )
     assert missing.returncode == 2 and "no/such/file.wav" in missing.stderr

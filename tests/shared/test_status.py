@@ -25,7 +25,7 @@ TABLE = [
 
 
 def _details(s: grpc.Status) -> status_pb2.Status:
-    (key, value), = s.trailing_metadata
+    ((key, value),) = s.trailing_metadata
     assert key == "grpc-status-details-bin"
     return status_pb2.Status.FromString(value)
 
@@ -85,10 +85,12 @@ def test_upstream_errors_keep_their_kind(code, kind):
 def test_upstream_retry_delay_survives():
     s = status.to_status(errors.LimitExceeded("queue full", retry_after_s=2.0))
     error = status.from_rpc_error(
-        _FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full", s.trailing_metadata), upstream="the worker"
+        _FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full", s.trailing_metadata),
+        upstream="the worker",
     )
     assert isinstance(error, errors.LimitExceeded) and error.retry_after_s == 2.0
     unreachable = status.from_rpc_error(
-        _FakeRpcError(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses"), upstream="the worker"
+        _FakeRpcError(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses"),
+        upstream="the worker",
     )
     assert "the worker is unavailable" in unreachable.message

@@ -36,7 +36,9 @@ def _request() -> GenerationRequest:
     image = Image(rng.integers(0, 255, (7, 5, 3), dtype=np.uint8))
     audio = Audio(rng.standard_normal(1000).astype(np.float32), 16000)
     track = Audio(rng.standard_normal(3000).astype(np.float32), 16000)
-    video = Video(rng.integers(0, 255, (3, 4, 6, 3), dtype=np.uint8), [0.0, 0.5, 1.0], 2.0, 25.0, 1.5, 37, track)
+    video = Video(
+        rng.integers(0, 255, (3, 4, 6, 3), dtype=np.uint8), [0.0, 0.5, 1.0], 2.0, 25.0, 1.5, 37, track
+    )
     return GenerationRequest(
         messages=[
             Message("system", [ContentPart(Modality.TEXT, text="Be brief.")]),
@@ -50,7 +52,9 @@ def _request() -> GenerationRequest:
                 ],
             ),
         ],
-        params=GenerationParams(max_new_tokens=7, do_sample=True, temperature=0.5, top_k=3, seed=9, stop=["\n"]),
+        params=GenerationParams(
+            max_new_tokens=7, do_sample=True, temperature=0.5, top_k=3, seed=9, stop=["\n"]
+        ),
         mode=GenerationMode.AUDIO,
         use_audio_in_video=True,
         speaker="Ethan",

@@ -36,10 +36,14 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--text", help="the user's text")
     gen.add_argument("--system", help="a system message placed before the user's turn")
     gen.add_argument("--image", action="append", default=[], metavar="URL|PATH", help="an image (repeatable)")
-    gen.add_argument("--audio", action="append", default=[], metavar="URL|PATH", help="an audio file (repeatable)")
+    gen.add_argument(
+        "--audio", action="append", default=[], metavar="URL|PATH", help="an audio file (repeatable)"
+    )
     gen.add_argument("--video", action="append", default=[], metavar="URL|PATH", help="a video (repeatable)")
     gen.add_argument("--fps", type=float, help="frames per second sampled from videos")
-    gen.add_argument("--load-audio-from-video", action="store_true", help="also give the model the videos' sound")
+    gen.add_argument(
+        "--load-audio-from-video", action="store_true", help="also give the model the videos' sound"
+    )
     gen.add_argument("--generation-mode", choices=["text", "audio", "image"], default="text")
     gen.add_argument("--max-new-tokens", type=int, help="limit on generated text tokens")
     gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -110,7 +114,10 @@ def _generate(client: OmnigateClient, args) -> int:
         with open(output, "wb") as f:
             f.write(result.wav_bytes())
         seconds = result.summary.audio_seconds if result.summary else 0.0
-        print(f"wrote {seconds:.2f} s of speech at {result.audio[0].sample_rate} Hz to {output}", file=sys.stderr)
+        print(
+            f"wrote {seconds:.2f} s of speech at {result.audio[0].sample_rate} Hz to {output}",
+            file=sys.stderr,
+        )
     if result.images:
         with open(output, "wb") as f:
             f.write(result.images[0].data)

@@ -29,9 +29,22 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from omnigate.gateway.v1 import gateway_pb2 as pb
 from omnigate.gateway.v1 import gateway_pb2_grpc
 
-MODES = {"text": pb.GENERATION_MODE_TEXT, "audio": pb.GENERATION_MODE_AUDIO, "image": pb.GENERATION_MODE_IMAGE}
-MODALITY_NAMES = {pb.MODALITY_TEXT: "text", pb.MODALITY_IMAGE: "image", pb.MODALITY_AUDIO: "audio", pb.MODALITY_VIDEO: "video"}
-FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP_SEQUENCE: "stop_sequence"}
+MODES = {
+    "text": pb.GENERATION_MODE_TEXT,
+    "audio": pb.GENERATION_MODE_AUDIO,
+    "image": pb.GENERATION_MODE_IMAGE,
+}
+MODALITY_NAMES = {
+    pb.MODALITY_TEXT: "text",
+    pb.MODALITY_IMAGE: "image",
+    pb.MODALITY_AUDIO: "audio",
+    pb.MODALITY_VIDEO: "video",
+}
+FINISH_REASONS = {
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_STOP_SEQUENCE: "stop_sequence",
+}
 REMOTE_SCHEMES = ("http://", "https://", "data:")
 
 
@@ -96,8 +109,11 @@ class OmnigateClient:
         self.target = target
         self.timeout_s = timeout_s
         self._channel = grpc.insecure_channel(
-            target, options=[("grpc.max_send_message_length", 64 * 1024 * 1024),
-                             ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+            target,
+            options=[
+                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ],
         )
         self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -152,9 +168,16 @@ class OmnigateClient:
         """Streams the response events. Raises ``grpc.RpcError`` with the server's status on failure."""
         if generation_mode not in MODES:
             raise ValueError(f"generation_mode must be one of {', '.join(MODES)}; got {generation_mode!r}")
-        params = pb.GenerationParameters(max_new_tokens=max_new_tokens or 0, do_sample=do_sample, stop=stop or [])
-        for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k),
-                            ("repetition_penalty", repetition_penalty), ("seed", seed)):
+        params = pb.GenerationParameters(
+            max_new_tokens=max_new_tokens or 0, do_sample=do_sample, stop=stop or []
+        )
+        for name, value in (
+            ("temperature", temperature),
+            ("top_p", top_p),
+            ("top_k", top_k),
+            ("repetition_penalty", repetition_penalty),
+            ("seed", seed),
+        ):
             if value is not None:
                 setattr(params, name, value)
         request = pb.GenerateRequest(
@@ -212,8 +235,9 @@ def _part(part: dict) -> pb.ContentPart:
         path = pathlib.Path(part.get("path") or part[kind])
         source = pb.MediaSource(inline=pb.InlineMedia(data=path.read_bytes()))  # read here, sent inline
     elif "data" in part or isinstance(part.get(kind), bytes):
-        source = pb.MediaSource(inline=pb.InlineMedia(data=part.get("data") or part[kind],
-                                                      mime_type=part.get("mime_type", "")))
+        source = pb.MediaSource(
+            inline=pb.InlineMedia(data=part.get("data") or part[kind], mime_type=part.get("mime_type", ""))
+        )
     else:
         raise ValueError(f"{kind} part needs a url, path or data")
     return pb.ContentPart(**{kind: source})

@@ -78,7 +78,9 @@ class IncomingRequest:
     video_fps: float
 
 
-def parse_request(message: gw.GenerateRequest, default_max_new_tokens: int, default_fps: float) -> IncomingRequest:
+def parse_request(
+    message: gw.GenerateRequest, default_max_new_tokens: int, default_fps: float
+) -> IncomingRequest:
     """Checks the request's shape and turns it into plain objects (no I/O)."""
     if not message.messages:
         raise InvalidInput("the conversation is empty; send at least one message")
@@ -203,9 +205,7 @@ def worker_stream(request: GenerationRequest, chunk_bytes: int) -> Iterator[wk.G
         messages.append(wk.Message(role=message.role, content=parts))
 
     p = request.params
-    params = wk.GenerationParameters(
-        max_new_tokens=p.max_new_tokens, do_sample=p.do_sample, stop=p.stop
-    )
+    params = wk.GenerationParameters(max_new_tokens=p.max_new_tokens, do_sample=p.do_sample, stop=p.stop)
     for name in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
         value = getattr(p, name)
         if value is not None:

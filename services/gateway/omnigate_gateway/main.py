@@ -43,7 +43,9 @@ async def serve(settings: GatewaySettings) -> None:
     metrics_port = None
     metrics = GatewayMetrics(registry)
     if settings.metrics_port >= 0:
-        metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=registry)
+        metrics_server, _ = start_http_server(
+            settings.metrics_port, addr=settings.metrics_host, registry=registry
+        )
         metrics_port = metrics_server.server_port
         log.info("metrics on http://%s:%d/metrics", settings.metrics_host, metrics_port)
 
@@ -53,7 +55,9 @@ async def serve(settings: GatewaySettings) -> None:
     health_servicer = health.aio.HealthServicer()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, NOT_SERVING)
-    server, port = build_server(GatewayServicer(settings, worker, ingestor, metrics), settings, health_servicer)
+    server, port = build_server(
+        GatewayServicer(settings, worker, ingestor, metrics), settings, health_servicer
+    )
     await server.start()
     if settings.ports_file:
         write_ports_file(settings.ports_file, port, metrics_port)

@@ -24,12 +24,20 @@ from omnigate_gateway.worker_client import WorkerClient
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
-MODE_OUTPUT = {GenerationMode.TEXT: Modality.TEXT, GenerationMode.AUDIO: Modality.AUDIO, GenerationMode.IMAGE: Modality.IMAGE}
+MODE_OUTPUT = {
+    GenerationMode.TEXT: Modality.TEXT,
+    GenerationMode.AUDIO: Modality.AUDIO,
+    GenerationMode.IMAGE: Modality.IMAGE,
+}
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def __init__(
-        self, settings: GatewaySettings, worker: WorkerClient, ingestor: MediaIngestor, metrics: GatewayMetrics
+        self,
+        settings: GatewaySettings,
+        worker: WorkerClient,
+        ingestor: MediaIngestor,
+        metrics: GatewayMetrics,
     ) -> None:
         self._settings = settings
         self._worker = worker
@@ -66,7 +74,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         first_output = False
         self._metrics.in_flight.inc()
         try:
-            incoming = convert.parse_request(request, self._settings.default_max_new_tokens, self._settings.default_video_fps)
+            incoming = convert.parse_request(
+                request, self._settings.default_max_new_tokens, self._settings.default_video_fps
+            )
             generation = incoming.request
             mode = generation.mode.value
             info = self._worker.require_info()
@@ -125,7 +135,11 @@ def build_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:
         reflection.enable_server_reflection(
-            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            [
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
             server,
         )
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")

@@ -39,13 +39,18 @@ class GatewaySettings(BaseSettings):
     fetch_total_timeout_s: float = Field(30.0, description="Wall-clock limit for fetching one media item.")
     fetch_max_redirects: int = Field(5, description="Redirect hops followed when fetching media.")
     allow_private_networks: bool = Field(
-        False, description="Allow media URLs on loopback/private/link-local addresses (local development only)."
+        False,
+        description="Allow media URLs on loopback/private/link-local addresses (local development only).",
     )
     local_media_root: str | None = Field(
         None, description="Directory that MediaSource.path may read from; unset = paths refused."
     )
-    decode_threads: int = Field(2, description="Threads decoding media (decoding never runs on the event loop).")
-    worker_chunk_bytes: int = Field(1024 * 1024, description="Bytes of decoded media per message to the worker.")
+    decode_threads: int = Field(
+        2, description="Threads decoding media (decoding never runs on the event loop)."
+    )
+    worker_chunk_bytes: int = Field(
+        1024 * 1024, description="Bytes of decoded media per message to the worker."
+    )
     max_message_bytes: int = Field(
         64 * 1024 * 1024, description="Largest single gRPC message accepted from clients (inline media)."
     )

@@ -51,7 +51,9 @@ class _Declared:
     build: object  # callable(bytes) -> media object, set by the part that declared it
 
 
-async def read_request(requests: AsyncIterator[pb.GenerateRequest], max_media_bytes: int) -> GenerationRequest:
+async def read_request(
+    requests: AsyncIterator[pb.GenerateRequest], max_media_bytes: int
+) -> GenerationRequest:
     """Reads a whole Generate request stream (spec, then media chunks) into a GenerationRequest."""
     spec: pb.GenerateSpec | None = None
     declared: dict[int, int] = {}
@@ -124,7 +126,9 @@ def _build_request(spec: pb.GenerateSpec, buffers: dict[int, bytearray]) -> Gene
     def audio(ref: pb.AudioRef) -> Audio:
         if ref.sample_rate == 0:
             raise InvalidInput("audio sample_rate must be > 0")
-        return Audio(np.frombuffer(bytes(buffers[ref.media_id]), dtype="<f4").astype(np.float32), ref.sample_rate)
+        return Audio(
+            np.frombuffer(bytes(buffers[ref.media_id]), dtype="<f4").astype(np.float32), ref.sample_rate
+        )
 
     messages = []
     for message in spec.messages:
@@ -137,7 +141,9 @@ def _build_request(spec: pb.GenerateSpec, buffers: dict[int, bytearray]) -> Gene
                 ref = part.image
                 if ref.width == 0 or ref.height == 0:
                     raise InvalidInput("image width and height must be > 0")
-                pixels = np.frombuffer(bytes(buffers[ref.media_id]), dtype=np.uint8).reshape(ref.height, ref.width, 3)
+                pixels = np.frombuffer(bytes(buffers[ref.media_id]), dtype=np.uint8).reshape(
+                    ref.height, ref.width, 3
+                )
                 parts.append(ContentPart(Modality.IMAGE, image=Image(pixels)))
             elif kind == "audio":
                 parts.append(ContentPart(Modality.AUDIO, audio=audio(part.audio)))
@@ -194,7 +200,11 @@ def event_to_proto(event: Event) -> pb.GenerateResponse:
     if isinstance(event, TextDelta):
         return pb.GenerateResponse(text=pb.TextDelta(text=event.text))
     if isinstance(event, AudioChunk):
-        pcm = (np.clip(np.asarray(event.samples, dtype=np.float32), -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+        pcm = (
+            (np.clip(np.asarray(event.samples, dtype=np.float32), -1.0, 1.0) * 32767.0)
+            .astype("<i2")
+            .tobytes()
+        )
         return pb.GenerateResponse(
             audio=pb.AudioChunk(pcm_s16le=pcm, sample_rate=event.sample_rate, sequence=event.sequence)
         )

@@ -52,7 +52,9 @@ def collect(request: GenerationRequest) -> CollectedMedia:
                 out.video_fps = video.sampled_fps
                 if request.use_audio_in_video:
                     if video.audio is None:
-                        raise InvalidInput("use_audio_in_video is set but a video arrived without its audio track")
+                        raise InvalidInput(
+                            "use_audio_in_video is set but a video arrived without its audio track"
+                        )
                     out.audio.append(video.audio.samples)
                     out.audio_from_video_indices.append(len(out.videos))
                 out.videos.append(video.frames)

@@ -50,7 +50,9 @@ def resolve_attention(name: str, device: torch.device) -> str:
     return "sdpa"
 
 
-def load(model_id: str, device: str, dtype: str, attn_implementation: str, trust_remote_code: bool) -> LoadedModel:
+def load(
+    model_id: str, device: str, dtype: str, attn_implementation: str, trust_remote_code: bool
+) -> LoadedModel:
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     attn = resolve_attention(attn_implementation, dev)
@@ -61,4 +63,6 @@ def load(model_id: str, device: str, dtype: str, attn_implementation: str, trust
     model.to(dev)
     model.eval()
     processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
-    return LoadedModel(model=model, processor=processor, device=dev, dtype=torch_dtype, attn_implementation=attn)
+    return LoadedModel(
+        model=model, processor=processor, device=dev, dtype=torch_dtype, attn_implementation=attn
+    )

@@ -24,7 +24,9 @@ async def serve(settings: WorkerSettings) -> None:
     metrics_port = None
     metrics = WorkerMetrics(registry)
     if settings.metrics_port >= 0:
-        metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=registry)
+        metrics_server, _ = start_http_server(
+            settings.metrics_port, addr=settings.metrics_host, registry=registry
+        )
         metrics_port = metrics_server.server_port
         log.info("metrics on http://%s:%d/metrics", settings.metrics_host, metrics_port)
 
@@ -50,7 +52,9 @@ async def serve(settings: WorkerSettings) -> None:
     servicer.attach(engine, scheduler)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("worker SERVING %s (%s) after %.1f s", settings.model, engine.info.device, time.monotonic() - started)
+    log.info(
+        "worker SERVING %s (%s) after %.1f s", settings.model, engine.info.device, time.monotonic() - started
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -74,7 +78,11 @@ def _load_engine(settings: WorkerSettings):
     from omnigate_worker.transformers_engine import TransformersEngine
 
     loaded = loading.load(
-        settings.model, settings.device, settings.dtype, settings.attn_implementation, settings.trust_remote_code
+        settings.model,
+        settings.device,
+        settings.dtype,
+        settings.attn_implementation,
+        settings.trust_remote_code,
     )
     return TransformersEngine(loaded, settings, settings.model)
 

@@ -45,5 +45,7 @@ class WorkerMetrics:
             "omnigate_worker_in_flight_requests", "Requests accepted and not yet finished.", registry=registry
         )
         self.model_load = Gauge(
-            "omnigate_worker_model_load_seconds", "Seconds the model took to load and warm up.", registry=registry
+            "omnigate_worker_model_load_seconds",
+            "Seconds the model took to load and warm up.",
+            registry=registry,
         )

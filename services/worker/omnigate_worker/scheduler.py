@@ -80,7 +80,9 @@ class Scheduler:
         job = Job(request, asyncio.get_running_loop())
         with self._cond:
             if not self._accepting:
-                raise Unavailable("the worker is shutting down and takes no new requests; retry on another worker")
+                raise Unavailable(
+                    "the worker is shutting down and takes no new requests; retry on another worker"
+                )
             if len(self._pending) >= self._max_queue:
                 raise LimitExceeded(
                     f"the worker's queue is full ({self._max_queue} requests waiting); retry later",

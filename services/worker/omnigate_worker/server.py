@@ -71,6 +71,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     first_output = time.monotonic()
                     self._metrics.time_to_first_output.labels(mode).observe(first_output - started)
                 if isinstance(event, Summary):
+                    event.timings.queue_s = (job.started_at or job.enqueued_at) - job.enqueued_at
                     self._metrics.generated_tokens.inc(event.output_tokens)
                     self._metrics.prompt_tokens.inc(event.prompt_tokens)
                 yield convert.event_to_proto(event)
@@ -111,7 +112,11 @@ def build_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:
         reflection.enable_server_reflection(
-            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            [
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
             server,
         )
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")

@@ -14,10 +14,15 @@ class WorkerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OMNIGATE_WORKER_", extra="ignore", cli_kebab_case=True)
 
     model: str = Field(DEFAULT_MODEL, description="Hugging Face model id or local path to load.")
-    device: str = Field("auto", description="Torch device: 'auto' (cuda if available, else cpu), 'cpu', 'cuda:0'.")
-    dtype: str = Field("auto", description="'auto' (bfloat16 on CUDA, float32 on CPU), 'float32', 'bfloat16', 'float16'.")
+    device: str = Field(
+        "auto", description="Torch device: 'auto' (cuda if available, else cpu), 'cpu', 'cuda:0'."
+    )
+    dtype: str = Field(
+        "auto", description="'auto' (bfloat16 on CUDA, float32 on CPU), 'float32', 'bfloat16', 'float16'."
+    )
     attn_implementation: str = Field(
-        "auto", description="'auto' (flash_attention_2 when flash_attn imports on CUDA, else sdpa), 'sdpa', 'eager', ..."
+        "auto",
+        description="'auto' (flash_attention_2 when flash_attn imports on CUDA, else sdpa), 'sdpa', 'eager', ...",
     )
     trust_remote_code: bool = Field(False, description="Allow model repositories to run their own code.")
     host: str = Field("127.0.0.1", description="Address the gRPC server binds to.")
@@ -25,7 +30,9 @@ class WorkerSettings(BaseSettings):
     metrics_host: str = Field("127.0.0.1", description="Address of the Prometheus metrics endpoint.")
     metrics_port: int = Field(9401, description="Prometheus metrics port (0 = OS-chosen, -1 = disabled).")
     reflection: bool = Field(True, description="Serve gRPC server reflection.")
-    max_new_tokens_limit: int = Field(4096, description="Upper bound accepted for a request's max_new_tokens.")
+    max_new_tokens_limit: int = Field(
+        4096, description="Upper bound accepted for a request's max_new_tokens."
+    )
     max_talker_tokens: int = Field(
         4096, description="Upper bound on speech codec tokens per request (Qwen2.5-Omni talker)."
     )

@@ -158,7 +158,9 @@ class TransformersEngine(Engine):
             raise InvalidInput("the conversation is empty; send at least one message")
         for i, message in enumerate(request.messages):
             if message.role not in ROLES:
-                raise InvalidInput(f"message {i} has role {message.role!r}; use one of {', '.join(sorted(ROLES))}")
+                raise InvalidInput(
+                    f"message {i} has role {message.role!r}; use one of {', '.join(sorted(ROLES))}"
+                )
             if not message.content:
                 raise InvalidInput(f"message {i} has no content")
             for part in message.content:
@@ -177,6 +179,10 @@ class TransformersEngine(Engine):
                 f"{info.model_id} cannot generate {wanted.value}; it generates "
                 f"{', '.join(m.value for m in info.output_modalities)}"
             )
+        if self._is_omni and request.mode is GenerationMode.AUDIO and request.params.max_new_tokens < 2:
+            # transformers 5.23: Qwen2.5-Omni's talker crashes ("torch.cat(): expected a non-empty list")
+            # when the thinker produced a single token, so speech needs room for at least two.
+            raise InvalidInput("speech output needs max_new_tokens >= 2")
         if request.speaker and request.speaker not in info.speakers:
             raise InvalidInput(
                 f"unknown speaker {request.speaker!r}; available: {', '.join(info.speakers) or 'none'}"
@@ -271,7 +277,11 @@ class TransformersEngine(Engine):
         sampling = self._sampling_kwargs(request)
         if not self._is_omni:
             sequences = self._model.generate(
-                **inputs, max_new_tokens=p.max_new_tokens, streamer=streamer, stopping_criteria=criteria, **sampling
+                **inputs,
+                max_new_tokens=p.max_new_tokens,
+                streamer=streamer,
+                stopping_criteria=criteria,
+                **sampling,
             )
             return sequences, None
 
@@ -295,13 +305,21 @@ class TransformersEngine(Engine):
         talker_tokens = min(
             self._settings.max_talker_tokens, p.max_new_tokens * self._settings.talker_tokens_per_text_token
         )
-        sequences, waveform = self._model.generate(
-            **model_kwargs,
-            generation_mode="audio",
-            speaker=request.speaker or self._default_speaker(),
-            talker_max_new_tokens=talker_tokens,
-            **kwargs,
-        )
+        try:
+            sequences, waveform = self._model.generate(
+                **model_kwargs,
+                generation_mode="audio",
+                speaker=request.speaker or self._default_speaker(),
+                talker_max_new_tokens=talker_tokens,
+                **kwargs,
+            )
+        except RuntimeError as exc:
+            # transformers 5.23: when the thinker's first token is end-of-sequence there is nothing to
+            # speak, and the talker crashes on an empty reply instead of returning no audio.
+            if "expected a non-empty list of Tensors" not in str(exc):
+                raise
+            log.info("request %s: the reply is empty, so there is no speech", request.request_id)
+            return inputs["input_ids"], None
         return sequences, waveform
 
     def _default_speaker(self) -> str:

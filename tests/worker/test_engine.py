@@ -1,0 +1,115 @@
+"""The real engine on the tiny checkpoints, in process: streaming, limits, stop strings, cancellation."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from omnigate.conversation import (
+    AudioChunk,
+    ContentPart,
+    GenerationMode,
+    GenerationParams,
+    GenerationRequest,
+    Message,
+    Modality,
+    Summary,
+    TextDelta,
+)
+from omnigate.errors import InvalidInput
+from omnigate.media import Audio
+from omnigate_worker import loading
+from omnigate_worker.settings import WorkerSettings
+from omnigate_worker.transformers_engine import TransformersEngine
+
+MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+
+OMNI = str(MODELS_DIR / "tiny-qwen2.5-omni")
+
+
+@pytest.fixture(scope="module")
+def engine() -> TransformersEngine:
+    settings = WorkerSettings(model=OMNI)
+    return TransformersEngine(loading.load(OMNI, "cpu", "auto", "auto", False), settings, OMNI)
+
+
+def _request(text="Hello", mode=GenerationMode.TEXT, **params) -> GenerationRequest:
+    return GenerationRequest(
+        messages=[Message("user", [ContentPart(Modality.TEXT, text=text)])],
+        params=GenerationParams(**{"max_new_tokens": 16, **params}),
+        mode=mode,
+    )
+
+
+def _run(engine, request, cancelled=None):
+    events = []
+    engine.validate(request)
+    engine.generate(request, events.append, cancelled or threading.Event())
+    return events
+
+
+def test_cpu_defaults(engine):
+    assert engine.info.device == "cpu float32"
+    assert loading.resolve_attention("auto", loading.resolve_device("cpu")) == "sdpa"
+
+
+def test_text_streams_and_respects_the_limit(engine):
+    events = _run(engine, _request(max_new_tokens=16))
+    summary = events[-1]
+    assert isinstance(summary, Summary) and summary.output_tokens <= 16
+    assert sum(isinstance(e, TextDelta) for e in events) >= 2
+
+
+def test_greedy_is_deterministic_and_seeded_sampling_reproducible(engine):
+    text = lambda events: "".join(e.text for e in events if isinstance(e, TextDelta))  # noqa: E731
+    assert text(_run(engine, _request())) == text(_run(engine, _request()))
+    a = text(_run(engine, _request(do_sample=True, temperature=1.5, seed=3)))
+    b = text(_run(engine, _request(do_sample=True, temperature=1.5, seed=3)))
+    assert a == b
+
+
+def test_stop_string_is_not_returned(engine):
+    full = "".join(e.text for e in _run(engine, _request()) if isinstance(e, TextDelta))
+    stop = full[3:5]
+    events = _run(engine, _request(stop=[stop]))
+    text = "".join(e.text for e in events if isinstance(e, TextDelta))
+    assert events[-1].finish_reason == "stop_sequence"
+    assert stop not in text and full.startswith(text)
+
+
+def test_cancelled_request_stops_without_summary(engine):
+    cancelled = threading.Event()
+    events = []
+
+    def emit(event):
+        events.append(event)
+        cancelled.set()  # cancel as soon as the first output arrives
+
+    engine.generate(_request(max_new_tokens=200), emit, cancelled)
+    assert not any(isinstance(e, Summary) for e in events)
+    assert len(events) < 20
+
+
+def test_speech_output(engine):
+    events = _run(engine, _request(mode=GenerationMode.AUDIO, max_new_tokens=4))
+    chunks = [e for e in events if isinstance(e, AudioChunk)]
+    assert chunks and all(c.sample_rate == 24000 for c in chunks)
+    samples = np.concatenate([c.samples for c in chunks])
+    assert np.sqrt(np.mean(samples**2)) > 1e-3
+    assert events[-1].audio_seconds == pytest.approx(len(samples) / 24000)
+
+
+def test_validation(engine):
+    with pytest.raises(InvalidInput, match="max_new_tokens >= 2"):
+        engine.validate(_request(mode=GenerationMode.AUDIO, max_new_tokens=1))
+    with pytest.raises(InvalidInput, match="cannot generate image"):
+        engine.validate(_request(mode=GenerationMode.IMAGE))
+    with pytest.raises(InvalidInput, match="empty"):
+        engine.validate(GenerationRequest(messages=[]))
+    audio = Audio(np.zeros(1600, dtype=np.float32), 16000)
+    request = _request()
+    request.messages[0].content.insert(0, ContentPart(Modality.AUDIO, audio=audio))
+    engine.validate(request)

@@ -8,9 +8,9 @@ import logging
 import signal
 
 from grpc_health.v1 import health, health_pb2
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
-from omnigate.lifecycle import configure_logging, write_ports_file
+from omnigate.lifecycle import configure_logging, start_metrics_server, write_ports_file
 from omnigate_gateway.fetch import MediaFetcher
 from omnigate_gateway.ingest import MediaIngestor
 from omnigate_gateway.metrics import GatewayMetrics
@@ -40,14 +40,8 @@ async def watch_worker(worker: WorkerClient, health_servicer, interval_s: float)
 
 async def serve(settings: GatewaySettings) -> None:
     registry = CollectorRegistry()
-    metrics_port = None
     metrics = GatewayMetrics(registry)
-    if settings.metrics_port >= 0:
-        metrics_server, _ = start_http_server(
-            settings.metrics_port, addr=settings.metrics_host, registry=registry
-        )
-        metrics_port = metrics_server.server_port
-        log.info("metrics on http://%s:%d/metrics", settings.metrics_host, metrics_port)
+    metrics_port = start_metrics_server(settings.metrics_host, settings.metrics_port, registry)
 
     fetcher = MediaFetcher(settings.fetch_limits())
     ingestor = MediaIngestor(fetcher, settings, metrics)

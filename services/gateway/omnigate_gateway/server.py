@@ -8,13 +8,13 @@ import time
 import uuid
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health
 
 from omnigate import status
 from omnigate.conversation import GenerationMode, Modality
 from omnigate.errors import InvalidInput
 from omnigate.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from omnigate.grpc_server import finish_server
 from omnigate_gateway import convert
 from omnigate_gateway.ingest import MediaIngestor
 from omnigate_gateway.metrics import GatewayMetrics
@@ -132,17 +132,12 @@ def build_server(
         ]
     )
     gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if settings.reflection:
-        reflection.enable_server_reflection(
-            [
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
-            server,
-        )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
-    if port == 0:
-        raise RuntimeError(f"could not bind {settings.host}:{settings.port}")
+    port = finish_server(
+        server,
+        SERVICE_NAME,
+        health_servicer,
+        enable_reflection=settings.reflection,
+        host=settings.host,
+        port=settings.port,
+    )
     return server, port

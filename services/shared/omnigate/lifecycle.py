@@ -17,3 +17,14 @@ def write_ports_file(path: str, grpc_port: int, metrics_port: int | None) -> Non
     with open(tmp, "w") as f:
         json.dump({"grpc_port": grpc_port, "metrics_port": metrics_port}, f)
     os.replace(tmp, path)
+
+
+def start_metrics_server(host: str, port: int, registry) -> int | None:
+    """Serves ``registry`` on http://host:port/metrics (port 0 = OS-chosen, -1 = off); returns the port."""
+    from prometheus_client import start_http_server
+
+    if port < 0:
+        return None
+    server, _ = start_http_server(port, addr=host, registry=registry)
+    logging.getLogger(__name__).info("metrics on http://%s:%d/metrics", host, server.server_port)
+    return server.server_port

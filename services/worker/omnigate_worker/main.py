@@ -8,9 +8,9 @@ import signal
 import time
 
 from grpc_health.v1 import health, health_pb2
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
-from omnigate.lifecycle import configure_logging, write_ports_file
+from omnigate.lifecycle import configure_logging, start_metrics_server, write_ports_file
 from omnigate_worker.metrics import WorkerMetrics
 from omnigate_worker.scheduler import Scheduler
 from omnigate_worker.server import SERVICE_NAME, WorkerServicer, build_server
@@ -21,14 +21,8 @@ log = logging.getLogger("omnigate_worker")
 
 async def serve(settings: WorkerSettings) -> None:
     registry = CollectorRegistry()
-    metrics_port = None
     metrics = WorkerMetrics(registry)
-    if settings.metrics_port >= 0:
-        metrics_server, _ = start_http_server(
-            settings.metrics_port, addr=settings.metrics_host, registry=registry
-        )
-        metrics_port = metrics_server.server_port
-        log.info("metrics on http://%s:%d/metrics", settings.metrics_host, metrics_port)
+    metrics_port = start_metrics_server(settings.metrics_host, settings.metrics_port, registry)
 
     health_servicer = health.aio.HealthServicer()
     for name in ("", SERVICE_NAME):

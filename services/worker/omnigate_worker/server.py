@@ -7,12 +7,12 @@ import logging
 import time
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health
 
 from omnigate import status
 from omnigate.conversation import AudioChunk, ImageOutput, Summary, TextDelta
 from omnigate.errors import InvalidInput, Unavailable
+from omnigate.grpc_server import finish_server
 from omnigate.worker.v1 import worker_pb2, worker_pb2_grpc
 from omnigate_worker import convert
 from omnigate_worker.engine import Engine
@@ -109,17 +109,12 @@ def build_server(
     ]
     server = grpc.aio.server(options=options)
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if settings.reflection:
-        reflection.enable_server_reflection(
-            [
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
-            server,
-        )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
-    if port == 0:
-        raise RuntimeError(f"could not bind {settings.host}:{settings.port}")
+    port = finish_server(
+        server,
+        SERVICE_NAME,
+        health_servicer,
+        enable_reflection=settings.reflection,
+        host=settings.host,
+        port=settings.port,
+    )
     return server, port

@@ -243,6 +243,8 @@ def model_info_from_worker(message: wk.GetModelInfoResponse) -> ModelInfo:
         device=message.device,
         max_new_tokens=message.max_new_tokens,
         max_request_media_bytes=message.max_request_media_bytes,
+        max_image_pixels=message.max_image_pixels,
+        max_video_frame_pixels=message.max_video_frame_pixels,
     )
 
 

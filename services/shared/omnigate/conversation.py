@@ -123,3 +123,5 @@ class ModelInfo:
     device: str = "cpu"
     max_new_tokens: int = 0
     max_request_media_bytes: int = 0
+    max_image_pixels: int = 0  # what the processor keeps of one image (0 = unknown)
+    max_video_frame_pixels: int = 0  # what the processor keeps of one video frame (0 = unknown)

@@ -243,4 +243,6 @@ def model_info_to_proto(
         max_new_tokens=max_new_tokens,
         max_request_media_bytes=max_request_media_bytes,
         device=info.device,
+        max_image_pixels=info.max_image_pixels,
+        max_video_frame_pixels=info.max_video_frame_pixels,
     )

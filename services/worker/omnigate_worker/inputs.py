@@ -111,3 +111,24 @@ def build(processor, request: GenerationRequest):
         **kwargs,
     )
     return inputs, prompt
+
+
+def max_pixels(component) -> int:
+    """Pixels an image or video processor keeps of one picture (it downscales larger ones); 0 = unknown.
+
+    Qwen2-VL-style processors (``merge_size`` and a ``size`` with ``shortest_edge``/``longest_edge``) count
+    ``longest_edge`` in pixels (their "max_pixels"); fixed-size processors keep ``height x width``.
+    """
+    if component is None:
+        return 0
+    size = getattr(component, "size", None)
+    explicit = getattr(component, "max_pixels", None) or getattr(size, "max_pixels", None)
+    if explicit:
+        return int(explicit)
+    if size is None:
+        return 0
+    if getattr(component, "merge_size", None) and getattr(size, "longest_edge", None):
+        return int(size.longest_edge)
+    if getattr(size, "height", None) and getattr(size, "width", None):
+        return int(size.height) * int(size.width)
+    return 0

@@ -148,6 +148,8 @@ class TransformersEngine(Engine):
             else 0,
             speakers=sorted(getattr(self._model, "speaker_map", {}) or {}),
             device=f"{loaded.device} {str(loaded.dtype).removeprefix('torch.')}",
+            max_image_pixels=model_inputs.max_pixels(getattr(self._processor, "image_processor", None)),
+            max_video_frame_pixels=model_inputs.max_pixels(getattr(self._processor, "video_processor", None)),
         )
 
     # -- checks before a request is queued ------------------------------------------------------

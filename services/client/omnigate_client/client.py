@@ -152,6 +152,7 @@ class OmnigateClient:
         *,
         generation_mode: str = "text",
         max_new_tokens: int | None = None,
+        min_new_tokens: int | None = None,
         do_sample: bool = False,
         temperature: float | None = None,
         top_p: float | None = None,
@@ -169,7 +170,10 @@ class OmnigateClient:
         if generation_mode not in MODES:
             raise ValueError(f"generation_mode must be one of {', '.join(MODES)}; got {generation_mode!r}")
         params = pb.GenerationParameters(
-            max_new_tokens=max_new_tokens or 0, do_sample=do_sample, stop=stop or []
+            max_new_tokens=max_new_tokens or 0,
+            min_new_tokens=min_new_tokens or 0,
+            do_sample=do_sample,
+            stop=stop or [],
         )
         for name, value in (
             ("temperature", temperature),

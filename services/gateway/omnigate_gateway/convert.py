@@ -134,6 +134,7 @@ def parse_request(
     p = message.parameters
     params = GenerationParams(
         max_new_tokens=p.max_new_tokens or default_max_new_tokens,
+        min_new_tokens=p.min_new_tokens,
         do_sample=p.do_sample,
         temperature=p.temperature if p.HasField("temperature") else None,
         top_p=p.top_p if p.HasField("top_p") else None,
@@ -205,7 +206,9 @@ def worker_stream(request: GenerationRequest, chunk_bytes: int) -> Iterator[wk.G
         messages.append(wk.Message(role=message.role, content=parts))
 
     p = request.params
-    params = wk.GenerationParameters(max_new_tokens=p.max_new_tokens, do_sample=p.do_sample, stop=p.stop)
+    params = wk.GenerationParameters(
+        max_new_tokens=p.max_new_tokens, min_new_tokens=p.min_new_tokens, do_sample=p.do_sample, stop=p.stop
+    )
     for name in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
         value = getattr(p, name)
         if value is not None:

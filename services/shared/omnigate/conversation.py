@@ -45,6 +45,7 @@ class Message:
 @dataclass
 class GenerationParams:
     max_new_tokens: int = 256
+    min_new_tokens: int = 0  # generate at least this many tokens (benchmarks fix the output length with it)
     do_sample: bool = False
     temperature: float | None = None
     top_p: float | None = None

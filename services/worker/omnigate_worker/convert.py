@@ -177,6 +177,7 @@ def _build_request(spec: pb.GenerateSpec, buffers: dict[int, bytearray]) -> Gene
     p = spec.parameters
     params = GenerationParams(
         max_new_tokens=p.max_new_tokens,
+        min_new_tokens=p.min_new_tokens,
         do_sample=p.do_sample,
         temperature=p.temperature if p.HasField("temperature") else None,
         top_p=p.top_p if p.HasField("top_p") else None,

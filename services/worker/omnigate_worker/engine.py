@@ -9,14 +9,45 @@ from __future__ import annotations
 import abc
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from omnigate.conversation import Event, GenerationRequest, ModelInfo
 
 EventSink = Callable[[Event], None]
 
 
+@dataclass
+class Prepared:
+    """A request after CPU preprocessing (chat template, processor), ready for the model."""
+
+    request: GenerationRequest
+    inputs: Any  # the processor's BatchFeature (or whatever the engine needs)
+    prompt_len: int
+
+
+class Batch(abc.ABC):
+    """Requests decoding together; rows join between steps and leave when done."""
+
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def length(self) -> int:
+        """Sequence length of the batch (tokens per row, padding included)."""
+
+    @abc.abstractmethod
+    def step(self) -> None:
+        """One decode step for every row; rows that finish emit their summary and call their ``done``."""
+
+    @abc.abstractmethod
+    def fail_all(self, error: BaseException) -> None:
+        """Ends every row with ``error``."""
+
+
 class Engine(abc.ABC):
-    """Runs one request at a time on the calling thread, emitting events as they are produced."""
+    """What the scheduler drives. Blocking methods run on the engine thread, except ``prepare``."""
 
     info: ModelInfo
 
@@ -25,11 +56,32 @@ class Engine(abc.ABC):
         """Raises InvalidInput if the model cannot serve this request (checked before queueing)."""
 
     @abc.abstractmethod
-    def generate(self, request: GenerationRequest, emit: EventSink, cancelled: threading.Event) -> None:
-        """Generates the response, calling ``emit`` for each event; the last event is a ``Summary``.
+    def prepare(self, request: GenerationRequest) -> Prepared:
+        """CPU preprocessing (chat template, processor); may run on another thread. May raise LimitExceeded."""
 
-        Returns early (without a Summary) when ``cancelled`` is set.
-        """
+    @abc.abstractmethod
+    def can_batch(self, prepared: Prepared) -> bool:
+        """Whether this request can join a decode batch."""
+
+    @abc.abstractmethod
+    def open_batch(self) -> Batch:
+        """A new, empty batch."""
+
+    @abc.abstractmethod
+    def start_row(
+        self,
+        batch: Batch,
+        prepared: Prepared,
+        emit: EventSink,
+        done: Callable,
+        cancelled: threading.Event,
+        deadline: float | None,
+    ) -> None:
+        """Prefills a request and adds it to ``batch``; ``done(error_or_None)`` is called once it leaves."""
+
+    @abc.abstractmethod
+    def run(self, prepared: Prepared, emit: EventSink, cancelled: threading.Event) -> None:
+        """Runs one request on its own, emitting its events; returns early (no Summary) when cancelled."""
 
     def warmup(self) -> None:  # noqa: B027 - optional hook
         """Runs a tiny request so the first real one does not pay one-off costs."""

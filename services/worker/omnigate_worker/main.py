@@ -41,7 +41,7 @@ async def serve(settings: WorkerSettings) -> None:
     if settings.warmup:
         await asyncio.to_thread(engine.warmup)
     metrics.model_load.set(time.monotonic() - started)
-    scheduler = Scheduler(engine, settings.max_queue, metrics)
+    scheduler = Scheduler(engine, settings, metrics)
     scheduler.start()
     servicer.attach(engine, scheduler)
     for name in ("", SERVICE_NAME):

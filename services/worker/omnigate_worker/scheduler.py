@@ -1,9 +1,16 @@
-"""A bounded queue in front of the engine, and a thread that runs queued requests.
+"""Admission, preprocessing and the engine loop.
 
-The gRPC server is asyncio; ``Engine.generate`` is blocking (torch). Each accepted request becomes a
-``Job``: the engine thread runs it and hands events back to the event loop through an asyncio queue.
-One request runs at a time (dynamic batching replaces this loop in a later step behind the same
-``submit`` / ``Job.events`` interface).
+The gRPC server is asyncio; the model is blocking torch code. Each accepted request becomes a ``Job``:
+
+1. ``submit`` admits it into a bounded queue (RESOURCE_EXHAUSTED with a retry delay when full);
+2. a small thread pool runs the chat template and processor (CPU work that overlaps with decoding);
+3. the engine thread runs the loop: between decode steps it admits prepared text requests into the
+   running batch (each is prefilled and joins; see batching.py), runs one decode step for all rows, and
+   lets finished, cancelled or expired rows leave. Requests that cannot batch (speech, image output, or
+   a model whose cache cannot be merged) run on their own when they reach the head of the queue and the
+   batch has drained, so arrival order is kept.
+
+Events go back to the request's event loop through an asyncio queue.
 """
 
 from __future__ import annotations
@@ -14,11 +21,13 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 from omnigate.conversation import Event, GenerationRequest
-from omnigate.errors import LimitExceeded, Unavailable
-from omnigate_worker.engine import Engine
+from omnigate.errors import DeadlineExceeded, LimitExceeded, Unavailable
+from omnigate_worker.engine import Engine, Prepared
 from omnigate_worker.metrics import WorkerMetrics
+from omnigate_worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -28,20 +37,31 @@ _DONE = object()
 class Job:
     """One accepted request: its events arrive on the event loop that submitted it."""
 
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, deadline: float | None
+    ) -> None:
         self.request = request
+        self.deadline = deadline  # time.monotonic() value, or None
         self.cancelled = threading.Event()
         self.enqueued_at = time.monotonic()
         self.started_at: float | None = None
+        self.prepared: Prepared | None = None
         self._loop = loop
         self._events: asyncio.Queue = asyncio.Queue()
+        self._finished = False
 
-    # -- engine thread side --
+    # -- engine side (any thread) --
     def emit(self, event: Event) -> None:
         self._loop.call_soon_threadsafe(self._events.put_nowait, event)
 
     def finish(self, error: BaseException | None = None) -> None:
+        if self._finished:
+            return
+        self._finished = True
         self._loop.call_soon_threadsafe(self._events.put_nowait, error if error is not None else _DONE)
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
 
     # -- event loop side --
     def cancel(self) -> None:
@@ -59,78 +79,196 @@ class Job:
 
 
 class Scheduler:
-    """Admits requests into a bounded queue and runs them on one engine thread."""
+    """Admits requests, prepares them on a thread pool, and runs the engine loop on its own thread."""
 
-    def __init__(self, engine: Engine, max_queue: int, metrics: WorkerMetrics) -> None:
+    def __init__(self, engine: Engine, settings: WorkerSettings, metrics: WorkerMetrics) -> None:
         self._engine = engine
-        self._max_queue = max_queue
+        self._settings = settings
         self._metrics = metrics
-        self._pending: collections.deque[Job] = collections.deque()
+        self._preprocess = ThreadPoolExecutor(
+            max_workers=settings.preprocess_threads, thread_name_prefix="prepare"
+        )
+        self._ready: collections.deque[Job] = collections.deque()
+        self._waiting = 0  # admitted and not yet running (preparing or ready)
+        self._running = 0  # in the batch or running alone
         self._cond = threading.Condition()
         self._accepting = True
         self._stopped = False
-        self._running: Job | None = None
-        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, request: GenerationRequest) -> Job:
+    # -- admission (event loop) ---------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest, timeout_s: float | None = None) -> Job:
         """Queues a request. Raises LimitExceeded when the queue is full, Unavailable when draining."""
-        job = Job(request, asyncio.get_running_loop())
+        deadline = time.monotonic() + timeout_s if timeout_s is not None else None
+        job = Job(request, asyncio.get_running_loop(), deadline)
         with self._cond:
             if not self._accepting:
                 raise Unavailable(
                     "the worker is shutting down and takes no new requests; retry on another worker"
                 )
-            if len(self._pending) >= self._max_queue:
+            if self._waiting >= self._settings.max_queue:
                 raise LimitExceeded(
-                    f"the worker's queue is full ({self._max_queue} requests waiting); retry later",
-                    retry_after_s=1.0,
+                    f"the worker's queue is full ({self._settings.max_queue} requests waiting); retry later",
+                    retry_after_s=self._settings.queue_retry_after_s,
                 )
-            self._pending.append(job)
-            self._metrics.queue_depth.set(len(self._pending))
-            self._cond.notify()
+            self._waiting += 1
+            self._metrics.queue_depth.set(self._waiting)
+        self._preprocess.submit(self._prepare, job)
         return job
 
     def busy(self) -> bool:
         with self._cond:
-            return bool(self._pending) or self._running is not None
+            return self._waiting > 0 or self._running > 0
 
     def stop_accepting(self) -> None:
         with self._cond:
             self._accepting = False
 
     def shutdown(self) -> None:
-        """Stops the engine thread after the current job; cancels jobs still queued."""
+        """Stops the engine loop; requests still queued or running get UNAVAILABLE."""
         with self._cond:
             self._stopped = True
             self._accepting = False
-            for job in self._pending:
-                job.finish(Unavailable("the worker shut down before this request ran"))
-            self._pending.clear()
             self._cond.notify_all()
+        self._thread.join(timeout=30)
+        self._preprocess.shutdown(wait=False, cancel_futures=True)
 
-    def _run(self) -> None:
-        while True:
+    # -- preprocessing (thread pool) ----------------------------------------------------------------
+
+    def _prepare(self, job: Job) -> None:
+        try:
+            if job.cancelled.is_set() or job.expired():
+                raise (
+                    DeadlineExceeded("the request's deadline passed before it ran")
+                    if job.expired()
+                    else _Cancelled()
+                )
+            job.prepared = self._engine.prepare(job.request)
+        except BaseException as exc:  # noqa: BLE001 - handed to the request's stream, which maps it
             with self._cond:
-                while not self._pending and not self._stopped:
-                    self._cond.wait()
-                if self._stopped:
-                    return
-                job = self._pending.popleft()
-                self._metrics.queue_depth.set(len(self._pending))
-                self._running = job
-            try:
-                if job.cancelled.is_set():
-                    job.finish()
+                self._waiting -= 1
+                self._metrics.queue_depth.set(self._waiting)
+            job.finish(None if isinstance(exc, _Cancelled) else exc)
+            return
+        with self._cond:
+            self._ready.append(job)
+            self._cond.notify()
+
+    # -- the engine loop (engine thread) ------------------------------------------------------------
+
+    def _loop(self) -> None:
+        batch = self._engine.open_batch()
+        while True:
+            admitted, alone = self._next_work(batch)
+            if admitted is None:
+                batch.fail_all(Unavailable("the worker shut down before this request finished"))
+                self._fail_ready(Unavailable("the worker shut down before this request ran"))
+                return
+            for job in admitted:
+                self._start_row(batch, job)
+            if alone is not None:
+                self._run_alone(alone)
+            if len(batch):
+                try:
+                    batch.step()
+                except Exception as exc:  # noqa: BLE001 - every row of a failed step gets the error
+                    log.exception("decode step failed")
+                    batch.fail_all(_resource_error(exc))
+
+    def _next_work(self, batch) -> tuple[list[Job] | None, Job | None]:
+        """Waits for work; returns (jobs to add to the batch, a job to run alone); (None, None) when stopped."""
+        s = self._settings
+        with self._cond:
+            while not self._stopped and not self._ready and not len(batch):
+                self._cond.wait()
+            if self._stopped:
+                return None, None
+            if not len(batch) and s.max_batch_wait_ms > 0 and self._waiting > len(self._ready):
+                # Idle and more requests are being prepared: give them a moment to start together.
+                self._cond.wait(timeout=s.max_batch_wait_ms / 1000)
+            admitted: list[Job] = []
+            alone = None
+            tokens = batch.length * len(batch)
+            while self._ready:
+                job = self._ready[0]
+                if job.cancelled.is_set() or job.expired():
+                    self._ready.popleft()
+                    self._dequeued(job)
+                    job.finish(
+                        DeadlineExceeded("the request's deadline passed before it ran")
+                        if job.expired()
+                        else None
+                    )
                     continue
-                job.started_at = time.monotonic()
-                self._engine.generate(job.request, job.emit, job.cancelled)
-                job.finish()
-            except BaseException as exc:  # noqa: BLE001 - handed to the request's stream, which maps it
-                log.debug("request %s failed", job.request.request_id, exc_info=True)
-                job.finish(exc)
-            finally:
-                with self._cond:
-                    self._running = None
+                if self._engine.can_batch(job.prepared):
+                    if len(batch) + len(admitted) >= s.max_batch_size:
+                        break
+                    if admitted and tokens + job.prepared.prompt_len > s.max_batch_tokens:
+                        break
+                    tokens += job.prepared.prompt_len
+                    admitted.append(self._ready.popleft())
+                else:
+                    if not len(batch) and not admitted:
+                        alone = self._ready.popleft()
+                    break  # keeps arrival order: it runs once the batch has drained
+            for job in admitted + ([alone] if alone else []):
+                self._dequeued(job)
+                self._running += 1
+            return admitted, alone
+
+    def _dequeued(self, job: Job) -> None:
+        self._waiting -= 1
+        self._metrics.queue_depth.set(self._waiting)
+
+    def _done(self, job: Job, error: BaseException | None) -> None:
+        with self._cond:
+            self._running -= 1
+        job.finish(error)
+
+    def _start_row(self, batch, job: Job) -> None:
+        job.started_at = time.monotonic()
+        try:
+            self._engine.start_row(
+                batch,
+                job.prepared,
+                job.emit,
+                lambda error, job=job: self._done(job, error),
+                job.cancelled,
+                job.deadline,
+            )
+        except Exception as exc:  # noqa: BLE001 - only this request fails
+            log.debug("request %s failed to start", job.request.request_id, exc_info=True)
+            self._done(job, _resource_error(exc))
+
+    def _run_alone(self, job: Job) -> None:
+        job.started_at = time.monotonic()
+        try:
+            self._engine.run(job.prepared, job.emit, job.cancelled)
+            self._done(job, None)
+        except Exception as exc:  # noqa: BLE001 - only this request fails
+            log.debug("request %s failed", job.request.request_id, exc_info=True)
+            self._done(job, _resource_error(exc))
+
+    def _fail_ready(self, error: BaseException) -> None:
+        with self._cond:
+            jobs = list(self._ready)
+            self._ready.clear()
+        for job in jobs:
+            job.finish(error)
+
+
+class _Cancelled(Exception):
+    """The client went away before the request was prepared."""
+
+
+def _resource_error(exc: BaseException) -> BaseException:
+    """Out-of-memory fails only the request(s) it hit, as RESOURCE_EXHAUSTED; other errors pass through."""
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        return LimitExceeded(
+            "the worker ran out of memory for this request; retry later or send less input", retry_after_s=5.0
+        )
+    return exc

@@ -65,7 +65,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             mode = request.mode.value
             self._check_limits(request)
             engine.validate(request)
-            job = scheduler.submit(request)
+            job = scheduler.submit(request, context.time_remaining())
             async for event in job.events():
                 if first_output is None and isinstance(event, TextDelta | AudioChunk | ImageOutput):
                     first_output = time.monotonic()
@@ -92,6 +92,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         limit = self._settings.max_new_tokens_limit
         if request.params.max_new_tokens <= 0:
             raise InvalidInput("max_new_tokens must be > 0")
+        if request.params.min_new_tokens > request.params.max_new_tokens:
+            raise InvalidInput(
+                f"min_new_tokens ({request.params.min_new_tokens}) exceeds max_new_tokens ({request.params.max_new_tokens})"
+            )
         if request.params.max_new_tokens > limit:
             raise InvalidInput(f"max_new_tokens is {request.params.max_new_tokens}; the limit is {limit}")
 

@@ -45,7 +45,26 @@ class WorkerSettings(BaseSettings):
     max_message_bytes: int = Field(
         8 * 1024 * 1024, description="Largest single gRPC message accepted or sent (media travels in chunks)."
     )
+    max_batch_size: int = Field(32, description="Requests decoding together in one batch (1 = no batching).")
+    max_batch_wait_ms: float = Field(
+        2.0, description="When idle, how long the first request waits for others to start with it."
+    )
+    max_prompt_tokens: int = Field(
+        32768,
+        description="Prompt tokens (after media expansion) above which a request is refused before it runs.",
+    )
+    max_batch_tokens: int = Field(
+        131072, description="Prompt tokens of all requests in a batch together; more waits for room."
+    )
+    preprocess_threads: int = Field(1, description="Threads running chat templates and processors.")
+    trim_audio_padding: bool = Field(
+        True,
+        description="Pad audio features only to the audio's length, not the feature extractor's 300 s (same output, less CPU).",
+    )
     max_queue: int = Field(64, description="Requests waiting to run before new ones get RESOURCE_EXHAUSTED.")
+    queue_retry_after_s: float = Field(
+        1.0, description="Retry delay suggested to callers refused by a full queue."
+    )
     audio_chunk_seconds: float = Field(0.5, description="Seconds of speech per streamed audio chunk.")
     warmup: bool = Field(True, description="Run one tiny generation before reporting SERVING.")
     grace_period_s: float = Field(30.0, description="On SIGTERM, seconds to let in-flight requests finish.")

@@ -12,6 +12,8 @@ Family differences handled here (transformers 5.23, each reproduced; see the mod
 
 from __future__ import annotations
 
+import copy
+import inspect
 import io
 import logging
 import threading
@@ -20,30 +22,39 @@ import time
 import numpy as np
 import PIL.Image
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers.cache_utils import DynamicCache
 
 from omnigate.conversation import (
     AudioChunk,
+    ContentPart,
     GenerationMode,
+    GenerationParams,
     GenerationRequest,
     ImageOutput,
+    Message,
     Modality,
     ModelInfo,
     Summary,
-    TextDelta,
     Timings,
 )
 from omnigate.errors import InvalidInput, LimitExceeded
 from omnigate_worker import inputs as model_inputs
-from omnigate_worker.engine import Engine, EventSink
+from omnigate_worker.batching import DecodeBatch, Row, cache_is_batchable
+from omnigate_worker.engine import Engine, EventSink, Prepared
 from omnigate_worker.loading import LoadedModel
 from omnigate_worker.settings import WorkerSettings
+from omnigate_worker.streaming import TextOutput, TokenStreamer
 
 log = logging.getLogger(__name__)
 
 # Speech output rate of model families whose config does not state it (the published models' rate).
 OUTPUT_AUDIO_RATES = {"Qwen2_5OmniForConditionalGeneration": 24000}
 ROLES = {"system", "user", "assistant"}
+
+
+class _NotBatchable(Exception):
+    """This model's cache cannot be merged across requests; it runs one request at a time."""
 
 
 class _CancelCriteria(StoppingCriteria):
@@ -58,70 +69,6 @@ class _CancelCriteria(StoppingCriteria):
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
-class _Streamer(TextStreamer):
-    """Decodes tokens as they are produced and hands finished text to the request's text handler."""
-
-    def __init__(self, tokenizer, on_text, on_token) -> None:
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self._on_text = on_text
-        self._on_token = on_token
-
-    def put(self, value):
-        if not self.next_tokens_are_prompt:
-            self._on_token(int(value.numel()))
-        super().put(value)
-
-    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        if text:
-            self._on_text(text)
-
-
-class _TextOutput:
-    """Streams text deltas, holding back what could be the start of a stop string."""
-
-    def __init__(self, emit: EventSink, stop_strings: list[str], stop_flag: threading.Event) -> None:
-        self._emit = emit
-        self._stops = [s for s in stop_strings if s]
-        self._hold = max((len(s) for s in self._stops), default=1) - 1
-        self._pending = ""
-        self._stop_flag = stop_flag
-        self.stopped_by_string = False
-        self.first_output_at: float | None = None
-        self.tokens = 0
-
-    def on_token(self, count: int) -> None:
-        self.tokens += count
-
-    def on_text(self, text: str) -> None:
-        if self.stopped_by_string:
-            return
-        self._pending += text
-        if self._stops:
-            cut = min((i for i in (self._pending.find(s) for s in self._stops) if i >= 0), default=-1)
-            if cut >= 0:
-                self._send(self._pending[:cut])
-                self._pending = ""
-                self.stopped_by_string = True
-                self._stop_flag.set()
-                return
-        ready = len(self._pending) - self._hold
-        if ready > 0:
-            self._send(self._pending[:ready])
-            self._pending = self._pending[ready:]
-
-    def flush(self) -> None:
-        if not self.stopped_by_string and self._pending:
-            self._send(self._pending)
-        self._pending = ""
-
-    def _send(self, text: str) -> None:
-        if not text:
-            return
-        if self.first_output_at is None:
-            self.first_output_at = time.monotonic()
-        self._emit(TextDelta(text))
-
-
 class TransformersEngine(Engine):
     def __init__(self, loaded: LoadedModel, settings: WorkerSettings, model_id: str) -> None:
         self._model = loaded.model
@@ -131,6 +78,16 @@ class TransformersEngine(Engine):
         self._settings = settings
         self._tokenizer = getattr(self._processor, "tokenizer", self._processor)
         self._is_omni = hasattr(self._model, "thinker") and hasattr(self._model, "speaker_map")
+        # The module whose generate() produces text: Qwen-Omni's thinker, else the model itself.
+        self._gen_model = self._model.thinker if self._is_omni else self._model
+        self._batchable = settings.max_batch_size > 1 and hasattr(self._gen_model, "_prefill")
+        pad = getattr(self._gen_model.generation_config, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(self._tokenizer, "pad_token_id", None) or 0
+        self._pad_token_id = int(pad[0] if isinstance(pad, list) else pad)
+        self._audio_padding = (
+            model_inputs.audio_padding_for(self._processor) if settings.trim_audio_padding else None
+        )
         architecture = type(self._model).__name__
         inputs = [Modality(m) for m in _as_tuple(getattr(self._model, "input_modalities", ("text",)))]
         outputs = [Modality(m) for m in _as_tuple(getattr(self._model, "output_modalities", ("text",)))]
@@ -193,22 +150,53 @@ class TransformersEngine(Engine):
     # -- generation -----------------------------------------------------------------------------
 
     def warmup(self) -> None:
-        from omnigate.conversation import ContentPart, GenerationParams, Message
-
+        """One tiny request through the batch path (also tells whether this model's cache can batch)."""
         request = GenerationRequest(
             messages=[Message("user", [ContentPart(Modality.TEXT, text="Hello")])],
             params=GenerationParams(max_new_tokens=2),
         )
-        self.generate(request, lambda event: None, threading.Event())
+        prepared = self.prepare(request)
+        if self._batchable:
+            try:
+                batch = self.open_batch()
+                self.start_row(
+                    batch, prepared, lambda event: None, lambda error: None, threading.Event(), None
+                )
+                while len(batch):
+                    batch.step()
+            except _NotBatchable as exc:
+                log.warning("continuous batching is off for this model: %s", exc)
+                self._batchable = False
+        self.run(prepared, lambda event: None, threading.Event())
+
+    def generate(self, request: GenerationRequest, emit: EventSink, cancelled: threading.Event) -> None:
+        """Prepares and runs one request on its own (the unbatched path)."""
+        self.run(self.prepare(request), emit, cancelled)
 
     @torch.inference_mode()
-    def generate(self, request: GenerationRequest, emit: EventSink, cancelled: threading.Event) -> None:
-        started = time.monotonic()
-        inputs, _prompt = model_inputs.build(self._processor, request)
+    def prepare(self, request: GenerationRequest) -> Prepared:
+        """Chat template + processor (CPU work; runs off the engine thread). Refuses over-budget prompts."""
+        inputs, _prompt = model_inputs.build(self._processor, request, audio_padding=self._audio_padding)
         inputs = inputs.to(self._device).to(dtype=self._dtype)  # BatchFeature casts floating tensors only
         prompt_len = int(inputs["input_ids"].shape[1])
+        budget = self._settings.max_prompt_tokens
+        if prompt_len > budget:
+            raise LimitExceeded(
+                f"the prompt is {prompt_len} tokens after media expansion; the limit is {budget} "
+                "(send shorter or fewer media, or a lower video fps)"
+            )
+        return Prepared(request=request, inputs=inputs, prompt_len=prompt_len)
+
+    def can_batch(self, prepared: Prepared) -> bool:
+        return self._batchable and prepared.request.mode is GenerationMode.TEXT
+
+    @torch.inference_mode()
+    def run(self, prepared: Prepared, emit: EventSink, cancelled: threading.Event) -> None:
+        """Runs one request with ``generate`` (speech, images, and models whose cache cannot batch)."""
+        request, inputs, prompt_len = prepared.request, prepared.inputs, prepared.prompt_len
+        started = time.monotonic()
         stop_flag = threading.Event()
-        text = _TextOutput(emit, request.params.stop, stop_flag)
+        text = TextOutput(emit, request.params.stop, stop_flag)
         if request.return_full_text:
             text.on_text(self._tokenizer.decode(inputs["input_ids"][0], skip_special_tokens=True))
         criteria = StoppingCriteriaList([_CancelCriteria(cancelled, stop_flag)])
@@ -224,7 +212,7 @@ class TransformersEngine(Engine):
             first_output_at = time.monotonic()
             audio_seconds = 0.0
         else:
-            streamer = _Streamer(self._tokenizer, text.on_text, text.on_token)
+            streamer = TokenStreamer(self._tokenizer, text.on_text, text.on_token)
             sequences, waveform = self._generate_text_or_speech(inputs, request, streamer, criteria)
             text.flush()
             if cancelled.is_set():
@@ -258,6 +246,102 @@ class TransformersEngine(Engine):
             )
         )
 
+    # -- the batch path ---------------------------------------------------------------------------
+
+    def open_batch(self) -> DecodeBatch:
+        return DecodeBatch(self._gen_model, self._pad_token_id)
+
+    @torch.inference_mode()
+    def start_row(
+        self,
+        batch: DecodeBatch,
+        prepared: Prepared,
+        emit: EventSink,
+        done,
+        cancelled: threading.Event,
+        deadline: float | None,
+    ) -> None:
+        """Prefills one request exactly as ``generate`` would and adds it to ``batch``."""
+        request, inputs = prepared.request, dict(prepared.inputs)
+        gen = self._gen_model
+        started = time.monotonic()
+        input_ids = inputs.pop("input_ids")
+        config = self._generation_config(request)
+        gen._prepare_special_tokens(config, True, device=input_ids.device)
+        model_kwargs = {**inputs, "use_cache": True, "past_key_values": DynamicCache(config=gen.config)}
+        if self._is_omni:
+            model_kwargs["use_audio_in_video"] = request.use_audio_in_video
+        if "position_ids" in inspect.signature(gen.forward).parameters:
+            # As generate(): positions from the attention mask (Qwen-Omni: its multimodal rope positions).
+            model_kwargs["position_ids"] = gen._prepare_position_ids_for_generation(input_ids, model_kwargs)
+        outputs = gen._prefill(input_ids, config, model_kwargs, is_first_iteration=True)
+        model_kwargs = gen._update_model_kwargs_for_generation(outputs, model_kwargs)
+        if not cache_is_batchable(model_kwargs["past_key_values"]):
+            raise _NotBatchable(
+                f"{type(model_kwargs['past_key_values']).__name__} cannot be padded and merged"
+            )
+        logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32)
+        del outputs
+        carried = {
+            k: model_kwargs[k]
+            for k in ("past_key_values", "attention_mask", "position_ids", "use_cache")
+            if k in model_kwargs
+        }
+
+        stop_flag = threading.Event()
+        text = TextOutput(emit, request.params.stop, stop_flag)
+        if request.return_full_text:
+            text.on_text(self._tokenizer.decode(input_ids[0], skip_special_tokens=True))
+        eos = config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        generator = None
+        if request.params.do_sample and request.params.seed is not None:
+            generator = torch.Generator(device=input_ids.device).manual_seed(request.params.seed)
+        row = Row(
+            request=request,
+            emit=emit,
+            done=done,
+            cancelled=cancelled,
+            deadline=deadline,
+            tokens=input_ids[0].tolist(),
+            prompt_len=int(input_ids.shape[1]),
+            max_new_tokens=request.params.max_new_tokens,
+            eos=eos_ids,
+            processors=gen._get_logits_processor(
+                generation_config=config,
+                input_ids_seq_length=int(input_ids.shape[1]),
+                encoder_input_ids=input_ids,
+                prefix_allowed_tokens_fn=None,
+                logits_processor=LogitsProcessorList(),
+                device=input_ids.device,
+                model_kwargs={},
+            ),
+            do_sample=bool(config.do_sample),
+            generator=generator,
+            text=text,
+            streamer=TokenStreamer(self._tokenizer, text.on_text, text.on_token, skip_prompt=False),
+            started=started,
+            stop_flag=stop_flag,
+        )
+        batch.add(row, input_ids, carried, logits)
+
+    def _generation_config(self, request: GenerationRequest):
+        """The GenerationConfig generate() would use for this request (checkpoint defaults + request)."""
+        p = request.params
+        kwargs: dict = {"max_new_tokens": p.max_new_tokens, "do_sample": p.do_sample}
+        if p.min_new_tokens:
+            kwargs["min_new_tokens"] = p.min_new_tokens
+        if p.do_sample:
+            for name in ("temperature", "top_p", "top_k"):
+                if getattr(p, name) is not None:
+                    kwargs[name] = getattr(p, name)
+        if p.repetition_penalty is not None:
+            kwargs["repetition_penalty"] = p.repetition_penalty
+        config, _ = self._gen_model._prepare_generation_config(None, **kwargs)
+        config = copy.deepcopy(config)
+        config.guidance_scale = None  # text mode; generate() does the same for Janus
+        return config
+
     def _sampling_kwargs(self, request: GenerationRequest) -> dict:
         p = request.params
         kwargs: dict = {"do_sample": p.do_sample}
@@ -271,6 +355,8 @@ class TransformersEngine(Engine):
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if p.repetition_penalty is not None:
             kwargs["repetition_penalty"] = p.repetition_penalty
+        if p.min_new_tokens:
+            kwargs["min_new_tokens"] = p.min_new_tokens
         return kwargs
 
     def _generate_text_or_speech(self, inputs, request, streamer, criteria):

@@ -1,0 +1,289 @@
+"""Continuous batching of text generation on top of transformers' own generation pieces.
+
+Each request is prefilled on its own, exactly as ``generate`` does it (``_prepare_position_ids_for_generation``,
+``_prefill`` with all its multimodal inputs), which gives it a KV cache, an attention mask and position ids.
+It then joins the running batch: rows are left-padded to a common length (padding masked out, each row
+keeping its own positions, so Qwen-Omni's multimodal rope positions carry on unchanged) and every decode
+step runs all rows in one forward pass, through ``prepare_inputs_for_generation`` and
+``_update_model_kwargs_for_generation`` like ``generate``'s loop. Each row has its own logits processors
+(the ones ``generate`` would build for it), limit, stop strings and streamer; a row that finishes or is
+cancelled leaves the batch at once and its cache rows are freed, and new rows join between steps.
+
+Why not transformers' continuous batching (``generate_batch`` / ``ContinuousBatchingManager``): it serves
+text-only decoder models through paged attention and takes token ids, not the pixel/audio features and
+3-D rope positions of multimodal models; this loop keeps the model's own forward and cache.
+
+The private ``GenerationMixin`` helpers used here are the ones ``generate`` itself calls in
+transformers 5.23 (pinned); the equivalence tests compare this loop with ``generate`` and the pipeline.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import LogitsProcessorList
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from omnigate.conversation import GenerationRequest, Summary, Timings
+from omnigate.errors import DeadlineExceeded
+from omnigate_worker.engine import Batch, EventSink
+from omnigate_worker.streaming import TextOutput, TokenStreamer
+
+log = logging.getLogger(__name__)
+
+Done = Callable[[BaseException | None], None]
+
+
+@dataclass
+class Row:
+    """One request's sequence in the batch."""
+
+    request: GenerationRequest
+    emit: EventSink
+    done: Done
+    cancelled: threading.Event
+    deadline: float | None
+    tokens: list[int]  # prompt (unpadded) then generated ids
+    prompt_len: int
+    max_new_tokens: int
+    eos: set[int]
+    processors: LogitsProcessorList
+    do_sample: bool
+    generator: torch.Generator | None
+    text: TextOutput
+    streamer: TokenStreamer
+    started: float
+    stop_flag: threading.Event = field(default_factory=threading.Event)
+    finished_reason: str | None = None
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+
+class DecodeBatch(Batch):
+    """The rows decoding together, with their batched cache and generate-style model kwargs."""
+
+    def __init__(self, gen_model, pad_token_id: int) -> None:
+        self._gen = gen_model  # the module whose generate() produces the text (Qwen-Omni: the thinker)
+        self._pad = pad_token_id
+        self.rows: list[Row] = []
+        self._input_ids: torch.Tensor | None = None  # (B, L) left-padded history
+        self._kwargs: dict = {}  # past_key_values, attention_mask, position_ids, use_cache
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def length(self) -> int:
+        return 0 if self._input_ids is None else int(self._input_ids.shape[1])
+
+    # -- joining -----------------------------------------------------------------------------------
+
+    def add(self, row: Row, input_ids: torch.Tensor, kwargs: dict, first_logits: torch.Tensor) -> None:
+        """Adds a prefilled row and picks its first token from ``first_logits``.
+
+        ``kwargs`` are the row's model kwargs after ``_update_model_kwargs_for_generation`` on its prefill
+        outputs; once the first token is appended to ``input_ids``, the row is in the same phase as the
+        batch (ids, mask and positions one longer than the cache), so it can be left-padded and stacked.
+        """
+        token = _pick(row, first_logits)
+        input_ids = torch.cat([input_ids, input_ids.new_full((1, 1), token)], dim=1)
+        if not self.rows:
+            self._input_ids, self._kwargs = input_ids, kwargs
+        else:
+            target = max(self.length, int(input_ids.shape[1]))
+            if target > self.length:
+                self._input_ids, self._kwargs = _left_pad(self._input_ids, self._kwargs, target, self._pad)
+            row_ids, row_kwargs = _left_pad(input_ids, kwargs, target, self._pad)
+            self._input_ids = torch.cat([self._input_ids, row_ids], dim=0)
+            self._kwargs = _concat_kwargs(self._kwargs, row_kwargs)
+        self.rows.append(row)
+
+    # -- stepping ----------------------------------------------------------------------------------
+
+    def step(self) -> None:
+        """One decode step for every row; finished rows report and leave."""
+        self._drop_finished()
+        if not self.rows:
+            return
+        gen = self._gen
+        model_inputs = gen.prepare_inputs_for_generation(
+            self._input_ids, next_sequence_length=1, **self._kwargs
+        )
+        outputs = gen(**model_inputs, return_dict=True)
+        self._kwargs = gen._update_model_kwargs_for_generation(outputs, self._kwargs)
+        logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32)
+        del outputs
+        tokens = [_pick(row, logits[i : i + 1]) for i, row in enumerate(self.rows)]
+        column = torch.tensor(tokens, dtype=torch.long, device=self._input_ids.device).unsqueeze(1)
+        self._input_ids = torch.cat([self._input_ids, column], dim=1)
+        self._drop_finished()
+
+    def _drop_finished(self) -> None:
+        keep = []
+        for i, row in enumerate(self.rows):
+            if row.cancelled.is_set():
+                row.done(None)
+            elif row.finished_reason == "deadline":
+                row.done(DeadlineExceeded("the request's deadline passed during generation"))
+            elif row.finished_reason is not None:
+                _finish(row)
+            else:
+                keep.append(i)
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            self._input_ids, self._kwargs = None, {}
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self._input_ids.device)
+        self._input_ids = self._input_ids.index_select(0, index)
+        self._kwargs = _select_kwargs(self._kwargs, index)
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drops leading columns that are padding for every remaining row."""
+        mask = self._kwargs["attention_mask"]
+        used = mask.any(dim=0).nonzero()
+        start = int(used[0, 0]) if len(used) else 0
+        if start > 0:
+            self._input_ids = self._input_ids[:, start:]
+            self._kwargs = _slice_kwargs(self._kwargs, start)
+
+    def fail_all(self, error: BaseException) -> None:
+        for row in self.rows:
+            row.done(error)
+        self.rows = []
+        self._input_ids, self._kwargs = None, {}
+
+
+def _pick(row: Row, logits: torch.Tensor) -> int:
+    """Chooses a row's next token as generate() would, streams it, and notes why the row is done."""
+    history = torch.tensor([row.tokens], dtype=torch.long, device=logits.device)
+    scores = row.processors(history, logits)
+    if row.do_sample:
+        token = int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=row.generator)[0, 0])
+    else:
+        token = int(torch.argmax(scores, dim=-1)[0])
+    row.tokens.append(token)
+    row.streamer.put(torch.tensor([token]))
+    if token in row.eos:
+        row.finished_reason = "stop"
+    elif row.stop_flag.is_set():
+        row.finished_reason = "stop_sequence"
+    elif row.generated >= row.max_new_tokens:
+        row.finished_reason = "length"
+    elif row.deadline is not None and time.monotonic() > row.deadline:
+        row.finished_reason = "deadline"
+    return token
+
+
+def _finish(row: Row) -> None:
+    row.streamer.end()
+    row.text.flush()
+    finished = time.monotonic()
+    reason = "stop_sequence" if row.text.stopped_by_string else row.finished_reason
+    row.emit(
+        Summary(
+            finish_reason=reason,
+            prompt_tokens=row.prompt_len,
+            output_tokens=row.generated,
+            timings=Timings(
+                prefill_s=(row.text.first_output_at or finished) - row.started,
+                generate_s=finished - row.started,
+                total_s=finished - row.started,
+            ),
+        )
+    )
+    row.done(None)
+
+
+# ---- batched kwargs --------------------------------------------------------------------------------
+# The kwargs carried between steps are the ones generate() carries: the cache (batch on dim 0 of each
+# layer's keys/values, sequence on dim -2), the 2-D attention mask, and position ids ((B, L), or (P, B, L)
+# for models with multi-dimensional rope positions).
+
+
+def _position_batch_dim(position_ids: torch.Tensor) -> int:
+    return position_ids.dim() - 2
+
+
+def _left_pad(input_ids: torch.Tensor, kwargs: dict, target: int, pad_id: int) -> tuple[torch.Tensor, dict]:
+    missing = target - int(input_ids.shape[1])
+    if missing <= 0:
+        return input_ids, kwargs
+    out = dict(kwargs)
+    batch = input_ids.shape[0]
+    input_ids = torch.cat([input_ids.new_full((batch, missing), pad_id), input_ids], dim=1)
+    mask = kwargs["attention_mask"]
+    out["attention_mask"] = torch.cat([mask.new_zeros((batch, missing)), mask], dim=1)
+    if (pos := kwargs.get("position_ids")) is not None:
+        shape = list(pos.shape)
+        shape[-1] = missing
+        out["position_ids"] = torch.cat([pos.new_zeros(shape), pos], dim=-1)
+    out["past_key_values"] = _map_cache(
+        kwargs["past_key_values"],
+        lambda t: torch.cat([t.new_zeros((*t.shape[:-2], missing, t.shape[-1])), t], dim=-2),
+    )
+    return input_ids, out
+
+
+def _concat_kwargs(a: dict, b: dict) -> dict:
+    out = dict(a)
+    out["attention_mask"] = torch.cat([a["attention_mask"], b["attention_mask"]], dim=0)
+    if (pos := a.get("position_ids")) is not None:
+        out["position_ids"] = torch.cat([pos, b["position_ids"]], dim=_position_batch_dim(pos))
+    out["past_key_values"] = _zip_cache(
+        a["past_key_values"], b["past_key_values"], lambda x, y: torch.cat([x, y], 0)
+    )
+    return out
+
+
+def _select_kwargs(kwargs: dict, index: torch.Tensor) -> dict:
+    out = dict(kwargs)
+    out["attention_mask"] = kwargs["attention_mask"].index_select(0, index)
+    if (pos := kwargs.get("position_ids")) is not None:
+        out["position_ids"] = pos.index_select(_position_batch_dim(pos), index)
+    out["past_key_values"] = _map_cache(kwargs["past_key_values"], lambda t: t.index_select(0, index))
+    return out
+
+
+def _slice_kwargs(kwargs: dict, start: int) -> dict:
+    out = dict(kwargs)
+    out["attention_mask"] = kwargs["attention_mask"][:, start:]
+    if (pos := kwargs.get("position_ids")) is not None:
+        out["position_ids"] = pos[..., start:]
+    out["past_key_values"] = _map_cache(kwargs["past_key_values"], lambda t: t[..., start:, :])
+    return out
+
+
+def _map_cache(cache: DynamicCache, fn) -> DynamicCache:
+    out = copy.copy(cache)
+    out.layers = []
+    for layer in cache.layers:
+        new = copy.copy(layer)
+        new.keys, new.values = fn(layer.keys), fn(layer.values)
+        out.layers.append(new)
+    return out
+
+
+def _zip_cache(a: DynamicCache, b: DynamicCache, fn) -> DynamicCache:
+    out = copy.copy(a)
+    out.layers = []
+    for la, lb in zip(a.layers, b.layers, strict=True):
+        new = copy.copy(la)
+        new.keys, new.values = fn(la.keys, lb.keys), fn(la.values, lb.values)
+        out.layers.append(new)
+    return out
+
+
+def cache_is_batchable(cache) -> bool:
+    """Only plain dynamic caches (every layer a full-length DynamicLayer) can be padded and merged."""
+    return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)

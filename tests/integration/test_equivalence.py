@@ -11,12 +11,11 @@ from __future__ import annotations
 import media_factory
 import PIL.Image
 import pytest
+from stack import MODELS_DIR
 from transformers import pipeline
 
 from omnigate.media import DecodeLimits
 from omnigate_gateway import decode
-
-from .conftest import MODELS_DIR
 
 pytestmark = pytest.mark.slow
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
+from stack import MODELS_DIR
 
 from omnigate.conversation import (
     AudioChunk,
@@ -24,8 +24,6 @@ from omnigate.media import Audio
 from omnigate_worker import loading
 from omnigate_worker.settings import WorkerSettings
 from omnigate_worker.transformers_engine import TransformersEngine
-
-MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 
 OMNI = str(MODELS_DIR / "tiny-qwen2.5-omni")
 

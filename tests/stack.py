@@ -1,0 +1,129 @@
+"""Starting the real worker and gateway as processes on OS-chosen loopback ports (tests and benchmarks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from omnigate_client import OmnigateClient
+
+REPO_DIR = Path(__file__).resolve().parents[1]
+MODELS_DIR = REPO_DIR / "models"
+START_TIMEOUT_S = 240
+
+
+@dataclass
+class Service:
+    name: str
+    process: subprocess.Popen
+    grpc_port: int
+    metrics_port: int | None
+    log_path: Path
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        return self.process.returncode
+
+
+def start_service(name: str, module: str, env: dict[str, str], workdir: Path) -> Service:
+    """Starts ``python -m module`` with its port set to 0 and waits for the ports file it writes."""
+    ports_file = workdir / f"{name}.ports.json"
+    log_path = workdir / f"{name}.log"
+    prefix = "OMNIGATE_WORKER_" if "worker" in module else "OMNIGATE_GATEWAY_"
+    full_env = {
+        **os.environ,
+        f"{prefix}PORT": "0",
+        f"{prefix}METRICS_PORT": "0",
+        f"{prefix}PORTS_FILE": str(ports_file),
+        **env,
+    }
+    log = open(log_path, "wb")  # noqa: SIM115 - owned by the process for its lifetime
+    process = subprocess.Popen(
+        [sys.executable, "-m", module], env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_DIR
+    )
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not ports_file.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"{name} did not start:\n{log_path.read_text(errors='replace')[-4000:]}")
+        time.sleep(0.05)
+    ports = json.loads(ports_file.read_text())
+    return Service(name, process, ports["grpc_port"], ports["metrics_port"], log_path)
+
+
+def wait_serving(service: Service, timeout_s: float = START_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(service.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if service.process.poll() is not None:
+                raise RuntimeError(f"{service.name} exited:\n{service.log_tail()}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise RuntimeError(f"{service.name} not SERVING after {timeout_s} s:\n{service.log_tail()}")
+
+
+@dataclass
+class Stack:
+    worker: Service
+    gateway: Service
+
+    def client(self) -> OmnigateClient:
+        return OmnigateClient(self.gateway.target, timeout_s=300)
+
+
+def start_stack(model: Path, workdir: Path, gateway_env: dict[str, str] | None = None) -> Stack:
+    if not (model / "config.json").exists():
+        raise RuntimeError(f"{model} is missing: run `make models` (make test does it first)")
+    worker = start_service("worker", "omnigate_worker.main", {"OMNIGATE_WORKER_MODEL": str(model)}, workdir)
+    try:
+        gateway = start_service(
+            "gateway",
+            "omnigate_gateway.main",
+            {
+                "OMNIGATE_GATEWAY_WORKER_TARGET": worker.target,
+                "OMNIGATE_GATEWAY_WORKER_CHECK_INTERVAL_S": "0.5",
+                # The test media server is on loopback: the local-development setting allows it.
+                "OMNIGATE_GATEWAY_ALLOW_PRIVATE_NETWORKS": "true",
+                **(gateway_env or {}),
+            },
+            workdir,
+        )
+    except Exception:
+        worker.stop()
+        raise
+    try:
+        wait_serving(worker)
+        wait_serving(gateway)
+    except Exception:
+        gateway.stop()
+        worker.stop()
+        raise
+    return Stack(worker, gateway)

@@ -15,7 +15,7 @@ GATEWAY_METRICS_PORT ?= 9400
 WORKER_METRICS_PORT ?= 9401
 MODEL ?= $(MODELS_DIR)/tiny-qwen2.5-omni
 
-.PHONY: help install protos models run demo-media serve-demo-media test lint format clean
+.PHONY: help install protos models run demo-media serve-demo-media test bench lint format clean
 
 help:
 	@echo "make install   create $(VENV) and install Omnigate with the gateway, worker and dev extras"
@@ -24,6 +24,7 @@ help:
 	@echo "make run       run a worker and the gateway in the foreground (Ctrl-C stops both)"
 	@echo "make serve-demo-media  write sample media into demo-media/ and serve it on http://127.0.0.1:8088/"
 	@echo "make test      run all tests"
+	@echo "make bench     engine benchmark: writes bench/results/engine.{json,md,png}"
 	@echo "make lint      ruff over services/ and tests/"
 
 install: $(STAMPS)/install
@@ -65,6 +66,10 @@ serve-demo-media: demo-media
 
 test: install protos models
 	$(PY) -m pytest -q
+
+# Engine benchmark: pipeline in-process vs the full stack at several concurrencies (bench/results/engine.*).
+bench: install protos models
+	$(PY) bench/engine.py
 
 lint: install protos
 	$(PY) -m ruff check services tests

@@ -166,8 +166,12 @@ class DecodeBatch(Batch):
 
 def _pick(row: Row, logits: torch.Tensor) -> int:
     """Chooses a row's next token as generate() would, streams it, and notes why the row is done."""
-    history = torch.tensor([row.tokens], dtype=torch.long, device=logits.device)
-    scores = row.processors(history, logits)
+    scores = logits
+    if row.processors:
+        # Each processor directly: LogitsProcessorList.__call__ inspects signatures on every call (slow).
+        history = torch.tensor([row.tokens], dtype=torch.long, device=logits.device)
+        for processor in row.processors:
+            scores = processor(history, scores)
     if row.do_sample:
         token = int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=row.generator)[0, 0])
     else:

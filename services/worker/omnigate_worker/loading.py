@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -50,10 +51,27 @@ def resolve_attention(name: str, device: torch.device) -> str:
     return "sdpa"
 
 
+def set_threads(requested: int, device: torch.device) -> int:
+    """Intra-op threads. On CPU, oversubscribing cores that preprocessing and the gateway also use costs far
+    more than it gives (measured on 2 busy cores: a tiny-model decode step took 1.6 ms with 1 thread and
+    55 ms with 2)."""
+    if requested > 0:
+        torch.set_num_threads(requested)
+    elif device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    return torch.get_num_threads()
+
+
 def load(
-    model_id: str, device: str, dtype: str, attn_implementation: str, trust_remote_code: bool
+    model_id: str,
+    device: str,
+    dtype: str,
+    attn_implementation: str,
+    trust_remote_code: bool,
+    threads: int = 0,
 ) -> LoadedModel:
     dev = resolve_device(device)
+    set_threads(threads, dev)
     torch_dtype = resolve_dtype(dtype, dev)
     attn = resolve_attention(attn_implementation, dev)
     log.info("loading %s on %s as %s with %s attention", model_id, dev, torch_dtype, attn)

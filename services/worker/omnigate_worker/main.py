@@ -77,6 +77,7 @@ def _load_engine(settings: WorkerSettings):
         settings.dtype,
         settings.attn_implementation,
         settings.trust_remote_code,
+        settings.torch_threads,
     )
     return TransformersEngine(loaded, settings, settings.model)
 

@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
-from omnigate.conversation import Event, GenerationRequest
+from omnigate.conversation import Event, GenerationRequest, TextDelta
 from omnigate.errors import DeadlineExceeded, LimitExceeded, Unavailable
 from omnigate_worker.engine import Engine, Prepared
 from omnigate_worker.metrics import WorkerMetrics
@@ -68,9 +68,24 @@ class Job:
         self.cancelled.set()
 
     async def events(self) -> AsyncIterator[Event]:
-        """Yields the job's events; raises the engine's exception if it failed."""
+        """Yields the job's events; raises the engine's exception if it failed.
+
+        Text deltas already waiting are merged into one, so a busy worker sends fewer, larger messages
+        while an idle one still sends each delta as soon as it exists.
+        """
+        pending = None
         while True:
-            item = await self._events.get()
+            item = pending if pending is not None else await self._events.get()
+            pending = None
+            if isinstance(item, TextDelta):
+                text = item.text
+                while not self._events.empty():
+                    following = self._events.get_nowait()
+                    if not isinstance(following, TextDelta):
+                        pending = following
+                        break
+                    text += following.text
+                item = TextDelta(text)
             if item is _DONE:
                 return
             if isinstance(item, BaseException):
@@ -148,6 +163,12 @@ class Scheduler:
                     else _Cancelled()
                 )
             job.prepared = self._engine.prepare(job.request)
+            budget = self._settings.max_prompt_tokens
+            if job.prepared.prompt_len > budget:
+                raise LimitExceeded(
+                    f"the prompt is {job.prepared.prompt_len} tokens after media expansion; the limit is {budget} "
+                    "(send shorter or fewer media, or a lower video fps)"
+                )
         except BaseException as exc:  # noqa: BLE001 - handed to the request's stream, which maps it
             with self._cond:
                 self._waiting -= 1

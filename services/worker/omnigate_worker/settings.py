@@ -24,6 +24,10 @@ class WorkerSettings(BaseSettings):
         "auto",
         description="'auto' (flash_attention_2 when flash_attn imports on CUDA, else sdpa), 'sdpa', 'eager', ...",
     )
+    torch_threads: int = Field(
+        0,
+        description="Torch intra-op threads; 0 = auto (half the cores on CPU, leaving room for preprocessing; torch's default on CUDA).",
+    )
     trust_remote_code: bool = Field(False, description="Allow model repositories to run their own code.")
     host: str = Field("127.0.0.1", description="Address the gRPC server binds to.")
     port: int = Field(50061, description="gRPC port (0 = let the OS choose; the chosen port is logged).")

@@ -175,16 +175,10 @@ class TransformersEngine(Engine):
 
     @torch.inference_mode()
     def prepare(self, request: GenerationRequest) -> Prepared:
-        """Chat template + processor (CPU work; runs off the engine thread). Refuses over-budget prompts."""
+        """Chat template + processor (CPU work; runs off the engine thread)."""
         inputs, _prompt = model_inputs.build(self._processor, request, audio_padding=self._audio_padding)
         inputs = inputs.to(self._device).to(dtype=self._dtype)  # BatchFeature casts floating tensors only
         prompt_len = int(inputs["input_ids"].shape[1])
-        budget = self._settings.max_prompt_tokens
-        if prompt_len > budget:
-            raise LimitExceeded(
-                f"the prompt is {prompt_len} tokens after media expansion; the limit is {budget} "
-                "(send shorter or fewer media, or a lower video fps)"
-            )
         return Prepared(request=request, inputs=inputs, prompt_len=prompt_len)
 
     def can_batch(self, prepared: Prepared) -> bool:

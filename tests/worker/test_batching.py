@@ -1,0 +1,267 @@
+"""The scheduler and continuous batching on the real tiny Qwen2.5-Omni (and fakes where the test is about
+control flow only: those are named ``Fake...``)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+from stack import MODELS_DIR
+
+from omnigate.conversation import (
+    ContentPart,
+    GenerationMode,
+    GenerationParams,
+    GenerationRequest,
+    Message,
+    Modality,
+    Summary,
+    TextDelta,
+)
+from omnigate.errors import DeadlineExceeded, LimitExceeded
+from omnigate.media import Audio, Image, Video
+from omnigate_worker import loading
+from omnigate_worker.engine import Prepared
+from omnigate_worker.metrics import WorkerMetrics
+from omnigate_worker.scheduler import Scheduler
+from omnigate_worker.settings import WorkerSettings
+from omnigate_worker.transformers_engine import TransformersEngine
+
+OMNI = str(MODELS_DIR / "tiny-qwen2.5-omni")
+
+
+@pytest.fixture(scope="module")
+def engine() -> TransformersEngine:
+    settings = WorkerSettings(model=OMNI)
+    engine = TransformersEngine(loading.load(OMNI, "cpu", "auto", "auto", False), settings, OMNI)
+    engine.warmup()
+    return engine
+
+
+def _scheduler(engine, **overrides) -> Scheduler:
+    settings = WorkerSettings(model=OMNI, **overrides)
+    scheduler = Scheduler(engine, settings, WorkerMetrics(CollectorRegistry()))
+    scheduler.start()
+    return scheduler
+
+
+def _text(t: str) -> ContentPart:
+    return ContentPart(Modality.TEXT, text=t)
+
+
+def _request(parts, max_new_tokens=24, min_new_tokens=0, **kwargs) -> GenerationRequest:
+    return GenerationRequest(
+        messages=[Message("user", parts)],
+        params=GenerationParams(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens),
+        **kwargs,
+    )
+
+
+def _bench_set() -> list[GenerationRequest]:
+    """The benchmark's mixed request set (text; text+image; text+audio; text+video; video with its track)."""
+    rng = np.random.default_rng(0)
+    image = Image(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8))
+    audio = Audio((0.1 * np.sin(np.arange(48000) * 0.05)).astype(np.float32), 16000)
+    track = Audio((0.1 * np.sin(np.arange(64000) * 0.03)).astype(np.float32), 16000)
+    video = Video(
+        rng.integers(0, 255, (4, 64, 96, 3), dtype=np.uint8), [0, 1, 2, 3], 1.0, 10.0, 4.0, 40, track
+    )
+    return [
+        _request([_text("Tell me a story about a lighthouse.")], 32),
+        _request([ContentPart(Modality.IMAGE, image=image), _text("Describe this image.")], 20),
+        _request([ContentPart(Modality.AUDIO, audio=audio), _text("What do you hear?")], 28),
+        _request([ContentPart(Modality.VIDEO, video=video), _text("Describe this video.")], 16),
+        _request(
+            [ContentPart(Modality.VIDEO, video=video), _text("Describe this video.")],
+            12,
+            use_audio_in_video=True,
+        ),
+    ]
+
+
+def _unbatched(engine, request) -> tuple[str, Summary]:
+    events = []
+    engine.generate(request, events.append, threading.Event())
+    return "".join(e.text for e in events if isinstance(e, TextDelta)), events[-1]
+
+
+async def _collect(job) -> tuple[str, list]:
+    events = [event async for event in job.events()]
+    return "".join(e.text for e in events if isinstance(e, TextDelta)), events
+
+
+async def test_batched_greedy_outputs_equal_unbatched(engine):
+    requests = _bench_set()
+    expected = [_unbatched(engine, r) for r in requests]
+    scheduler = _scheduler(engine)
+    try:
+        jobs = [scheduler.submit(r) for r in requests]
+        results = await asyncio.gather(*(_collect(job) for job in jobs))
+    finally:
+        scheduler.shutdown()
+    for (want_text, want_summary), (got_text, events) in zip(expected, results, strict=True):
+        assert got_text == want_text
+        assert events[-1].output_tokens == want_summary.output_tokens
+        assert events[-1].prompt_tokens == want_summary.prompt_tokens
+
+
+async def test_different_lengths_share_a_batch_and_stream_separately(engine):
+    scheduler = _scheduler(engine)
+    long = _request([_text("Tell me a long story.")], max_new_tokens=60, min_new_tokens=60)
+    short = _request([_text("Hi")], max_new_tokens=4, min_new_tokens=4)
+    finished: dict[str, float] = {}
+    deltas: dict[str, int] = {"long": 0, "short": 0}
+
+    async def run(name, request):
+        async for event in scheduler.submit(request).events():
+            if isinstance(event, TextDelta):
+                deltas[name] += 1
+            if isinstance(event, Summary):
+                finished[name] = time.monotonic()
+                return event
+
+    try:
+        long_task = asyncio.create_task(run("long", long))
+        await asyncio.sleep(0.01)
+        short_summary = await run("short", short)
+        assert "long" not in finished, "the short request finished while the long one was still generating"
+        long_summary = await long_task
+    finally:
+        scheduler.shutdown()
+    assert short_summary.output_tokens == 4 and long_summary.output_tokens == 60
+    assert deltas["long"] >= 2 and deltas["short"] >= 1
+    assert long_summary.finish_reason == "length"
+
+
+async def test_cancelled_request_leaves_and_its_slot_is_reused(engine):
+    scheduler = _scheduler(engine, max_batch_size=2)
+    try:
+        job = scheduler.submit(_request([_text("Go on")], max_new_tokens=2000, min_new_tokens=2000))
+        events = job.events()
+        first = await events.__anext__()
+        assert isinstance(first, TextDelta)
+        job.cancel()
+        rest = [event async for event in events]  # the stream ends soon, without a summary
+        assert not any(isinstance(e, Summary) for e in rest)
+        deadline = time.monotonic() + 5
+        while scheduler.busy() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert not scheduler.busy(), "the cancelled row left the batch"
+        text, follow_up = await _collect(scheduler.submit(_request([_text("Hello")], max_new_tokens=5)))
+        assert isinstance(follow_up[-1], Summary) and follow_up[-1].output_tokens <= 5
+    finally:
+        scheduler.shutdown()
+
+
+async def test_deadline_expiry_ends_the_request(engine):
+    scheduler = _scheduler(engine)
+    try:
+        job = scheduler.submit(
+            _request([_text("Go on")], max_new_tokens=3000, min_new_tokens=3000), timeout_s=0.3
+        )
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            await _collect(job)
+        assert time.monotonic() - started < 3
+    finally:
+        scheduler.shutdown()
+
+
+async def test_over_budget_prompt_is_refused_before_it_runs(engine):
+    scheduler = _scheduler(engine, max_prompt_tokens=20)
+    try:
+        with pytest.raises(LimitExceeded, match="limit is 20"):
+            await _collect(scheduler.submit(_request([_text("A prompt longer than twenty tokens " * 4)])))
+    finally:
+        scheduler.shutdown()
+
+
+async def test_speech_requests_run_in_arrival_order_beside_the_batch(engine):
+    scheduler = _scheduler(engine)
+    try:
+        text_job = scheduler.submit(_request([_text("Story")], max_new_tokens=20, min_new_tokens=20))
+        speech_job = scheduler.submit(
+            _request([_text("Say hi")], max_new_tokens=4, mode=GenerationMode.AUDIO)
+        )
+        (_, text_events), (_, speech_events) = await asyncio.gather(_collect(text_job), _collect(speech_job))
+    finally:
+        scheduler.shutdown()
+    assert text_events[-1].output_tokens == 20
+    assert speech_events[-1].audio_seconds > 0
+
+
+# ---- control flow only ----------------------------------------------------------------------------
+
+
+class FakeBlockingEngine:
+    """A fake engine whose preparation blocks until released: keeps requests waiting in the queue."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def prepare(self, request):
+        self.release.wait(10)
+        return Prepared(request, None, 1)
+
+    def can_batch(self, prepared) -> bool:
+        return False
+
+    def open_batch(self):
+        class _Empty:
+            length = 0
+
+            def __len__(self):
+                return 0
+
+            def fail_all(self, error):
+                pass
+
+        return _Empty()
+
+    def run(self, prepared, emit, cancelled):
+        emit(Summary("stop", 1, 0))
+
+    def start_row(self, *args):
+        raise AssertionError("not batched")
+
+
+class FakeOutOfMemoryEngine(FakeBlockingEngine):
+    """A fake engine whose run hits an out-of-memory error (as torch reports it)."""
+
+    def prepare(self, request):
+        return Prepared(request, None, 1)
+
+    def run(self, prepared, emit, cancelled):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+async def test_full_queue_is_refused_with_a_retry_delay():
+    engine = FakeBlockingEngine()
+    scheduler = _scheduler(engine, max_queue=2, queue_retry_after_s=0.5)
+    try:
+        jobs = [scheduler.submit(_request([_text("a")])) for _ in range(2)]
+        with pytest.raises(LimitExceeded, match="queue is full") as err:
+            scheduler.submit(_request([_text("b")]))
+        assert err.value.retry_after_s == 0.5
+        engine.release.set()
+        for job in jobs:
+            _, events = await _collect(job)
+            assert isinstance(events[-1], Summary)
+        scheduler.submit(_request([_text("c")]))  # room again
+    finally:
+        engine.release.set()
+        scheduler.shutdown()
+
+
+async def test_out_of_memory_fails_only_that_request():
+    scheduler = _scheduler(FakeOutOfMemoryEngine())
+    try:
+        with pytest.raises(LimitExceeded, match="out of memory"):
+            await _collect(scheduler.submit(_request([_text("a")])))
+        assert not scheduler.busy()
+    finally:
+        scheduler.shutdown()

@@ -93,7 +93,7 @@ class DecodeBatch(Batch):
         outputs; once the first token is appended to ``input_ids``, the row is in the same phase as the
         batch (ids, mask and positions one longer than the cache), so it can be left-padded and stacked.
         """
-        token = _pick(row, first_logits)
+        (token,) = _pick_all([row], first_logits, input_ids)
         input_ids = torch.cat([input_ids, input_ids.new_full((1, 1), token)], dim=1)
         if not self.rows:
             self._input_ids, self._kwargs = input_ids, kwargs
@@ -121,7 +121,7 @@ class DecodeBatch(Batch):
         self._kwargs = gen._update_model_kwargs_for_generation(outputs, self._kwargs)
         logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32)
         del outputs
-        tokens = [_pick(row, logits[i : i + 1]) for i, row in enumerate(self.rows)]
+        tokens = _pick_all(self.rows, logits, self._input_ids)
         column = torch.tensor(tokens, dtype=torch.long, device=self._input_ids.device).unsqueeze(1)
         self._input_ids = torch.cat([self._input_ids, column], dim=1)
         self._drop_finished()
@@ -164,18 +164,31 @@ class DecodeBatch(Batch):
         self._input_ids, self._kwargs = None, {}
 
 
-def _pick(row: Row, logits: torch.Tensor) -> int:
-    """Chooses a row's next token as generate() would, streams it, and notes why the row is done."""
+def _pick_all(rows: list[Row], logits: torch.Tensor, history: torch.Tensor) -> list[int]:
+    """Chooses every row's next token as generate() would (``history``: the left-padded ids so far)."""
     scores = logits
-    if row.processors:
-        # Each processor directly: LogitsProcessorList.__call__ inspects signatures on every call (slow).
-        history = torch.tensor([row.tokens], dtype=torch.long, device=logits.device)
-        for processor in row.processors:
-            scores = processor(history, scores)
-    if row.do_sample:
-        token = int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=row.generator)[0, 0])
-    else:
-        token = int(torch.argmax(scores, dim=-1)[0])
+    for i, row in enumerate(rows):
+        if row.processors:
+            # Each processor directly: LogitsProcessorList.__call__ inspects signatures on every call (slow).
+            row_history = history[i : i + 1, history.shape[1] - len(row.tokens) :]
+            row_scores = scores[i : i + 1]
+            for processor in row.processors:
+                row_scores = processor(row_history, row_scores)
+            scores[i : i + 1] = row_scores
+    greedy = torch.argmax(scores, dim=-1).tolist()
+    tokens = []
+    for i, row in enumerate(rows):
+        token = greedy[i]
+        if row.do_sample:
+            probs = torch.softmax(scores[i : i + 1], dim=-1)
+            token = int(torch.multinomial(probs, 1, generator=row.generator)[0, 0])
+        _accept(row, token)
+        tokens.append(token)
+    return tokens
+
+
+def _accept(row: Row, token: int) -> None:
+    """Records and streams a row's new token, and notes why the row is done."""
     row.tokens.append(token)
     row.streamer.put(torch.tensor([token]))
     if token in row.eos:
@@ -186,7 +199,6 @@ def _pick(row: Row, logits: torch.Tensor) -> int:
         row.finished_reason = "length"
     elif row.deadline is not None and time.monotonic() > row.deadline:
         row.finished_reason = "deadline"
-    return token
 
 
 def _finish(row: Row) -> None:

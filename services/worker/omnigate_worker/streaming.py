@@ -12,17 +12,38 @@ from omnigate_worker.engine import EventSink
 
 
 class TokenStreamer(TextStreamer):
-    """Decodes tokens as they are produced and hands finished text to the request's text handler."""
+    """Decodes tokens as they are produced and hands new text to the request's text handler.
+
+    transformers' TextStreamer holds text back until a whole word (a space) is there; this one releases
+    every token's text as soon as it is final: everything but a trailing U+FFFD, which is what an
+    incomplete multi-byte character decodes to until its next bytes arrive. The concatenated deltas equal
+    the full decode. Tokenizers that clean up spaces (which can rewrite earlier text) keep the word rule.
+    """
 
     def __init__(self, tokenizer, on_text, on_token, *, skip_prompt: bool = True) -> None:
         super().__init__(tokenizer, skip_prompt=skip_prompt, skip_special_tokens=True)
         self._on_text = on_text
         self._on_token = on_token
+        self._per_token = not getattr(tokenizer, "clean_up_tokenization_spaces", False)
 
     def put(self, value):
-        if not self.next_tokens_are_prompt:
-            self._on_token(int(value.numel()))
-        super().put(value)
+        if value.dim() > 1:
+            value = value[0]
+        if self.skip_prompt and self.next_tokens_are_prompt:
+            self.next_tokens_are_prompt = False
+            return
+        self._on_token(int(value.numel()))
+        if not self._per_token:
+            super().put(value)
+            return
+        self.token_cache.extend(value.tolist())
+        text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+        stable = len(text.rstrip("\ufffd"))
+        if stable > self.print_len:
+            self.on_finalized_text(text[self.print_len : stable])
+            self.print_len = stable
+        if stable == len(text) and text.endswith("\n"):
+            self.token_cache, self.print_len = [], 0  # as TextStreamer: start afresh after a newline
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
         if text:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -111,3 +112,23 @@ def test_validation(engine):
     request = _request()
     request.messages[0].content.insert(0, ContentPart(Modality.AUDIO, audio=audio))
     engine.validate(request)
+
+
+def test_speech_streams_before_the_waveform_is_done(engine):
+    """The first audio chunk comes while the talker is still producing codes (chunked code-to-waveform)."""
+    events, stamps = [], []
+
+    def emit(event):
+        events.append(event)
+        stamps.append(time.monotonic())
+
+    started = time.monotonic()
+    engine.generate(
+        _request(mode=GenerationMode.AUDIO, max_new_tokens=24, min_new_tokens=24), emit, threading.Event()
+    )
+    chunks = [i for i, e in enumerate(events) if isinstance(e, AudioChunk)]
+    assert len(chunks) >= 2
+    first_audio = stamps[chunks[0]] - started
+    total = stamps[-1] - started
+    assert first_audio < total / 2, (first_audio, total)
+    assert [events[i].sequence for i in chunks] == list(range(len(chunks)))

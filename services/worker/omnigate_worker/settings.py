@@ -69,6 +69,16 @@ class WorkerSettings(BaseSettings):
     queue_retry_after_s: float = Field(
         1.0, description="Retry delay suggested to callers refused by a full queue."
     )
+    stream_speech: bool = Field(
+        True,
+        description="Send speech chunk by chunk while it is generated (costs a second vocoder pass, see speech.py).",
+    )
+    speech_chunk_codes: int = Field(
+        25, description="Speech codec codes per streamed chunk (25 = 0.5 s for Qwen2.5-Omni)."
+    )
+    speech_context_codes: int = Field(
+        8, description="Codes of left context vocoded with each chunk, for continuity."
+    )
     audio_chunk_seconds: float = Field(0.5, description="Seconds of speech per streamed audio chunk.")
     warmup: bool = Field(True, description="Run one tiny generation before reporting SERVING.")
     grace_period_s: float = Field(30.0, description="On SIGTERM, seconds to let in-flight requests finish.")

@@ -44,6 +44,7 @@ from omnigate_worker.batching import DecodeBatch, Row, cache_is_batchable
 from omnigate_worker.engine import Engine, EventSink, Prepared
 from omnigate_worker.loading import LoadedModel
 from omnigate_worker.settings import WorkerSettings
+from omnigate_worker.speech import SpeechStreamer
 from omnigate_worker.streaming import TextOutput, TokenStreamer
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ log = logging.getLogger(__name__)
 # Speech output rate of model families whose config does not state it (the published models' rate).
 OUTPUT_AUDIO_RATES = {"Qwen2_5OmniForConditionalGeneration": 24000}
 ROLES = {"system", "user", "assistant"}
+# Qwen2.5-Omni generate()'s default talker end-of-speech codes (talker_eos_token_id).
+TALKER_STOP_CODES = (8292, 8294)
 
 
 class _NotBatchable(Exception):
@@ -85,6 +88,12 @@ class TransformersEngine(Engine):
         if pad is None:
             pad = getattr(self._tokenizer, "pad_token_id", None) or 0
         self._pad_token_id = int(pad[0] if isinstance(pad, list) else pad)
+        if (
+            self._is_omni
+            and getattr(self._model, "has_talker", False)
+            and self._model.token2wav.dtype != torch.float32
+        ):
+            self._model.token2wav.float()  # as generate() does before synthesis: token2wav runs in fp32
         self._audio_padding = (
             model_inputs.audio_padding_for(self._processor) if settings.trim_audio_padding else None
         )
@@ -207,17 +216,22 @@ class TransformersEngine(Engine):
             audio_seconds = 0.0
         else:
             streamer = TokenStreamer(self._tokenizer, text.on_text, text.on_token)
-            sequences, waveform = self._generate_text_or_speech(inputs, request, streamer, criteria)
+            speech = None
+            if request.mode is GenerationMode.AUDIO and self._settings.stream_speech:
+                speech = _SpeechStart(self, emit, cancelled)
+            sequences, waveform = self._generate_text_or_speech(inputs, request, streamer, criteria, speech)
             text.flush()
             if cancelled.is_set():
                 return
             output_tokens = int(sequences.shape[1]) - prompt_len
             first_output_at = text.first_output_at
             audio_seconds = 0.0
-            if waveform is not None:
+            if speech is not None and speech.streamer is not None and speech.streamer.sequence > 0:
+                audio_seconds = speech.streamer.seconds  # already sent, chunk by chunk
+            elif waveform is not None:
                 audio_seconds = self._emit_audio(waveform, emit)
-                if first_output_at is None:
-                    first_output_at = time.monotonic()
+            if audio_seconds and first_output_at is None:
+                first_output_at = time.monotonic()
 
         finished = time.monotonic()
         if text.stopped_by_string:
@@ -353,7 +367,7 @@ class TransformersEngine(Engine):
             kwargs["min_new_tokens"] = p.min_new_tokens
         return kwargs
 
-    def _generate_text_or_speech(self, inputs, request, streamer, criteria):
+    def _generate_text_or_speech(self, inputs, request, streamer, criteria, speech=None):
         """Returns (sequences including the prompt, waveform tensor or None)."""
         p = request.params
         sampling = self._sampling_kwargs(request)
@@ -387,11 +401,14 @@ class TransformersEngine(Engine):
         talker_tokens = min(
             self._settings.max_talker_tokens, p.max_new_tokens * self._settings.talker_tokens_per_text_token
         )
+        speaker = request.speaker or self._default_speaker()
+        if speech is not None:
+            kwargs["talker_streamer"] = speech.start(self._model, speaker)
         try:
             sequences, waveform = self._model.generate(
                 **model_kwargs,
                 generation_mode="audio",
-                speaker=request.speaker or self._default_speaker(),
+                speaker=speaker,
                 talker_max_new_tokens=talker_tokens,
                 **kwargs,
             )
@@ -439,6 +456,30 @@ class TransformersEngine(Engine):
         return tokens, ImageOutput(
             data=buffer.getvalue(), mime_type="image/png", width=picture.width, height=picture.height
         )
+
+
+class _SpeechStart:
+    """Creates a request's SpeechStreamer once the speaker is known."""
+
+    def __init__(self, engine: TransformersEngine, emit: EventSink, cancelled: threading.Event) -> None:
+        self._engine = engine
+        self._emit = emit
+        self._cancelled = cancelled
+        self.streamer: SpeechStreamer | None = None
+
+    def start(self, model, speaker: str) -> SpeechStreamer:
+        settings = self._engine._settings
+        self.streamer = SpeechStreamer(
+            model.token2wav,
+            model.speaker_map[speaker],
+            self._emit,
+            self._engine.info.output_audio_sample_rate,
+            settings.speech_chunk_codes,
+            settings.speech_context_codes,
+            set(TALKER_STOP_CODES),
+            self._cancelled,
+        )
+        return self.streamer
 
 
 def _as_tuple(value) -> tuple:

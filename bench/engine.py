@@ -20,7 +20,6 @@ import asyncio
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -175,8 +174,15 @@ async def run_level(target: str, requests: dict, concurrency: int, total: int) -
 async def run_speech(target: str, url: str, runs: int) -> dict:
     """Time to first audio chunk and real-time factor for speech answers (video with its audio track)."""
     request = pb.GenerateRequest(
-        messages=[pb.Message(role="user", content=[
-            pb.ContentPart(video=pb.MediaSource(url=url)), pb.ContentPart(text="Describe this video.")])],
+        messages=[
+            pb.Message(
+                role="user",
+                content=[
+                    pb.ContentPart(video=pb.MediaSource(url=url)),
+                    pb.ContentPart(text="Describe this video."),
+                ],
+            )
+        ],
         parameters=pb.GenerationParameters(max_new_tokens=16, min_new_tokens=16),
         generation_mode=pb.GENERATION_MODE_AUDIO,
         video=pb.VideoOptions(fps=1.0, load_audio_from_video=True),
@@ -240,10 +246,16 @@ def write_report(result: dict) -> str:
         left.set(xscale="log", xlabel="concurrency", ylabel="requests/s", title="Throughput")
         left.set_xticks(levels, [str(x) for x in levels])
         left.legend()
-        for key, label in (("ttft_p50_s", "TTFT p50"), ("ttft_p95_s", "TTFT p95"), ("e2e_p50_s", "e2e p50"),
-                           ("e2e_p95_s", "e2e p95")):
+        for key, label in (
+            ("ttft_p50_s", "TTFT p50"),
+            ("ttft_p95_s", "TTFT p95"),
+            ("e2e_p50_s", "e2e p50"),
+            ("e2e_p95_s", "e2e p95"),
+        ):
             right.plot(levels, [lvl[key] * 1000 for lvl in result["levels"]], "o-", label=label)
-        right.axhline(result["baseline"]["e2e_p50_s"] * 1000, color="gray", linestyle="--", label="pipeline e2e p50")
+        right.axhline(
+            result["baseline"]["e2e_p50_s"] * 1000, color="gray", linestyle="--", label="pipeline e2e p50"
+        )
         right.set(xscale="log", xlabel="concurrency", ylabel="ms", title="Latency")
         right.set_xticks(levels, [str(x) for x in levels])
         right.legend(fontsize=8)

@@ -8,6 +8,7 @@ test can tell which source frame a sampled frame came from.
 from __future__ import annotations
 
 import io
+import os
 from fractions import Fraction
 
 import av
@@ -193,6 +194,141 @@ def make_webm(
     """VP9 video (+ Opus stereo audio at 48 kHz)."""
     options = {"deadline": "realtime", "cpu-used": "8", "crf": "20", "b": "0"}
     return _make_video("webm", "libvpx-vp9", options, "libopus", 48000, seconds, fps, w, h, with_audio, freq)
+
+
+# ------------------------------------------------------------------------ more formats (ingestion tests)
+
+# Encoder settings per video codec: fast, high quality (frame colours survive), quiet.
+VIDEO_CODECS = {
+    "h264": ("libx264", {"preset": "ultrafast", "crf": "18", "tune": "zerolatency"}),
+    "h264-bframes": ("libx264", {"preset": "veryfast", "crf": "18"}),  # B-frames, like most real files
+    "h265": ("libx265", {"preset": "ultrafast", "crf": "18", "x265-params": "log-level=none"}),
+    "vp8": ("libvpx", {"deadline": "realtime", "cpu-used": "8", "crf": "8", "b": "2M"}),
+    "vp9": ("libvpx-vp9", {"deadline": "realtime", "cpu-used": "8", "crf": "20", "b": "0"}),
+    "av1": ("libsvtav1", {"preset": "12", "crf": "10"}),
+}
+# Container (PyAV format name) and its audio codec and rate.
+VIDEO_CONTAINERS = {
+    "mp4": ("mp4", "aac", 44100),
+    "mov": ("mov", "aac", 44100),
+    "mkv": ("matroska", "aac", 44100),
+    "webm": ("webm", "libopus", 48000),
+}
+
+
+def make_video(
+    container: str = "mp4",
+    codec: str = "h264",
+    *,
+    seconds: float = 2.0,
+    fps: int = 10,
+    w: int = 64,
+    h: int = 48,
+    with_audio: bool = True,
+    freq: float = 440.0,
+    rotation: int = 0,
+    gop: int | None = None,
+    frame_times: list[float] | None = None,
+) -> bytes:
+    """A video of solid-colour frames (frame ``i`` is ``frame_color(i)``) in any container and codec.
+
+    ``rotation`` stores a display matrix (degrees counter-clockwise, as phones do for portrait clips);
+    ``gop`` sets the keyframe interval; ``frame_times`` (seconds, increasing) gives a variable frame rate
+    instead of ``fps`` (frame ``i`` is shown at ``frame_times[i]``).
+    """
+    fmt, audio_codec, audio_rate = VIDEO_CONTAINERS[container]
+    encoder, options = VIDEO_CODECS[codec]
+    if encoder == "libsvtav1":
+        os.environ.setdefault("SVT_LOG", "0")  # SVT-AV1 prints its configuration to stderr otherwise
+    options = dict(options)
+    if gop is not None:
+        options["g"] = str(gop)
+        if encoder.startswith("libx26"):
+            options["keyint_min"] = str(gop)
+            options["sc_threshold"] = "0"
+    if frame_times is not None:
+        time_base, pts = Fraction(1, 1000), [round(t * 1000) for t in frame_times]
+        seconds = frame_times[-1] + 1.0 / fps
+    else:
+        time_base, pts = Fraction(1, fps), list(range(int(round(seconds * fps))))
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format=fmt) as out:
+        vstream = out.add_stream(encoder, rate=fps, options=options)
+        vstream.width, vstream.height, vstream.pix_fmt = w, h, "yuv420p"
+        if frame_times is not None:
+            vstream.codec_context.time_base = time_base
+        if rotation:
+            vstream.set_display_rotation(rotation)
+        astream = _add_audio_stream(out, audio_codec, audio_rate, 2) if with_audio else None
+        for i, p in enumerate(pts):
+            rgb = np.empty((h, w, 3), dtype=np.uint8)
+            rgb[:] = frame_color(i)
+            rgb[: max(1, h // 4), : max(1, w // 4)] = 255  # a white top-left corner shows orientation
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts = p
+            frame.time_base = time_base
+            for packet in vstream.encode(frame):
+                out.mux(packet)
+        for packet in vstream.encode(None):
+            out.mux(packet)
+        if astream is not None:
+            _encode_tone(out, astream, seconds, audio_rate, 2, freq)
+    return buf.getvalue()
+
+
+def make_mkv(seconds: float = 2.0, fps: int = 10, w: int = 64, h: int = 48, with_audio: bool = True) -> bytes:
+    """H.264 + AAC in Matroska."""
+    return make_video("mkv", "h264", seconds=seconds, fps=fps, w=w, h=h, with_audio=with_audio)
+
+
+def make_mov(seconds: float = 2.0, fps: int = 10, w: int = 64, h: int = 48, with_audio: bool = True) -> bytes:
+    """H.264 + AAC in QuickTime."""
+    return make_video("mov", "h264", seconds=seconds, fps=fps, w=w, h=h, with_audio=with_audio)
+
+
+def make_opus(seconds: float = 1.0, rate: int = 48000, channels: int = 1, freq: float = 440.0) -> bytes:
+    """Ogg Opus."""
+    return _soundfile_bytes(seconds, rate, channels, freq, "OGG", "OPUS")
+
+
+def make_webm_audio(seconds: float = 1.0, rate: int = 48000, channels: int = 2, freq: float = 440.0) -> bytes:
+    """Opus in an audio-only WebM."""
+    return _pyav_audio_bytes(seconds, rate, channels, freq, "webm", "libopus")
+
+
+def make_aac(seconds: float = 1.0, rate: int = 44100, channels: int = 2, freq: float = 440.0) -> bytes:
+    """Raw AAC in ADTS frames (what .aac files hold)."""
+    return _pyav_audio_bytes(seconds, rate, channels, freq, "adts", "aac")
+
+
+def make_png16(w: int = 32, h: int = 24) -> bytes:
+    """A 16-bit grayscale PNG (the gradient's red ramp scaled to 0..65535)."""
+    ramp = (np.asarray(gradient_image(w, h), dtype=np.uint32)[:, :, 0] * 257).astype(np.uint16)
+    return _image_bytes(Image.fromarray(ramp), "PNG")
+
+
+def make_cmyk_jpeg(w: int = 32, h: int = 24) -> bytes:
+    return _image_bytes(gradient_image(w, h, "CMYK"), "JPEG", quality=95)
+
+
+def make_animated_gif(w: int = 32, h: int = 24, frames: int = 3) -> bytes:
+    """An animated GIF whose first frame is the gradient and later frames are solid black."""
+    first = gradient_image(w, h).convert("P")
+    rest = [Image.new("P", (w, h), 0) for _ in range(frames - 1)]
+    return _image_bytes(first, "GIF", save_all=True, append_images=rest, duration=100, loop=0)
+
+
+def make_image(fmt: str, w: int = 32, h: int = 24) -> bytes:
+    """The gradient image in any of: png, jpeg, webp, gif, bmp, tiff."""
+    makers = {
+        "png": make_png,
+        "jpeg": make_jpeg,
+        "webp": make_webp,
+        "gif": make_gif,
+        "bmp": make_bmp,
+        "tiff": make_tiff,
+    }
+    return makers[fmt](w, h)
 
 
 def write_samples(directory: str) -> list[str]:

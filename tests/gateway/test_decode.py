@@ -12,7 +12,10 @@ import pytest
 from media_factory import (
     frame_color,
     gradient_image,
+    make_aac,
+    make_animated_gif,
     make_bmp,
+    make_cmyk_jpeg,
     make_flac,
     make_gif,
     make_jpeg,
@@ -20,10 +23,14 @@ from media_factory import (
     make_mp3,
     make_mp4,
     make_ogg,
+    make_opus,
     make_png,
+    make_png16,
     make_tiff,
+    make_video,
     make_wav,
     make_webm,
+    make_webm_audio,
     make_webp,
 )
 from PIL import Image as PILImage
@@ -380,3 +387,234 @@ def test_damaged_media_only_raises_omnigate_errors():
                     decode(damaged)
                 except OmnigateError:
                     pass  # a clear, typed error is the point; succeeding on lightly damaged data is fine too
+
+
+# ------------------------------------------------------------------------------- more formats, in full
+
+
+@pytest.mark.parametrize(
+    ("container", "codec"),
+    [
+        ("mp4", "h264"),
+        ("mp4", "h264-bframes"),
+        ("mp4", "h265"),
+        ("mp4", "av1"),
+        ("mov", "h264"),
+        ("mov", "h265"),
+        ("mkv", "h264"),
+        ("mkv", "h265"),
+        ("mkv", "vp9"),
+        ("webm", "vp8"),
+        ("webm", "vp9"),
+        ("webm", "av1"),
+    ],
+)
+def test_video_containers_and_codecs(container, codec):
+    data = make_video(container, codec, seconds=2.0, fps=10, freq=550.0)
+    video = decode_video(data, 4.0, True, 16000, LIMITS)
+    assert video.timestamps_s == pytest.approx([0.0, 0.3, 0.5, 0.8, 1.0, 1.3, 1.5, 1.8])
+    assert video.frames.shape == (8, 48, 64, 3)
+    for frame, t in zip(video.frames, video.timestamps_s, strict=True):  # away from the white corner
+        assert np.abs(frame[30, 40].astype(int) - frame_color(round(t * 10))).max() <= 10, (t, frame[30, 40])
+    assert video.audio is not None and video.audio.duration_s == pytest.approx(2.0, abs=0.06)
+    assert abs(peak_frequency(video.audio.samples, 16000) - 550.0) < 5.0
+
+
+@pytest.mark.parametrize(
+    "make", [make_opus, make_webm_audio, make_aac], ids=["ogg-opus", "webm-opus", "adts-aac"]
+)
+def test_more_audio_formats(make):
+    audio = decode_audio(make(1.0), 16000, LIMITS)
+    assert audio.duration_s == pytest.approx(1.0, abs=0.06)
+    assert abs(peak_frequency(audio.samples, 16000) - 440.0) < 5.0
+
+
+def test_sixteen_bit_png_cmyk_jpeg_and_animated_gif():
+    gray = decode_image(make_png16(32, 24), LIMITS).pixels
+    assert (
+        gray.shape == (24, 32, 3) and gray[0, 0].tolist() == [0, 0, 0] and gray[0, -1].tolist() == [255] * 3
+    )
+    cmyk = decode_image(make_cmyk_jpeg(32, 24), LIMITS).pixels
+    assert np.abs(cmyk.astype(int) - np.asarray(gradient_image(32, 24), dtype=int)).mean() < 8
+    first = decode_image(make_animated_gif(32, 24), LIMITS).pixels  # the first frame, not the black ones
+    assert first.mean() > 40
+
+
+@pytest.mark.parametrize(
+    ("rotation", "corner"),
+    [(0, (0, 0)), (90, (-1, 0)), (-90, (0, -1)), (180, (-1, -1))],
+)
+def test_video_rotation_metadata_is_applied(rotation, corner):
+    data = make_video("mp4", "h264", seconds=1.0, fps=10, w=64, h=32, rotation=rotation, with_audio=False)
+    frame = decode_video(data, 2.0, False, 16000, LIMITS).frames[0]
+    assert frame.shape == ((32, 64, 3) if rotation % 180 == 0 else (64, 32, 3))
+    # The stored frame has a white top-left corner; after turning it upright it is at ``corner``.
+    assert frame[corner].min() > 230
+    for other in {(0, 0), (0, -1), (-1, 0), (-1, -1)} - {corner}:
+        assert frame[other].min() < 200, other
+
+
+def test_variable_frame_rate_uses_timestamps():
+    times = [0.0, 0.05, 0.1, 0.5, 0.55, 1.5, 1.6, 1.9]
+    data = make_video("mp4", "h264", fps=10, frame_times=times, with_audio=False)
+    video = decode_video(data, 4.0, False, 16000, LIMITS)
+    assert video.timestamps_s == pytest.approx([0.0, 0.5, 1.5, 1.9])  # first frame at or after k/4 s
+    for frame, index in zip(video.frames, (0, 3, 5, 7), strict=True):
+        assert np.abs(frame[30, 40].astype(int) - frame_color(index)).max() <= 8
+
+
+def test_min_frames_raises_the_rate_for_short_clips():
+    data = make_mp4(1.0, fps=10, with_audio=False)
+    video = decode_video(data, 1.0, False, 16000, DecodeLimits(min_video_frames=4))
+    assert video.num_frames == 4 and video.sampled_fps == pytest.approx(4.0)
+
+
+def test_frame_size_limit_from_the_header():
+    with pytest.raises(LimitExceeded, match=r"frames are 64x48 = 3072 pixels; the limit is 3000"):
+        decode_video(
+            make_mp4(0.5, with_audio=False), 2.0, False, 16000, DecodeLimits(max_video_frame_pixels=3000)
+        )
+
+
+def test_wav_header_declaring_hours_is_refused():
+    wav = bytearray(make_wav(0.1, 16000))
+    data = wav.index(b"data")
+    wav[data + 4 : data + 8] = struct.pack("<I", 36000 * 16000 * 2)
+    with pytest.raises(LimitExceeded, match=r"36000\.0 s long; the limit is 600 s"):
+        decode_audio(bytes(wav), 16000, LIMITS)
+
+
+@pytest.mark.parametrize("fit", [0, 5000])
+def test_video_fit_pixels(fit):
+    video = decode_video(
+        make_mp4(1.0, w=320, h=240, with_audio=False), 2.0, False, 16000, LIMITS, fit_pixels=fit
+    )
+    assert video.frames.shape[1:3] == ((240, 320) if fit == 0 else (61, 81))
+    assert np.abs(video.frames[0][30, 40].astype(int) - frame_color(0)).max() <= 8
+
+
+def test_jpeg_is_decoded_at_reduced_scale_when_it_must_shrink():
+    data = make_jpeg(4000, 3000)
+    full = decode_image(data, LIMITS)
+    small = decode_image(data, LIMITS, fit_pixels=50000)
+    assert full.pixels.shape == (3000, 4000, 3)
+    assert small.pixels.shape == (193, 258, 3)
+    # Same picture: compare with the full decode shrunk the ordinary way.
+    reference = np.asarray(PILImage.fromarray(full.pixels).resize((258, 193), PILImage.Resampling.BICUBIC))
+    assert np.abs(small.pixels.astype(int) - reference.astype(int)).mean() < 3
+
+
+# ----------------------------------------------------------------------- sampling skips what it can
+
+
+def _naive_sample(data: bytes, fps: float) -> tuple[list[float], np.ndarray]:
+    """Decode every frame, then pick the first frame at or after each target (the reference)."""
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        frames = [
+            (float(f.pts * f.time_base), f.to_ndarray(format="rgb24")) for f in container.decode(stream)
+        ]
+        if stream.duration:
+            duration = float(stream.duration * stream.time_base)
+        else:
+            duration = container.duration / av.time_base
+    frames.sort(key=lambda item: item[0])
+    times, picked, target = [], [], 0
+    while target / fps < duration - 1e-3:
+        t, pixels = next(((t, p) for t, p in frames if t + 1e-3 >= target / fps), (None, None))
+        if t is None:
+            break
+        times.append(round(t, 6))
+        picked.append(pixels)
+        target = int((t + 1e-3) * fps) + 1
+    return times, np.stack(picked)
+
+
+@pytest.mark.parametrize(
+    ("codec", "gop", "fps"),
+    [
+        ("h264-bframes", 250, 2.0),
+        ("h264-bframes", 10, 0.25),
+        ("h265", 8, 0.5),
+        ("vp9", 10, 0.3),
+        ("h264", 5, 3.0),
+    ],
+)
+def test_sampling_equals_decoding_everything(codec, gop, fps):
+    """Skipping unreferenced frames and jumping to keyframes never changes which frames come out."""
+    container = "webm" if codec == "vp9" else "mp4"
+    data = make_video(container, codec, seconds=8.0, fps=10, w=64, h=48, gop=gop, with_audio=False)
+    video = decode_video(data, fps, False, 16000, LIMITS)
+    times, frames = _naive_sample(data, fps)
+    assert video.timestamps_s == pytest.approx(times)
+    assert np.array_equal(video.frames, frames)
+
+
+def test_sparse_sampling_jumps_over_whole_groups_of_pictures():
+    import av
+
+    from omnigate_gateway.decode import _plan_decoding
+
+    data = make_video("mp4", "h264", seconds=8.0, fps=10, gop=10, with_audio=False)
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        packets = [p for p in container.demux(stream) if p.size]
+    times = [float(p.pts * p.time_base) for p in packets]
+    plan = _plan_decoding(packets, times, 0.25, 2)  # frames at 0 s and 4 s
+    assert plan is not None and sorted(plan.sampled) == [0, 40]
+    assert plan.jumps == {1: 40}  # after frame 0, straight to the keyframe at 4 s
+
+
+# ------------------------------------------------------------------------------------- stopping early
+
+
+@pytest.mark.parametrize("kind", ["audio", "image", "video"])
+def test_a_cancelled_stop_signal_stops_every_decoder(kind):
+    from omnigate_gateway.cancellation import StopSignal
+    from omnigate_gateway.errors import DecodeCancelled
+
+    stop = StopSignal()
+    stop.cancel()
+    with pytest.raises(DecodeCancelled):
+        if kind == "audio":
+            decode_audio(make_wav(1.0), 16000, LIMITS, stop=stop)
+        elif kind == "image":
+            decode_image(make_png(), LIMITS, stop=stop)
+        else:
+            decode_video(make_mp4(0.5), 2.0, True, 16000, LIMITS, stop=stop)
+
+
+def test_a_passed_deadline_stops_decoding():
+    import time
+
+    from omnigate_gateway.cancellation import StopSignal
+    from omnigate_gateway.errors import MediaDecodeTimeout
+
+    stop = StopSignal(time.monotonic() - 1, what="decoding the video", limit="the decode time limit of 1 s")
+    with pytest.raises(MediaDecodeTimeout, match="decoding the video ran past the decode time limit of 1 s"):
+        decode_video(make_mp4(0.5), 2.0, False, 16000, LIMITS, stop=stop)
+
+
+def test_sequential_fallback_when_a_range_misses_a_frame(monkeypatch):
+    """If parallel decoding of the ranges loses a sampled frame (a damaged stream), decoding is redone in
+    order, with the same result."""
+    from omnigate_gateway import decode
+
+    data = make_video("mp4", "h264-bframes", seconds=6.0, fps=10, gop=10, with_audio=False)
+    expected = decode_video(data, 2.0, False, 16000, LIMITS)
+    monkeypatch.setattr(decode, "_decode_segments", lambda *args, **kwargs: None)
+    again = decode_video(data, 2.0, False, 16000, LIMITS)
+    assert again.timestamps_s == expected.timestamps_s
+    assert np.array_equal(again.frames, expected.frames)
+
+
+def test_video_ranges_start_only_where_later_frames_can_be_reached():
+    from omnigate_gateway.decode import _DecodePlan, _segments
+
+    # Sampled packets 5, 25, 45 reach back to keyframes 0, 20, 40; packet 42 is a leading picture that
+    # needs keyframe 20 (shown before keyframe 40), so no range may start at 40.
+    plan = _DecodePlan(frozenset({5, 25, 42, 45}), 45, {}, {5: 0, 25: 20, 42: 20, 45: 40})
+    assert _segments(plan, 4) == [(0, 20), (20, 46)]
+    assert _segments(plan, 1) == [(0, 46)]

@@ -19,7 +19,8 @@ from omnigate_gateway.errors import (
     MediaFetchError,
     MediaFetchTimeout,
 )
-from omnigate_gateway.fetch import FetchLimits, MediaFetcher
+from omnigate_gateway.fetch import FetchLimits, MediaFetcher, RequestBudget, Validators
+from omnigate_gateway.resolver import StaticResolver
 
 LOCAL = FetchLimits(allow_private_networks=True, max_bytes=1_000_000, max_redirects=3)
 PUBLIC_ONLY = FetchLimits(allow_private_networks=False, max_bytes=1_000_000)
@@ -155,9 +156,10 @@ async def test_unreachable_port(fetcher):
     assert info.value.code == ErrorCode.INVALID_ARGUMENT
 
 
-async def test_unresolvable_host(public_fetcher):
-    with pytest.raises(MediaFetchError, match="could not resolve the host"):
-        await public_fetcher.fetch("http://no-such-host.invalid/a.wav")
+async def test_unresolvable_host():
+    async with MediaFetcher(PUBLIC_ONLY, resolver=StaticResolver({})) as f:  # no DNS in tests
+        with pytest.raises(MediaFetchError, match="could not resolve the host"):
+            await f.fetch("http://no-such-host.invalid/a.wav")
 
 
 async def test_read_timeout(media_server):
@@ -197,9 +199,9 @@ async def test_forbidden_scheme(fetcher, url):
 async def test_loopback_refused_without_private_networks(public_fetcher, media_server):
     url = media_server.serve("/fetch/private.bin", b"secret")
     before = len(media_server.requests)
-    with pytest.raises(ForbiddenSource, match="non-public address"):
+    with pytest.raises(ForbiddenSource, match="a loopback address"):
         await public_fetcher.fetch(url)
-    with pytest.raises(ForbiddenSource, match="non-public address"):
+    with pytest.raises(ForbiddenSource, match="inside the local network"):
         await public_fetcher.fetch(f"http://localhost:{media_server.port}/fetch/private.bin")
     assert len(media_server.requests) == before  # refused before connecting
 
@@ -304,3 +306,220 @@ async def test_read_local_disabled_without_root():
     async with MediaFetcher(FetchLimits()) as fetcher:
         with pytest.raises(ForbiddenSource, match="not enabled"):
             fetcher.read_local("/etc/passwd")
+
+
+# ------------------------------------------------------------------- pinning: connect to what was checked
+
+
+class _Recorder:
+    """A fake internet for MockTransport that records what the client asked for."""
+
+    def __init__(self) -> None:
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if request.url.path == "/to-named-private":
+            return httpx.Response(302, headers={"Location": "http://intranet.example/x"})
+        if request.url.path == "/relative":
+            return httpx.Response(302, headers={"Location": "/landed"})
+        return httpx.Response(200, content=b"public")
+
+
+async def test_connection_goes_to_the_checked_address_with_the_original_host_header():
+    recorder = _Recorder()
+    resolver = StaticResolver({"media.example": "93.184.215.14"})
+    transport = httpx.MockTransport(recorder)
+    async with MediaFetcher(PUBLIC_ONLY, transport=transport, resolver=resolver) as f:
+        assert await f.fetch("https://media.example:8443/a.png?sig=1") == b"public"
+    (request,) = recorder.requests
+    assert request.url.host == "93.184.215.14" and request.url.port == 8443
+    assert request.url.path == "/a.png" and request.url.query == b"sig=1"
+    assert request.headers["host"] == "media.example:8443"
+    assert request.extensions["sni_hostname"] == "media.example"  # TLS name and certificate check
+
+
+class _RebindingResolver:
+    """A DNS server that answers public first and private afterwards (a DNS rebinding attack)."""
+
+    def __init__(self) -> None:
+        self.answers = [["93.184.215.14"], ["127.0.0.1"]]
+        self.calls = 0
+
+    async def resolve(self, host: str, port: int):
+        import ipaddress
+
+        answer = self.answers[min(self.calls, len(self.answers) - 1)]
+        self.calls += 1
+        return [ipaddress.ip_address(a) for a in answer]
+
+
+async def test_dns_rebinding_cannot_redirect_the_connection():
+    recorder = _Recorder()
+    resolver = _RebindingResolver()
+    async with MediaFetcher(PUBLIC_ONLY, transport=httpx.MockTransport(recorder), resolver=resolver) as f:
+        assert await f.fetch("http://rebind.example/a.png") == b"public"
+        assert resolver.calls == 1  # resolved once; httpx never resolved the name again
+        assert recorder.requests[0].url.host == "93.184.215.14"
+        # The next lookup (a new request) gets the private answer and is refused before connecting.
+        with pytest.raises(ForbiddenSource, match="loopback"):
+            await f.fetch("http://rebind.example/a.png")
+    assert len(recorder.requests) == 1
+
+
+async def test_redirect_to_a_name_resolving_privately_is_refused_before_connecting():
+    recorder = _Recorder()
+    resolver = StaticResolver({"media.example": "93.184.215.14", "intranet.example": "10.9.8.7"})
+    async with MediaFetcher(PUBLIC_ONLY, transport=httpx.MockTransport(recorder), resolver=resolver) as f:
+        with pytest.raises(ForbiddenSource, match=r"intranet\.example resolves to 10\.9\.8\.7"):
+            await f.fetch("http://media.example/to-named-private")
+    assert [r.url.host for r in recorder.requests] == ["93.184.215.14"]
+
+
+async def test_relative_redirect_resolves_against_the_name_not_the_address():
+    recorder = _Recorder()
+    resolver = StaticResolver({"media.example": "93.184.215.14"})
+    async with MediaFetcher(PUBLIC_ONLY, transport=httpx.MockTransport(recorder), resolver=resolver) as f:
+        assert await f.fetch("http://media.example/relative") == b"public"
+    assert [r.headers["host"] for r in recorder.requests] == ["media.example", "media.example"]
+    assert recorder.requests[1].url.path == "/landed"
+
+
+async def test_real_connection_is_pinned(hostile_server):
+    """Over real sockets: a name resolved by the test resolver reaches the server at that address."""
+    url = hostile_server.serve("pinned.bin", b"pinned")
+    resolver = StaticResolver({"media.test": "127.0.0.1"})
+    async with MediaFetcher(LOCAL, resolver=resolver) as f:
+        data = await f.fetch(url.replace("127.0.0.1", "media.test"))
+    assert data == b"pinned"
+    assert hostile_server.hits("/files/pinned.bin")[-1]["host"] == f"media.test:{hostile_server.port}"
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory):
+    """An https server on 127.0.0.1 whose certificate names media.test (a throwaway CA signs it)."""
+    import http.server
+    import shutil
+    import ssl
+    import subprocess
+    import threading
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    d = tmp_path_factory.mktemp("tls")
+
+    def run(*args):
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+        "-subj", "/CN=omnigate test CA")  # fmt: skip
+    run(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "srv.key",
+        "-out",
+        "srv.csr",
+        "-subj",
+        "/CN=media.test",
+    )
+    (d / "ext.cnf").write_text("subjectAltName=DNS:media.test\n")
+    run("x509", "-req", "-in", "srv.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+        "srv.pem", "-days", "2", "-extfile", "ext.cnf")  # fmt: skip
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            body = f"hello {self.headers['Host']}".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(d / "srv.pem", d / "srv.key")
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    client_context = ssl.create_default_context(cafile=str(d / "ca.pem"))
+    yield httpd.server_address[1], client_context
+    httpd.shutdown()
+    httpd.server_close()
+
+
+async def test_https_is_pinned_and_verified_against_the_name(tls_server):
+    port, client_context = tls_server
+    resolver = StaticResolver({"media.test": "127.0.0.1", "other.test": "127.0.0.1"})
+    async with MediaFetcher(LOCAL, resolver=resolver, verify=client_context) as f:
+        # Connected to 127.0.0.1, TLS server name and certificate check against media.test.
+        assert await f.fetch(f"https://media.test:{port}/a") == f"hello media.test:{port}".encode()
+        # Same address, a name the certificate does not cover: refused by the certificate check.
+        with pytest.raises(MediaFetchError, match="certificate"):
+            await f.fetch(f"https://other.test:{port}/a")
+
+
+# ----------------------------------------------------------------------------------- bodies and caching
+
+
+async def test_compressed_body_refused_not_inflated(hostile_server):
+    async with MediaFetcher(LOCAL) as f:
+        with pytest.raises(MediaFetchError, match="gzip-encoded body"):
+            await f.fetch(hostile_server.url("/gzip"))
+
+
+async def test_request_budget_stops_streaming(hostile_server):
+    url = hostile_server.serve("budget.bin", b"\x03" * 6000)
+    budget = RequestBudget(10_000)
+    async with MediaFetcher(LOCAL) as f:
+        assert len(await f.fetch(url, budget=budget)) == 6000
+        with pytest.raises(LimitExceeded, match="per-request limit"):
+            await f.fetch(url, budget=budget)
+
+
+async def test_per_call_cap_is_lower_than_the_limits(hostile_server):
+    url = hostile_server.serve("cap.bin", b"\x04" * 3000)
+    async with MediaFetcher(LOCAL) as f:
+        with pytest.raises(LimitExceeded, match="the limit is 2000 bytes"):
+            await f.fetch(url, max_bytes=2000)
+        assert len(await f.fetch(url, max_bytes=10**9)) == 3000  # never above the fetcher's own cap
+
+
+async def test_validators_and_not_modified(hostile_server):
+    data = b"cacheable"
+    headers = {
+        "ETag": '"v1"',
+        "Last-Modified": "Wed, 21 Oct 2015 07:28:00 GMT",
+        "Cache-Control": "max-age=60",
+    }
+    url = hostile_server.serve("cacheable.bin", data, headers)
+    async with MediaFetcher(LOCAL) as f:
+        first = await f.fetch_media(url)
+        assert first.data == data and first.max_age_s == 60 and not first.no_store
+        assert first.validators == Validators('"v1"', "Wed, 21 Oct 2015 07:28:00 GMT")
+        again = await f.fetch_media(url, validators=first.validators)
+        assert again.not_modified and again.data is None
+    assert hostile_server.hits("/files/cacheable.bin")[-1]["if-none-match"] == '"v1"'
+
+
+@pytest.mark.parametrize(
+    ("header", "max_age", "no_store"),
+    [
+        ("max-age=30", 30.0, False),
+        ("no-store", None, True),
+        ("no-cache, max-age=30", 0.0, False),
+        ("", None, False),
+    ],
+)
+async def test_cache_control(hostile_server, header, max_age, no_store):
+    name = "cc-" + "".join(c for c in header if c.isalnum())
+    url = hostile_server.serve(name, b"x", {"Cache-Control": header} if header else {})
+    async with MediaFetcher(LOCAL) as f:
+        fetched = await f.fetch_media(url)
+    assert (fetched.max_age_s, fetched.no_store) == (max_age, no_store)

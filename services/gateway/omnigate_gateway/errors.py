@@ -6,6 +6,9 @@ No grpc here; the servicer maps ``OmnigateError.code`` to a status code. Kinds:
 - ``MediaFetchError`` (invalid_argument): the user's URL or path could not be read (unreachable host,
   HTTP error status, too many redirects, missing file). It is the caller's input that is bad.
 - ``MediaFetchTimeout`` (deadline_exceeded): fetching took longer than the configured timeout.
+- ``MediaDecodeTimeout`` (deadline_exceeded): decoding ran past its time limit or the request's deadline.
+- ``DecodeCancelled``: the request went away while its media was decoding. It only ends the decoding
+  thread early; no caller ever sees it (the RPC is already cancelled).
 - ``ForbiddenSource`` (permission_denied): the URL scheme, destination address or local path is not
   allowed by this deployment.
 - ``LimitExceeded`` (resource_exhausted): media over a size, length, pixel or frame limit.
@@ -26,12 +29,14 @@ from omnigate.errors import (
 
 __all__ = [
     "DeadlineExceeded",
+    "DecodeCancelled",
     "ErrorCode",
     "ForbiddenSource",
     "InternalError",
     "InvalidInput",
     "LimitExceeded",
     "MediaDecodeError",
+    "MediaDecodeTimeout",
     "MediaFetchError",
     "MediaFetchTimeout",
     "OmnigateError",
@@ -54,3 +59,11 @@ class MediaFetchTimeout(DeadlineExceeded):
 
 class ForbiddenSource(PermissionDenied):
     """The URL scheme, destination address or local path is not allowed here."""
+
+
+class MediaDecodeTimeout(DeadlineExceeded):
+    """Decoding took longer than its time limit, or the request's deadline passed while decoding."""
+
+
+class DecodeCancelled(OmnigateError):
+    """The request was cancelled (its client went away) while its media was being decoded."""

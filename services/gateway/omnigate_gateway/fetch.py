@@ -1,13 +1,20 @@
 """Fetching media bytes from what a request points at: http(s) URLs, data: URLs and local paths.
 
-Every source is size-capped and time-limited, and by default only public internet destinations are
-reachable: a host that is or resolves to a loopback, private, link-local, multicast, unspecified or
-reserved address is refused, on the first request and on every redirect hop (redirects are followed
-here, one hop at a time, never by httpx).
+Every source is size-capped and time-limited. Which http(s) destinations may be reached is decided by
+``url_policy`` (SSRF protection: public addresses only by default, domain allow/deny lists), on the first
+request and on every redirect hop; redirects are followed here, one hop at a time, never by httpx.
 
-Known gap, left for the SSRF hardening pass: the address check and httpx's own connect resolve the host
-separately, so a DNS answer that changes in between (DNS rebinding) is not caught. ``_check_destination``
-is the single place to change when the connection gets pinned to the checked address.
+The connection goes to the address that was checked. Each hop's host is resolved once (by the injected
+``Resolver``), every address is checked, and the request is then sent to a URL whose host *is* one of
+those addresses, with the original ``Host`` header and, for https, the original name as the TLS server
+name (``sni_hostname``), against which the certificate is verified. httpx therefore never resolves the
+name itself, and a DNS answer that changes after the check (DNS rebinding) has nothing to act on.
+Connections are not kept alive between fetches, so no pooled connection made for one name can serve
+another.
+
+The body must come as is: ``identity`` is requested and a body with any other Content-Encoding is refused
+before it is read, never inflated (no gzip bomb is expanded here). It is counted against the per-item and
+per-request byte caps while it streams.
 """
 
 from __future__ import annotations
@@ -15,9 +22,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import ipaddress
 import os
-import socket
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote_to_bytes, urljoin, urlsplit
@@ -30,15 +36,17 @@ from omnigate_gateway.errors import (
     MediaFetchError,
     MediaFetchTimeout,
 )
+from omnigate_gateway.resolver import Resolver, SystemResolver
+from omnigate_gateway.url_policy import HTTP_SCHEMES, Destination, DestinationChecker, UrlPolicy
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-_HTTP_SCHEMES = frozenset({"http", "https"})
 _USER_AGENT = "omnigate-gateway"
+_MAX_ADDRESSES_TRIED = 3  # addresses of one host tried in turn when connecting fails
 
 
 @dataclass(frozen=True)
 class FetchLimits:
-    """How far and how long the fetcher may go for one media item."""
+    """How far and how long the fetcher may go for one media item, and where it may go."""
 
     connect_timeout_s: float = 5.0  # time to open a connection to the media host
     read_timeout_s: float = 15.0  # longest wait for the next chunk of the body
@@ -47,13 +55,76 @@ class FetchLimits:
     max_redirects: int = 5  # redirect hops followed before giving up
     allow_private_networks: bool = False  # allow loopback/private/link-local destinations (local dev only)
     local_files_root: str | None = None  # directory local paths may be read from; None disables paths
+    allowed_networks: tuple[str, ...] = ()  # CIDR blocks reachable even when private networks are not
+    allowed_domains: tuple[str, ...] = ()  # when set, only these domains (and subdomains) are fetched
+    denied_domains: tuple[str, ...] = ()  # these domains (and subdomains) are never fetched
+
+    def url_policy(self) -> UrlPolicy:
+        return UrlPolicy(
+            allow_private_networks=self.allow_private_networks,
+            allowed_networks=self.allowed_networks,
+            allowed_domains=self.allowed_domains,
+            denied_domains=self.denied_domains,
+        )
+
+
+class RequestBudget:
+    """Encoded bytes of all media of one request together; ``take`` raises once they pass ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, size: int) -> None:
+        self.used += size
+        if self.used > self.limit:
+            raise LimitExceeded(
+                f"the request's media add up to more than {self.limit} bytes, the per-request limit"
+            )
+
+
+@dataclass(frozen=True)
+class Validators:
+    """What a cached copy of a URL is known by (sent back as If-None-Match / If-Modified-Since)."""
+
+    etag: str | None = None
+    last_modified: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.etag or self.last_modified)
+
+
+@dataclass(frozen=True)
+class FetchedMedia:
+    """An http(s) fetch's body (None when the server said 304 Not Modified) and its caching headers."""
+
+    data: bytes | None
+    validators: Validators
+    max_age_s: float | None = None  # Cache-Control max-age, when the server gave one
+    no_store: bool = False  # Cache-Control: no-store
+
+    @property
+    def not_modified(self) -> bool:
+        return self.data is None
 
 
 class MediaFetcher:
-    """Fetches media bytes with the limits above. Create one per server; close it with ``aclose()``."""
+    """Fetches media bytes with the limits above. Create one per server; close it with ``aclose()``.
 
-    def __init__(self, limits: FetchLimits, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    ``resolver`` answers name lookups (the system's by default; tests inject a fixed table), ``transport``
+    replaces httpx's network transport (tests), ``verify`` is the TLS verification setting or context.
+    """
+
+    def __init__(
+        self,
+        limits: FetchLimits,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        resolver: Resolver | None = None,
+        verify: ssl.SSLContext | bool = True,
+    ) -> None:
         self._limits = limits
+        self._checker = DestinationChecker(limits.url_policy(), resolver or SystemResolver())
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(
                 connect=limits.connect_timeout_s,
@@ -64,7 +135,9 @@ class MediaFetcher:
             follow_redirects=False,  # followed by hand so that every hop is checked
             trust_env=False,  # no proxies or netrc picked up from the environment
             headers={"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"},
+            limits=httpx.Limits(max_keepalive_connections=0),  # one connection per fetch, never reused
             transport=transport,
+            verify=verify,
         )
 
     @property
@@ -80,31 +153,52 @@ class MediaFetcher:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    async def fetch(self, url: str) -> bytes:
+    async def fetch(
+        self, url: str, *, budget: RequestBudget | None = None, max_bytes: int | None = None
+    ) -> bytes:
         """Returns the bytes behind an http(s) or data: URL.
 
         Raises ForbiddenSource (scheme or destination not allowed), MediaFetchError (unreachable, HTTP
-        error status, bad data: URL, too many redirects), LimitExceeded (over ``max_bytes``) and
-        MediaFetchTimeout (over a timeout).
+        error status, bad data: URL, too many redirects), LimitExceeded (over the limits' ``max_bytes``,
+        a lower per-call ``max_bytes`` or the request's ``budget``) and MediaFetchTimeout (over a timeout).
         """
-        scheme = _scheme_of(url)
+        fetched = await self.fetch_media(url, budget=budget, max_bytes=max_bytes)
+        assert fetched.data is not None  # no validators were sent, so there is no 304
+        return fetched.data
+
+    async def fetch_media(
+        self,
+        url: str,
+        *,
+        budget: RequestBudget | None = None,
+        validators: Validators | None = None,
+        max_bytes: int | None = None,
+    ) -> FetchedMedia:
+        """Like ``fetch``, with the caching headers; with ``validators``, a 304 gives ``data=None``."""
+        cap = self._cap(max_bytes)
+        scheme = scheme_of(url)
         if scheme == "data":
-            return _decode_data_url(url, self._limits.max_bytes)
-        if scheme not in _HTTP_SCHEMES:
+            data = _decode_data_url(url, cap)
+            if budget is not None:
+                budget.take(len(data))
+            return FetchedMedia(data, Validators())
+        if scheme not in HTTP_SCHEMES:
             raise ForbiddenSource(_scheme_refusal(scheme))
         try:
             async with asyncio.timeout(self._limits.total_timeout_s):
-                return await self._fetch_http(url)
+                return await self._fetch_http(url, budget, validators, cap)
         except TimeoutError:
             raise MediaFetchTimeout(
-                f"fetching {_describe(url)} took longer than the limit of {self._limits.total_timeout_s:g} s"
+                f"fetching {describe_url(url)} took longer than the limit of {self._limits.total_timeout_s:g} s"
             ) from None
 
-    def read_local(self, path: str) -> bytes:
+    def read_local(
+        self, path: str, *, budget: RequestBudget | None = None, max_bytes: int | None = None
+    ) -> bytes:
         """Returns the bytes of a file under ``local_files_root`` (symlinks resolved first).
 
         Raises ForbiddenSource (local files disabled, or the path leaves the root), MediaFetchError (no
-        such file, not a regular file, unreadable) and LimitExceeded (over ``max_bytes``).
+        such file, not a regular file, unreadable) and LimitExceeded (over ``max_bytes`` or ``budget``).
         """
         root_setting = self._limits.local_files_root
         if not root_setting:
@@ -120,7 +214,7 @@ class MediaFetcher:
             raise MediaFetchError(f"no such file: {path!r}")
         if not candidate.is_file():
             raise MediaFetchError(f"{path!r} is not a regular file")
-        cap = self._limits.max_bytes
+        cap = self._cap(max_bytes)
         try:
             with open(candidate, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
@@ -131,129 +225,134 @@ class MediaFetcher:
             raise MediaFetchError(f"could not read {path!r}: {e.strerror or e}") from None
         if len(data) > cap:  # the file grew after the size check
             raise LimitExceeded(_size_message(f"{path!r}", len(data), cap, at_least=True))
+        if budget is not None:
+            budget.take(len(data))
         return data
 
-    async def _fetch_http(self, url: str) -> bytes:
+    def _cap(self, max_bytes: int | None) -> int:
+        return self._limits.max_bytes if max_bytes is None else min(max_bytes, self._limits.max_bytes)
+
+    async def _fetch_http(
+        self, url: str, budget: RequestBudget | None, validators: Validators | None, cap: int
+    ) -> FetchedMedia:
         current = url
         for hop in range(self._limits.max_redirects + 1):
-            await self._check_destination(current)
-            try:
-                request = self._client.build_request("GET", current)
-                response = await self._client.send(request, stream=True)
-            except httpx.TimeoutException:
-                raise MediaFetchTimeout(
-                    f"fetching {_describe(current)} timed out (connect limit {self._limits.connect_timeout_s:g} s, "
-                    f"read limit {self._limits.read_timeout_s:g} s)"
-                ) from None
-            except httpx.InvalidURL as e:
-                raise MediaFetchError(f"the URL {_describe(current)} is not valid: {e}") from None
-            except httpx.TransportError as e:
-                raise MediaFetchError(f"could not connect to {_describe(current)}: {_reason(e)}") from None
+            destination = await self._checker.check(current, shown_as=describe_url(current))
+            response = await self._send(destination, current, validators)
             try:
                 if response.status_code in _REDIRECT_STATUSES and "location" in response.headers:
                     if hop == self._limits.max_redirects:
                         raise MediaFetchError(
-                            f"{_describe(url)} redirected more than {self._limits.max_redirects} times; "
+                            f"{describe_url(url)} redirected more than {self._limits.max_redirects} times; "
                             f"at most {self._limits.max_redirects} redirects are followed"
                         )
-                    current = urljoin(str(response.url), response.headers["location"])
-                    next_scheme = _scheme_of(current)
-                    if next_scheme not in _HTTP_SCHEMES:
+                    # Relative locations resolve against the URL as the user wrote it, not the pinned IP.
+                    current = urljoin(current, response.headers["location"])
+                    next_scheme = scheme_of(current)
+                    if next_scheme not in HTTP_SCHEMES:
                         raise ForbiddenSource(
-                            f"{_describe(url)} redirected to a {next_scheme or 'relative'}: URL; "
+                            f"{describe_url(url)} redirected to a URL with the {next_scheme or 'no'} scheme; "
                             "redirects may only go to http or https"
                         )
                     continue
+                if response.status_code == 304 and validators:
+                    return FetchedMedia(None, validators, *_cache_control(response))
                 if not response.is_success:
                     phrase = f" {response.reason_phrase}" if response.reason_phrase else ""
                     raise MediaFetchError(
-                        f"fetching {_describe(current)} failed: the server answered HTTP "
+                        f"fetching {describe_url(current)} failed: the server answered HTTP "
                         f"{response.status_code}{phrase}"
                     )
-                return await self._read_body(response, current)
+                data = await self._read_body(response, current, budget, cap)
+                found = Validators(response.headers.get("etag"), response.headers.get("last-modified"))
+                return FetchedMedia(data, found, *_cache_control(response))
             finally:
                 await response.aclose()
         raise AssertionError("unreachable: the redirect loop always returns or raises")
 
-    async def _read_body(self, response: httpx.Response, url: str) -> bytes:
-        cap = self._limits.max_bytes
+    async def _send(
+        self, destination: Destination, url: str, validators: Validators | None
+    ) -> httpx.Response:
+        """Sends the GET to the destination's checked addresses in turn (until one connects)."""
+        headers = {"Host": destination.host_header}
+        if validators:
+            if validators.etag:
+                headers["If-None-Match"] = validators.etag
+            if validators.last_modified:
+                headers["If-Modified-Since"] = validators.last_modified
+        extensions = {}
+        if destination.sni_hostname:
+            extensions["sni_hostname"] = destination.sni_hostname
+        last_error: httpx.TransportError | None = None
+        for address in destination.addresses[:_MAX_ADDRESSES_TRIED]:
+            request = self._client.build_request(
+                "GET", destination.connect_url(address), headers=headers, extensions=extensions
+            )
+            try:
+                return await self._client.send(request, stream=True)
+            except httpx.TimeoutException:
+                raise MediaFetchTimeout(
+                    f"fetching {describe_url(url)} timed out (connect limit {self._limits.connect_timeout_s:g} s, "
+                    f"read limit {self._limits.read_timeout_s:g} s)"
+                ) from None
+            except httpx.ConnectError as e:
+                last_error = e  # try the next checked address
+            except httpx.InvalidURL as e:
+                raise MediaFetchError(f"the URL {describe_url(url)} is not valid: {e}") from None
+            except httpx.TransportError as e:
+                raise MediaFetchError(f"could not fetch {describe_url(url)}: {_reason(e)}") from None
+        assert last_error is not None
+        raise MediaFetchError(f"could not connect to {describe_url(url)}: {_reason(last_error)}")
+
+    async def _read_body(
+        self, response: httpx.Response, url: str, budget: RequestBudget | None, cap: int
+    ) -> bytes:
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise MediaFetchError(
+                f"{describe_url(url)} sent a {encoding}-encoded body although none was asked for; media "
+                "must be sent as is (no Content-Encoding)"
+            )
         declared = response.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > cap:
-            raise LimitExceeded(_size_message(_describe(url), int(declared), cap))
+            raise LimitExceeded(_size_message(describe_url(url), int(declared), cap))
         chunks: list[bytes] = []
         received = 0
         try:
-            async for chunk in response.aiter_bytes():
+            async for chunk in response.aiter_bytes():  # identity only (checked above): raw bytes
                 received += len(chunk)
                 if received > cap:
-                    raise LimitExceeded(_size_message(_describe(url), received, cap, at_least=True))
+                    raise LimitExceeded(_size_message(describe_url(url), received, cap, at_least=True))
+                if budget is not None:
+                    budget.take(len(chunk))
                 chunks.append(chunk)
         except httpx.TimeoutException:
             raise MediaFetchTimeout(
-                f"reading {_describe(url)} stalled for more than {self._limits.read_timeout_s:g} s"
+                f"reading {describe_url(url)} stalled for more than {self._limits.read_timeout_s:g} s"
             ) from None
         except httpx.TransportError as e:
             raise MediaFetchError(
-                f"the connection to {_describe(url)} failed mid-body: {_reason(e)}"
+                f"the connection to {describe_url(url)} failed mid-body: {_reason(e)}"
             ) from None
         return b"".join(chunks)
 
-    async def _check_destination(self, url: str) -> None:
-        """Refuses URLs whose host is, or resolves to, a non-public address (unless allowed)."""
-        parts = urlsplit(url)
-        host = parts.hostname
-        if not host:
-            raise MediaFetchError(f"the URL {_describe(url)} has no host")
-        if self._limits.allow_private_networks:
-            return
-        try:
-            port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
-        except ValueError:
-            raise MediaFetchError(f"the URL {_describe(url)} has an invalid port") from None
-        addresses = await _resolve(host, port)
-        for address in addresses:
-            if _is_forbidden_address(address):
-                raise ForbiddenSource(
-                    f"{_describe(url)} points to a non-public address ({address}); only public internet "
-                    "hosts may be fetched"
-                )
 
-
-async def _resolve(host: str, port: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    literal = host.strip("[]")
-    try:
-        return [ipaddress.ip_address(literal)]
-    except ValueError:
-        pass
-    loop = asyncio.get_running_loop()
-    try:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise MediaFetchError(f"could not resolve the host {host!r}: {reason}") from None
-    addresses = []
-    for _family, _type, _proto, _canon, sockaddr in infos:
-        # IPv6 sockaddr may carry a zone ("fe80::1%eth0"); the zone is irrelevant to the check.
-        addresses.append(ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0]))
-    if not addresses:
-        raise MediaFetchError(f"the host {host!r} has no addresses")
-    return addresses
-
-
-def _is_forbidden_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(address, ipaddress.IPv6Address):
-        embedded = address.ipv4_mapped or address.sixtofour or (address.teredo[1] if address.teredo else None)
-        if embedded is not None and _is_forbidden_address(embedded):
-            return True
-    return (
-        address.is_loopback
-        or address.is_private
-        or address.is_link_local
-        or address.is_multicast
-        or address.is_unspecified
-        or address.is_reserved
-        or not address.is_global  # e.g. 100.64.0.0/10 (carrier-grade NAT)
-    )
+def _cache_control(response: httpx.Response) -> tuple[float | None, bool]:
+    """(max-age seconds or None, no-store) from a response's Cache-Control header."""
+    max_age: float | None = None
+    no_store = False
+    for directive in response.headers.get("cache-control", "").lower().split(","):
+        name, _, value = directive.strip().partition("=")
+        if name == "no-store":
+            no_store = True
+        elif name == "no-cache":
+            max_age = 0.0
+        elif name == "max-age" and max_age is None:
+            try:
+                max_age = max(0.0, float(value.strip().strip('"')))
+            except ValueError:
+                max_age = 0.0
+    return max_age, no_store
 
 
 def _decode_data_url(url: str, cap: int) -> bytes:
@@ -281,7 +380,8 @@ def _decode_data_url(url: str, cap: int) -> bytes:
     return data
 
 
-def _scheme_of(url: str) -> str:
+def scheme_of(url: str) -> str:
+    """The URL's scheme, lowercased ("" when it has none)."""
     head, sep, _ = url.partition(":")
     if not sep or not head or not head[0].isalpha():
         return ""
@@ -294,7 +394,7 @@ def _scheme_refusal(scheme: str) -> str:
     return f"{scheme}: URLs are not allowed; use an http://, https:// or data: URL"
 
 
-def _describe(url: str) -> str:
+def describe_url(url: str) -> str:
     """The URL's scheme and host only, for messages (paths and queries of signed URLs carry secrets)."""
     try:
         parts = urlsplit(url)
@@ -311,6 +411,10 @@ def _reason(error: httpx.TransportError) -> str:
     cause: BaseException = error
     while cause.__cause__ is not None or cause.__context__ is not None:
         cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return f"the server's TLS certificate was refused ({cause.verify_message or cause.reason})"
+    if isinstance(cause, ssl.SSLError):
+        return f"TLS failed ({cause.reason or cause})"
     if isinstance(cause, OSError) and cause.strerror:
         return cause.strerror.lower()
     return str(error) or type(error).__name__

@@ -14,6 +14,7 @@ from omnigate.lifecycle import configure_logging, start_metrics_server, write_po
 from omnigate_gateway.fetch import MediaFetcher
 from omnigate_gateway.ingest import MediaIngestor
 from omnigate_gateway.metrics import GatewayMetrics
+from omnigate_gateway.resolver import Resolver
 from omnigate_gateway.server import SERVICE_NAME, GatewayServicer, build_server
 from omnigate_gateway.settings import GatewaySettings
 from omnigate_gateway.worker_client import WorkerClient
@@ -38,12 +39,13 @@ async def watch_worker(worker: WorkerClient, health_servicer, interval_s: float)
         await asyncio.sleep(interval_s)
 
 
-async def serve(settings: GatewaySettings) -> None:
+async def serve(settings: GatewaySettings, *, resolver: Resolver | None = None) -> None:
+    """Runs the gateway until SIGTERM/SIGINT. ``resolver`` replaces the system's name resolution (tests)."""
     registry = CollectorRegistry()
     metrics = GatewayMetrics(registry)
     metrics_port = start_metrics_server(settings.metrics_host, settings.metrics_port, registry)
 
-    fetcher = MediaFetcher(settings.fetch_limits())
+    fetcher = MediaFetcher(settings.fetch_limits(), resolver=resolver)
     ingestor = MediaIngestor(fetcher, settings, metrics)
     worker = WorkerClient(settings.worker_target, settings.worker_chunk_bytes)
     health_servicer = health.aio.HealthServicer()

@@ -90,10 +90,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                     f"{', '.join(m.value for m in info.output_modalities)}"
                 )
             self._ingestor.check(incoming, info)
-            await self._ingestor.resolve(incoming, info)
+            deadline = time.monotonic() + (context.time_remaining() or self._settings.default_timeout_s)
+            await self._ingestor.resolve(incoming, info, deadline)
             media_s = time.monotonic() - started
             generation.request_id = uuid.uuid4().hex
-            timeout = context.time_remaining() or self._settings.default_timeout_s
+            timeout = max(0.001, deadline - time.monotonic())
             timings = gateway_pb2.Timings(media_s=media_s)
             call = self._worker.generate(generation, timeout)
             try:

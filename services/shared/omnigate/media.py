@@ -60,6 +60,7 @@ class DecodeLimits:
     """Limits applied while decoding (the gateway's settings fill these in)."""
 
     max_image_pixels: int = 64_000_000
+    max_video_frame_pixels: int = 7680 * 4320  # pixels of one source video frame (8K)
     max_audio_duration_s: float = 600.0
     max_video_duration_s: float = 600.0
     max_video_frames: int = 768

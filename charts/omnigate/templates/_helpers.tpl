@@ -1,0 +1,211 @@
+{{/*
+Names, labels and derived values shared by the templates. Names are truncated to 63 characters (the
+DNS label limit of Kubernetes names and label values).
+*/}}
+
+{{/* The chart name, or nameOverride. */}}
+{{- define "omnigate.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+The release prefix of every object: fullnameOverride, or "<release>-<chart>" (just "<release>" when the
+release name already contains the chart name).
+*/}}
+{{- define "omnigate.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Object names of the components ("-gateway" and "-worker" are kept whole: the prefix is shortened). */}}
+{{- define "omnigate.gateway.fullname" -}}
+{{- printf "%s-gateway" (include "omnigate.fullname" . | trunc 55 | trimSuffix "-") -}}
+{{- end -}}
+{{- define "omnigate.worker.fullname" -}}
+{{- printf "%s-worker" (include "omnigate.fullname" . | trunc 56 | trimSuffix "-") -}}
+{{- end -}}
+
+{{/* chart label value: name-version. */}}
+{{- define "omnigate.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels of every object. */}}
+{{- define "omnigate.labels" -}}
+helm.sh/chart: {{ include "omnigate.chart" . }}
+{{ include "omnigate.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: omnigate
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Labels that identify the release's pods (never change them: Deployment selectors are immutable). */}}
+{{- define "omnigate.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "omnigate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* Component labels: call with (dict "ctx" $ "component" "gateway"). */}}
+{{- define "omnigate.componentLabels" -}}
+{{ include "omnigate.labels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+{{- define "omnigate.componentSelectorLabels" -}}
+{{ include "omnigate.selectorLabels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* The ServiceAccount the pods run as. */}}
+{{- define "omnigate.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "omnigate.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* An image reference from an image block: call with (dict "image" .Values.gateway.image "ctx" $). */}}
+{{- define "omnigate.image" -}}
+{{- $repo := .image.repository -}}
+{{- if .image.registry -}}{{- $repo = printf "%s/%s" .image.registry .image.repository -}}{{- end -}}
+{{- if .image.digest -}}
+{{- printf "%s@%s" $repo .image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" $repo (default .ctx.Chart.AppVersion .image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The gateway's worker target: the headless worker Service through gRPC's DNS resolver, which returns the
+address of every ready worker pod (the gateway connects to pods, not to a virtual IP).
+*/}}
+{{- define "omnigate.worker.dnsName" -}}
+{{- printf "%s.%s.svc.%s" (include "omnigate.worker.fullname" .) .Release.Namespace .Values.clusterDomain -}}
+{{- end -}}
+{{- define "omnigate.worker.target" -}}
+{{- printf "dns:///%s:%d" (include "omnigate.worker.dnsName" .) (int .Values.worker.ports.grpc) -}}
+{{- end -}}
+
+{{/* Where the worker loads the model from. */}}
+{{- define "omnigate.worker.prefetchEnabled" -}}
+{{- if and .Values.worker.prefetch.enabled (not .Values.worker.model.localPath) -}}true{{- end -}}
+{{- end -}}
+{{- define "omnigate.worker.prefetchDir" -}}
+{{- printf "%s/models/%s" .Values.worker.modelCache.mountPath .Values.worker.model.id -}}
+{{- end -}}
+{{- define "omnigate.worker.modelSource" -}}
+{{- if .Values.worker.model.localPath -}}
+{{- .Values.worker.model.localPath -}}
+{{- else if include "omnigate.worker.prefetchEnabled" . -}}
+{{- include "omnigate.worker.prefetchDir" . -}}
+{{- else -}}
+{{- .Values.worker.model.id -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+terminationGracePeriodSeconds of a component: preStop sleep + the service's drain + a margin, so the
+kubelet never kills a process that is still finishing requests. Call with a component's `drain` block.
+*/}}
+{{- define "omnigate.terminationGracePeriodSeconds" -}}
+{{- add .preStopSleepSeconds .graceSeconds .terminationMarginSeconds -}}
+{{- end -}}
+
+{{/*
+Prometheus label matchers of a component's series. The monitors set `job` to the component's Service
+name (ServiceMonitor by default, PodMonitor through a relabeling), so every query and alert selects
+exactly this release's pods. Call with (dict "ctx" $ "component" "worker").
+*/}}
+{{- define "omnigate.metricSelector" -}}
+{{- $svc := ternary (include "omnigate.worker.fullname" .ctx) (include "omnigate.gateway.fullname" .ctx) (eq .component "worker") -}}
+{{- printf "namespace=%q,job=%q" .ctx.Release.Namespace $svc -}}
+{{- end -}}
+
+{{/*
+One OMNIGATE_* environment variable from a config map entry. Numbers are rendered with toJson so that
+large integers do not turn into 1e+08 notation.
+*/}}
+{{- define "omnigate.configEnv" -}}
+{{- range $key, $value := .config }}
+- name: {{ printf "%s%s" $.prefix (upper $key) }}
+  value: {{ ternary $value (toJson $value) (kindIs "string" $value) | quote }}
+{{- end }}
+{{- end -}}
+
+{{/*
+Topology spread constraints of a component, a `topologySpreadConstraints:` block or nothing: call with
+(dict "ctx" $ "component" "worker" "values" .Values.worker).
+*/}}
+{{- define "omnigate.topologySpreadConstraints" -}}
+{{- if .values.topologySpreadConstraints -}}
+topologySpreadConstraints:
+  {{- toYaml .values.topologySpreadConstraints | nindent 2 }}
+{{- else if .values.topologySpread.enabled -}}
+topologySpreadConstraints:
+{{- range .values.topologySpread.topologyKeys }}
+  - maxSkew: {{ $.values.topologySpread.maxSkew }}
+    topologyKey: {{ . }}
+    whenUnsatisfiable: {{ $.values.topologySpread.whenUnsatisfiable }}
+    labelSelector:
+      matchLabels:
+        {{- include "omnigate.componentSelectorLabels" (dict "ctx" $.ctx "component" $.component) | nindent 8 }}
+    # Count only the pods of the same rollout, so an update does not skew the spread.
+    matchLabelKeys:
+      - pod-template-hash
+{{- end }}
+{{- end -}}
+{{- end -}}
+
+{{/* A PodDisruptionBudget's budget (one line) from a `pdb` block. */}}
+{{- define "omnigate.pdbBudget" -}}
+{{- if not (eq (toString .minAvailable) "") -}}
+minAvailable: {{ .minAvailable }}
+{{- else -}}
+maxUnavailable: {{ .maxUnavailable }}
+{{- end -}}
+{{- end -}}
+
+{{/* Cross-field checks the JSON schema cannot express; each failure says what to change. */}}
+{{- define "omnigate.validate" -}}
+{{- $w := .Values.worker -}}
+{{- if and $w.autoscaling.enabled $w.keda.enabled -}}
+{{- fail "worker.autoscaling.enabled and worker.keda.enabled are both true: KEDA creates its own HPA for the workers and two autoscalers would fight over the replica count; enable only one" -}}
+{{- end -}}
+{{- if and $w.keda.enabled $w.keda.scaleToZero (eq .Values.gateway.readinessProbe.type "grpc") .Values.gateway.readinessProbe.enabled -}}
+{{- fail "worker.keda.scaleToZero needs gateway.readinessProbe.type=tcpSocket: the gateway's gRPC health is NOT_SERVING while there are no workers, so no request would reach a gateway and nothing would wake the workers up" -}}
+{{- end -}}
+{{- $workerTargets := add (ternary 1 0 (gt (float64 $w.autoscaling.targetInFlightRequestsPerPod) 0.0)) (ternary 1 0 (gt (float64 $w.autoscaling.targetQueueDepthPerPod) 0.0)) -}}
+{{- if and $w.autoscaling.enabled (eq (int $workerTargets) 0) -}}
+{{- fail "worker.autoscaling needs targetInFlightRequestsPerPod or targetQueueDepthPerPod above 0: the worker HPA would have no metric" -}}
+{{- end -}}
+{{- if and $w.keda.enabled (eq (int $workerTargets) 0) (not $w.keda.scaleToZero) -}}
+{{- fail "worker.keda needs worker.autoscaling.targetInFlightRequestsPerPod or targetQueueDepthPerPod above 0 (or scaleToZero): the ScaledObject would have no trigger" -}}
+{{- end -}}
+{{- if and .Values.metrics.serviceMonitor.enabled .Values.metrics.podMonitor.enabled -}}
+{{- fail "metrics.serviceMonitor.enabled and metrics.podMonitor.enabled are both true: every pod would be scraped twice; enable only one" -}}
+{{- end -}}
+{{- $maxWorkers := ternary (int $w.autoscaling.maxReplicas) (int $w.replicaCount) (or $w.autoscaling.enabled $w.keda.enabled) -}}
+{{- if and (eq $w.modelCache.type "persistentVolumeClaim") (not $w.modelCache.persistentVolumeClaim.existingClaim) (gt $maxWorkers 1) (not (has "ReadWriteMany" $w.modelCache.persistentVolumeClaim.accessModes)) -}}
+{{- fail "worker.modelCache.type=persistentVolumeClaim is shared by all workers: with more than one worker its accessModes must include ReadWriteMany (or use type=ephemeral for a claim per pod)" -}}
+{{- end -}}
+{{- if and .Values.tls.enabled (not (and .Values.tls.workerSecretName .Values.tls.gatewaySecretName)) -}}
+{{- fail "tls.enabled needs tls.workerSecretName and tls.gatewaySecretName (Secrets with tls.crt, tls.key and ca.crt)" -}}
+{{- end -}}
+{{- range $c := list "gateway" "worker" -}}
+{{- $a := (index $.Values $c).autoscaling -}}
+{{- if gt (int $a.minReplicas) (int $a.maxReplicas) -}}
+{{- fail (printf "%s.autoscaling.minReplicas (%d) is above maxReplicas (%d)" $c (int $a.minReplicas) (int $a.maxReplicas)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}

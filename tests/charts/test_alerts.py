@@ -1,0 +1,121 @@
+"""The chart's PrometheusRule passes `promtool check rules`, and each alert fires on trouble and only then."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from charts.chart import GATEWAY, NAMESPACE, TESTS_DIR, WORKER, render, render_profile
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("promtool") is None,
+    reason="promtool is not installed (Debian package `prometheus`; .ci/run installs it)",
+)
+
+
+def _rule_groups(rendered) -> dict:
+    (rule,) = rendered.all("PrometheusRule")
+    return {"groups": rule["spec"]["groups"]}
+
+
+def _promtool(*args, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run(["promtool", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+@pytest.mark.parametrize("profile", ["gpu-prod", "keda"])
+def test_promtool_check_rules_passes(profile, tmp_path):
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(_rule_groups(render_profile(profile))))
+    result = _promtool("check", "rules", "rules.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 4 rules found" in result.stdout
+
+
+def test_promtool_check_rules_catches_a_broken_expression(tmp_path):
+    groups = _rule_groups(render_profile("gpu-prod"))
+    groups["groups"][0]["rules"][0]["expr"] += " +"
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(groups))
+    assert _promtool("check", "rules", "rules.yaml", cwd=tmp_path).returncode != 0
+
+
+def _write_unit_test_rules(tmp_path, set_values=None) -> None:
+    rendered = render(set_values={"metrics.prometheusRule.enabled": "true", **(set_values or {})})
+    groups = _rule_groups(rendered)
+    for group in groups["groups"]:
+        for rule in group["rules"]:
+            rule.pop("annotations", None)
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(groups))
+    shutil.copy(TESTS_DIR / "promtool" / "alerts_test.yaml", tmp_path / "alerts_test.yaml")
+
+
+def test_each_alert_fires_on_trouble_and_stays_quiet_when_healthy(tmp_path):
+    _write_unit_test_rules(tmp_path)
+    result = _promtool("test", "rules", "alerts_test.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+def test_the_alert_unit_tests_can_fail(tmp_path):
+    """With a far higher error threshold the error-rate alert no longer fires and the unit tests say so."""
+    _write_unit_test_rules(tmp_path, {"metrics.prometheusRule.errorRate.threshold": 0.5})
+    result = _promtool("test", "rules", "alerts_test.yaml", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "OmnigateGatewayHighErrorRate" in result.stdout + result.stderr
+
+
+def test_autoscaling_queries_select_this_releases_series(tmp_path):
+    """The KEDA triggers' queries, evaluated by promtool on synthetic series of two releases."""
+    (scaled,) = render_profile("keda").all("ScaledObject")
+    queries = {t["name"]: t["metadata"]["query"] for t in scaled["spec"]["triggers"]}
+    other = 'namespace="other",job="x-omnigate-worker",pod="x-1"'
+    worker = f'namespace="{NAMESPACE}",job="{WORKER}"'
+    gateway = f'namespace="{NAMESPACE}",job="{GATEWAY}"'
+    test = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {"series": f'omnigate_worker_in_flight_requests{{{worker},pod="w-1"}}', "values": "3x10"},
+                    {"series": f'omnigate_worker_in_flight_requests{{{worker},pod="w-2"}}', "values": "5x10"},
+                    {"series": f"omnigate_worker_in_flight_requests{{{other}}}", "values": "100x10"},
+                    {"series": f'omnigate_worker_queue_depth{{{worker},pod="w-1"}}', "values": "1x10"},
+                    {"series": f'omnigate_worker_queue_depth{{{worker},pod="w-2"}}', "values": "2x10"},
+                    {"series": f"omnigate_worker_queue_depth{{{other}}}", "values": "50x10"},
+                    {
+                        "series": f'omnigate_gateway_requests_total{{{gateway},pod="g-1",rpc="Generate",code="UNAVAILABLE",mode="text"}}',
+                        "values": "0+60x10",
+                    },
+                    {
+                        "series": f'omnigate_gateway_requests_total{{{gateway},pod="g-1",rpc="GetModelInfo",code="OK",mode="none"}}',
+                        "values": "0+600x10",
+                    },
+                ],
+                "promql_expr_test": [
+                    {
+                        "expr": queries["in-flight"],
+                        "eval_time": "5m",
+                        "exp_samples": [{"labels": "{}", "value": 8}],
+                    },
+                    {
+                        "expr": queries["queue-depth"],
+                        "eval_time": "5m",
+                        "exp_samples": [{"labels": "{}", "value": 3}],
+                    },
+                    # 1 Generate request/s reaches the gateways (answered UNAVAILABLE: no worker yet).
+                    {
+                        "expr": queries["gateway-demand"],
+                        "eval_time": "5m",
+                        "exp_samples": [{"labels": "{}", "value": 1}],
+                    },
+                ],
+            }
+        ],
+    }
+    (tmp_path / "queries_test.yaml").write_text(json.dumps(test))
+    result = _promtool("test", "rules", "queries_test.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr

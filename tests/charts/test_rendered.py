@@ -1,0 +1,579 @@
+"""What matters in the rendered manifests, asserted on the objects `helm template` produces."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from charts.chart import (
+    GATEWAY,
+    NAMESPACE,
+    PROFILES,
+    RELEASE,
+    WORKER,
+    container,
+    containers,
+    env,
+    pod_labels,
+    pod_spec,
+    render,
+    render_profile,
+    selects,
+)
+from omnigate_gateway.metrics import GatewayMetrics
+from omnigate_worker.metrics import WorkerMetrics
+
+
+def exported_series_names(metrics_class) -> set[str]:
+    """The series names a service really exports (from its metrics module, on a private registry)."""
+    registry = CollectorRegistry()
+    metrics_class(registry)
+    names = set()
+    for family in registry.collect():
+        if family.type == "counter":
+            names.add(f"{family.name}_total")
+        elif family.type == "histogram":
+            names |= {family.name, f"{family.name}_bucket", f"{family.name}_sum", f"{family.name}_count"}
+        else:
+            names.add(family.name)
+    return names
+
+
+GATEWAY_SERIES = exported_series_names(GatewayMetrics)
+WORKER_SERIES = exported_series_names(WorkerMetrics)
+OMNIGATE_METRIC = re.compile(r"\bomnigate_[a-z_]+\b")
+
+
+def worker_deployment(profile: str) -> dict:
+    return render_profile(profile).one("Deployment", WORKER)
+
+
+def gateway_deployment(profile: str) -> dict:
+    return render_profile(profile).one("Deployment", GATEWAY)
+
+
+# -- GPUs ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("profile", ["default", "gpu-prod", "keda"])
+def test_gpu_profiles_request_gpus_and_tolerate_gpu_taints(profile):
+    worker = worker_deployment(profile)
+    resources = container(worker, "worker")["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == 1
+    assert resources["requests"]["nvidia.com/gpu"] == 1  # extended resources: requests must equal limits
+    tolerations = pod_spec(worker)["tolerations"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tolerations
+    assert env(container(worker, "worker"))["OMNIGATE_WORKER_DEVICE"] == "cuda:0"
+    # Only the worker asks for GPUs.
+    for c in containers(gateway_deployment(profile)) + containers(worker, init=True)[:-1]:
+        assert "nvidia.com/gpu" not in str(c.get("resources", {}))
+
+
+def test_gpu_prod_pins_nodes_runtime_and_shared_memory():
+    worker = worker_deployment("gpu-prod")
+    spec = pod_spec(worker)
+    assert spec["nodeSelector"]["nvidia.com/gpu.present"] == "true"
+    assert spec["runtimeClassName"] == "nvidia"
+    assert {"key": "dedicated", "operator": "Equal", "value": "inference", "effect": "NoSchedule"} in spec[
+        "tolerations"
+    ]
+    (shm,) = [v for v in spec["volumes"] if v["name"] == "dshm"]
+    assert shm["emptyDir"]["medium"] == "Memory"
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container(worker, "worker")["volumeMounts"]
+
+
+def test_gpu_count_is_configurable():
+    worker = render(set_values={"worker.gpu.count": "4"}).one("Deployment", WORKER)
+    resources = container(worker, "worker")["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == 4 == resources["requests"]["nvidia.com/gpu"]
+
+
+def test_cpu_dev_has_no_gpu_and_builds_the_tiny_model():
+    worker = worker_deployment("cpu-dev")
+    spec = pod_spec(worker)
+    assert "nvidia.com/gpu" not in str(spec)
+    assert "tolerations" not in spec
+    main = container(worker, "worker")
+    assert env(main)["OMNIGATE_WORKER_DEVICE"] == "cpu"
+    prefetch = container(worker, "prefetch-model")
+    assert prefetch["command"][:3] == ["python", "-m", "omnigate_worker.tiny_models"]
+    models_dir = env(prefetch)["OMNIGATE_MODELS_DIR"]
+    assert prefetch["command"][-1] == "$(OMNIGATE_MODELS_DIR)"
+    assert env(main)["OMNIGATE_WORKER_MODEL"] == f"{models_dir}/tiny-qwen2.5-omni"
+
+
+# -- model cache and prefetch -----------------------------------------------------------------------------
+
+
+def test_prefetched_model_is_loaded_offline_from_the_cache_volume():
+    worker = worker_deployment("default")
+    prefetch, main = container(worker, "prefetch-model"), container(worker, "worker")
+    assert pod_spec(worker)["initContainers"] == [prefetch]
+    model_dir = env(prefetch)["OMNIGATE_MODEL_DIR"]
+    assert (
+        env(main)["OMNIGATE_WORKER_MODEL"] == model_dir == "/var/cache/omnigate/models/Qwen/Qwen2.5-Omni-3B"
+    )
+    assert env(main)["HF_HUB_OFFLINE"] == "1"
+    cache_mount = {"name": "model-cache", "mountPath": "/var/cache/omnigate"}
+    assert cache_mount in prefetch["volumeMounts"] and cache_mount in main["volumeMounts"]
+    assert env(main)["HF_HOME"].startswith("/var/cache/omnigate/")
+
+
+def test_without_prefetch_the_worker_downloads_by_model_id_with_the_token():
+    worker = render(
+        set_values={"worker.prefetch.enabled": "false", "worker.model.hfTokenSecret.name": "hf"}
+    ).one("Deployment", WORKER)
+    assert "initContainers" not in pod_spec(worker)
+    main = container(worker, "worker")
+    assert env(main)["OMNIGATE_WORKER_MODEL"] == "Qwen/Qwen2.5-Omni-3B"
+    assert "HF_HUB_OFFLINE" not in env(main)
+    (token,) = [e for e in main["env"] if e["name"] == "HF_TOKEN"]
+    assert token["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "HF_TOKEN"}
+
+
+@pytest.mark.parametrize(
+    ("cache_type", "volume_key"),
+    [
+        ("emptyDir", "emptyDir"),
+        ("ephemeral", "ephemeral"),
+        ("persistentVolumeClaim", "persistentVolumeClaim"),
+    ],
+)
+def test_model_cache_volume_types(cache_type, volume_key):
+    rendered = render(set_values={"worker.modelCache.type": cache_type})
+    (volume,) = [
+        v for v in pod_spec(rendered.one("Deployment", WORKER))["volumes"] if v["name"] == "model-cache"
+    ]
+    assert set(volume) == {"name", volume_key}
+    claim = rendered.maybe("PersistentVolumeClaim", f"{WORKER}-model-cache")
+    if cache_type == "persistentVolumeClaim":
+        assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+        assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    else:
+        assert claim is None
+
+
+# -- probes, drain -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_worker_probes_use_native_grpc_health_with_a_long_startup(profile):
+    worker = container(worker_deployment(profile), "worker")
+    (grpc_port,) = [p["containerPort"] for p in worker["ports"] if p["name"] == "grpc"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert worker[probe]["grpc"] == {"port": grpc_port}, probe
+    startup = worker["startupProbe"]
+    if profile != "cpu-dev":  # real models: give loading and warm-up at least 20 minutes
+        assert startup["periodSeconds"] * startup["failureThreshold"] >= 1200
+
+
+@pytest.mark.parametrize("profile", ["default", "cpu-dev", "gpu-prod"])
+def test_gateway_readiness_is_grpc_health_and_liveness_does_not_follow_the_worker(profile):
+    gateway = container(gateway_deployment(profile), "gateway")
+    (grpc_port,) = [p["containerPort"] for p in gateway["ports"] if p["name"] == "grpc"]
+    assert gateway["readinessProbe"]["grpc"] == {"port": grpc_port}
+    # The gateway's gRPC health follows its worker: liveness checks only that the server is up.
+    assert gateway["livenessProbe"]["tcpSocket"] == {"port": "grpc"}
+
+
+def test_scale_to_zero_profile_keeps_gateways_ready_without_workers():
+    gateway = container(gateway_deployment("keda"), "gateway")
+    assert gateway["readinessProbe"]["tcpSocket"] == {"port": "grpc"}
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize(
+    ("name", "prefix", "kind"),
+    [(GATEWAY, "OMNIGATE_GATEWAY_", "gateway"), (WORKER, "OMNIGATE_WORKER_", "worker")],
+)
+def test_grace_period_exceeds_prestop_plus_drain(profile, name, prefix, kind):
+    deployment = render_profile(profile).one("Deployment", name)
+    main = container(deployment, kind)
+    drain_s = float(env(main)[f"{prefix}GRACE_PERIOD_S"])
+    pre_stop_s = main["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert drain_s > 0 and pre_stop_s > 0
+    assert pod_spec(deployment)["terminationGracePeriodSeconds"] > pre_stop_s + drain_s
+
+
+def test_drain_settings_follow_values():
+    worker = render(set_values={"worker.drain.graceSeconds": "300"}).one("Deployment", WORKER)
+    assert env(container(worker, "worker"))["OMNIGATE_WORKER_GRACE_PERIOD_S"] == "300"
+    assert pod_spec(worker)["terminationGracePeriodSeconds"] == 10 + 300 + 15
+
+
+# -- services and balancing --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_worker_service_is_headless_and_the_gateway_resolves_it_with_grpc_dns(profile):
+    rendered = render_profile(profile)
+    service = rendered.one("Service", WORKER)
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is False
+    assert service["spec"]["selector"].items() <= pod_labels(rendered.one("Deployment", WORKER)).items()
+    assert not selects(
+        {"matchLabels": service["spec"]["selector"]}, pod_labels(rendered.one("Deployment", GATEWAY))
+    )
+    (port,) = [p for p in service["spec"]["ports"] if p["name"] == "grpc"]
+    gateway_env = env(container(rendered.one("Deployment", GATEWAY), "gateway"))
+    assert gateway_env["OMNIGATE_GATEWAY_WORKER_TARGET"] == (
+        f"dns:///{WORKER}.{NAMESPACE}.svc.cluster.local:{port['port']}"
+    )
+
+
+def test_gateway_service_exposes_grpc_and_http_ports():
+    service = render_profile("default").one("Service", GATEWAY)
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    assert ports["grpc"]["port"] == 50051 and ports["grpc"]["appProtocol"] == "kubernetes.io/h2c"
+    assert ports["http-metrics"]["port"] == 9400 and ports["http-metrics"]["appProtocol"] == "http"
+    assert service["spec"].get("clusterIP") != "None"
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_services_listen_on_all_interfaces_on_the_declared_ports(profile):
+    for name, kind, prefix in (
+        (GATEWAY, "gateway", "OMNIGATE_GATEWAY_"),
+        (WORKER, "worker", "OMNIGATE_WORKER_"),
+    ):
+        main = container(render_profile(profile).one("Deployment", name), kind)
+        e = env(main)
+        ports = {p["name"]: p["containerPort"] for p in main["ports"]}
+        assert e[f"{prefix}HOST"] == e[f"{prefix}METRICS_HOST"] == "0.0.0.0"
+        assert int(e[f"{prefix}PORT"]) == ports["grpc"]
+        assert int(e[f"{prefix}METRICS_PORT"]) == ports["http-metrics"]
+
+
+def test_config_values_become_settings_without_number_mangling():
+    rendered = render(
+        set_values={"gateway.config.max_decoded_bytes": "1500000000", "worker.config.dtype": "bfloat16"}
+    )
+    gateway_env = env(container(rendered.one("Deployment", GATEWAY), "gateway"))
+    assert gateway_env["OMNIGATE_GATEWAY_MAX_DECODED_BYTES"] == "1500000000"
+    assert env(container(rendered.one("Deployment", WORKER), "worker"))["OMNIGATE_WORKER_DTYPE"] == "bfloat16"
+
+
+# -- autoscaling ---------------------------------------------------------------------------------------------
+
+
+def _behavior_is_fast_up_slow_down(behavior: dict) -> None:
+    up, down = behavior["scaleUp"], behavior["scaleDown"]
+    assert up["stabilizationWindowSeconds"] == 0
+    assert down["stabilizationWindowSeconds"] >= 300
+    assert max(p["value"] for p in up["policies"] if p["type"] == "Percent") >= 100
+    assert all(p["value"] <= 1 for p in down["policies"] if p["type"] == "Pods")
+
+
+def test_worker_hpa_scales_the_worker_on_exported_load_metrics_never_gpu():
+    rendered = render_profile("gpu-prod")
+    hpa = rendered.one("HorizontalPodAutoscaler", WORKER)
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": WORKER}
+    rendered.one("Deployment", WORKER)
+    assert "replicas" not in rendered.one("Deployment", WORKER)["spec"]  # the HPA owns the replica count
+    names = [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]]
+    assert all(m["type"] == "Pods" for m in hpa["spec"]["metrics"])
+    assert set(names) == {"omnigate_worker_in_flight_requests", "omnigate_worker_queue_depth"}
+    assert set(names) <= WORKER_SERIES
+    assert "gpu" not in str(hpa["spec"]["metrics"]).lower() and "dcgm" not in str(hpa).lower()
+    _behavior_is_fast_up_slow_down(hpa["spec"]["behavior"])
+
+
+def test_gateway_hpa_scales_on_cpu_and_in_flight_requests():
+    hpa = render_profile("gpu-prod").one("HorizontalPodAutoscaler", GATEWAY)
+    assert hpa["spec"]["scaleTargetRef"]["name"] == GATEWAY
+    by_type = {m["type"]: m for m in hpa["spec"]["metrics"]}
+    assert by_type["Resource"]["resource"]["name"] == "cpu"
+    assert by_type["Resource"]["resource"]["target"]["type"] == "Utilization"
+    assert by_type["Pods"]["pods"]["metric"]["name"] == "omnigate_gateway_in_flight_requests"
+    assert "omnigate_gateway_in_flight_requests" in GATEWAY_SERIES
+    _behavior_is_fast_up_slow_down(hpa["spec"]["behavior"])
+
+
+def test_prometheus_adapter_rules_expose_every_metric_the_hpas_use():
+    import yaml
+
+    from charts.chart import CHART_DIR
+
+    rules = yaml.safe_load((CHART_DIR / "values.yaml").read_text())["prometheusAdapter"]["rules"]
+    served = set()
+    for rule in rules:
+        (series,) = OMNIGATE_METRIC.findall(rule["seriesQuery"])
+        assert series in GATEWAY_SERIES | WORKER_SERIES
+        assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
+        assert rule["name"] == {"matches": "^(.*)$", "as": "${1}"}  # served under the metric's own name
+        served.add(series)
+    used = set()
+    for hpa in render_profile("gpu-prod").all("HorizontalPodAutoscaler"):
+        used |= {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"}
+    assert used and used <= served
+
+
+def test_keda_scaled_object_targets_the_worker_with_exported_metrics_and_scales_to_zero():
+    rendered = render_profile("keda")
+    (scaled,) = rendered.all("ScaledObject")
+    spec = scaled["spec"]
+    assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": WORKER}
+    assert spec["minReplicaCount"] == 0
+    assert rendered.all("HorizontalPodAutoscaler") == [] or all(
+        h["spec"]["scaleTargetRef"]["name"] != WORKER for h in rendered.all("HorizontalPodAutoscaler")
+    )
+    assert "replicas" not in rendered.one("Deployment", WORKER)["spec"]
+    triggers = {t["name"]: t for t in spec["triggers"]}
+    assert set(triggers) == {"in-flight", "queue-depth", "gateway-demand"}
+    for trigger in triggers.values():
+        assert trigger["type"] == "prometheus"
+        query = trigger["metadata"]["query"]
+        names = set(OMNIGATE_METRIC.findall(query))
+        assert names and names <= GATEWAY_SERIES | WORKER_SERIES, query
+        assert f'namespace="{NAMESPACE}"' in query
+        assert isinstance(trigger["metadata"]["threshold"], str)
+    assert f'job="{WORKER}"' in triggers["in-flight"]["metadata"]["query"]
+    assert "omnigate_worker_in_flight_requests" in triggers["in-flight"]["metadata"]["query"]
+    assert "omnigate_worker_queue_depth" in triggers["queue-depth"]["metadata"]["query"]
+    demand = triggers["gateway-demand"]["metadata"]
+    assert f'job="{GATEWAY}"' in demand["query"] and demand["activationThreshold"] == "0"
+    _behavior_is_fast_up_slow_down(spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"])
+
+
+def test_keda_without_scale_to_zero_keeps_the_minimum_and_has_no_demand_trigger():
+    rendered = render(set_values={"worker.keda.enabled": "true", "worker.autoscaling.minReplicas": "2"})
+    (scaled,) = rendered.all("ScaledObject")
+    assert scaled["spec"]["minReplicaCount"] == 2
+    assert {t["name"] for t in scaled["spec"]["triggers"]} == {"in-flight", "queue-depth"}
+
+
+# -- disruption, spreading ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("profile", ["default", "gpu-prod", "keda"])
+def test_pdbs_and_topology_spread_select_their_own_pods(profile):
+    rendered = render_profile(profile)
+    for name, other in ((GATEWAY, WORKER), (WORKER, GATEWAY)):
+        labels = pod_labels(rendered.one("Deployment", name))
+        pdb = rendered.one("PodDisruptionBudget", name)
+        assert selects(pdb["spec"]["selector"], labels)
+        assert not selects(pdb["spec"]["selector"], pod_labels(rendered.one("Deployment", other)))
+        assert pdb["spec"]["maxUnavailable"] == 1
+        constraints = pod_spec(rendered.one("Deployment", name))["topologySpreadConstraints"]
+        assert constraints
+        for constraint in constraints:
+            assert selects(constraint["labelSelector"], labels)
+            assert constraint["matchLabelKeys"] == ["pod-template-hash"]
+
+
+# -- network policy ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_only_gateways_reach_workers_and_only_prometheus_reaches_metrics(profile):
+    rendered = render_profile(profile)
+    gateway_labels = pod_labels(rendered.one("Deployment", GATEWAY))
+    worker_labels = pod_labels(rendered.one("Deployment", WORKER))
+    test_pod = rendered.one("Pod", f"{RELEASE}-omnigate-test")
+    policy = rendered.one("NetworkPolicy", WORKER)["spec"]
+    assert selects(policy["podSelector"], worker_labels)
+    assert not selects(policy["podSelector"], gateway_labels)
+    assert policy["policyTypes"] == ["Ingress"]
+    rules = {tuple(p["port"] for p in rule["ports"]): rule["from"] for rule in policy["ingress"]}
+    assert set(rules) == {("grpc",), ("http-metrics",)}
+    (grpc_peer,) = rules[("grpc",)]
+    assert set(grpc_peer) == {"podSelector"}  # same namespace, gateway pods only
+    assert selects(grpc_peer["podSelector"], gateway_labels)
+    assert not selects(grpc_peer["podSelector"], worker_labels)
+    assert not selects(grpc_peer["podSelector"], test_pod["metadata"]["labels"])
+    for peer in rules[("http-metrics",)]:
+        assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
+    gateway_policy = rendered.one("NetworkPolicy", GATEWAY)["spec"]
+    assert selects(gateway_policy["podSelector"], gateway_labels)
+    assert not selects(gateway_policy["podSelector"], worker_labels)
+
+
+def test_restricted_gateway_ingress_still_admits_the_helm_test_pod():
+    rendered = render(
+        set_values={"networkPolicy.gatewayIngressFrom[0].namespaceSelector.matchLabels.team": "apps"}
+    )
+    policy = rendered.one("NetworkPolicy", GATEWAY)["spec"]
+    (grpc_rule,) = [r for r in policy["ingress"] if r["ports"][0]["port"] == "grpc"]
+    test_labels = rendered.one("Pod", f"{RELEASE}-omnigate-test")["metadata"]["labels"]
+    assert any("podSelector" in p and selects(p["podSelector"], test_labels) for p in grpc_rule["from"])
+    assert {"namespaceSelector": {"matchLabels": {"team": "apps"}}} in grpc_rule["from"]
+
+
+def test_network_policy_can_be_turned_off():
+    assert render(set_values={"networkPolicy.enabled": "false"}).all("NetworkPolicy") == []
+
+
+# -- security --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_pod_and_container_is_hardened(profile):
+    rendered = render_profile(profile)
+    workloads = rendered.all("Deployment") + rendered.all("Pod")
+    assert len(workloads) == 3
+    for workload in workloads:
+        spec = pod_spec(workload)
+        assert spec["automountServiceAccountToken"] is False
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert not any("hostPath" in v for v in spec.get("volumes", []))
+        assert not spec.get("hostNetwork") and not spec.get("hostPID") and not spec.get("hostIPC")
+        for c in containers(workload):
+            sc = c["securityContext"]
+            assert sc["runAsNonRoot"] is True and sc["runAsUser"] != 0
+            assert sc["readOnlyRootFilesystem"] is True
+            assert sc["allowPrivilegeEscalation"] is False
+            assert sc["capabilities"] == {"drop": ["ALL"]}
+            assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+            assert not sc.get("privileged")
+            if workload["kind"] == "Deployment":
+                # A read-only root needs a writable /tmp.
+                assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_images_come_from_values_and_default_to_the_app_version(profile):
+    rendered = render_profile(profile)
+    assert (
+        container(rendered.one("Deployment", GATEWAY), "gateway")["image"]
+        == "ghcr.io/omnigate/omnigate-gateway:0.1.0"
+    )
+    assert (
+        container(rendered.one("Deployment", WORKER), "worker")["image"]
+        == "ghcr.io/omnigate/omnigate-worker:0.1.0"
+    )
+    digest = "sha256:" + "a" * 64
+    pinned = render(set_values={"worker.image.digest": digest}).one("Deployment", WORKER)
+    assert container(pinned, "worker")["image"] == f"ghcr.io/omnigate/omnigate-worker@{digest}"
+
+
+# -- monitoring ---------------------------------------------------------------------------------------------
+
+
+def test_service_monitors_scrape_the_metrics_port_of_each_component():
+    rendered = render_profile("gpu-prod")
+    for name in (GATEWAY, WORKER):
+        monitor = rendered.one("ServiceMonitor", name)
+        service = rendered.one("Service", name)
+        assert selects(monitor["spec"]["selector"], service["metadata"]["labels"])
+        other = WORKER if name == GATEWAY else GATEWAY
+        assert not selects(monitor["spec"]["selector"], rendered.one("Service", other)["metadata"]["labels"])
+        assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+        (endpoint,) = monitor["spec"]["endpoints"]
+        assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+        assert endpoint["port"] == "http-metrics" and endpoint["path"] == "/metrics"
+        assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def test_pod_monitors_set_the_same_job_label_as_service_monitors():
+    rendered = render(set_values={"metrics.podMonitor.enabled": "true"})
+    for name in (GATEWAY, WORKER):
+        monitor = rendered.one("PodMonitor", name)
+        assert selects(monitor["spec"]["selector"], pod_labels(rendered.one("Deployment", name)))
+        (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+        assert endpoint["port"] == "http-metrics"
+        assert {"action": "replace", "targetLabel": "job", "replacement": name} in endpoint["relabelings"]
+
+
+def test_prometheus_rule_alerts_on_exported_metrics():
+    (rule,) = render_profile("gpu-prod").all("PrometheusRule")
+    alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert set(alerts) == {
+        "OmnigateGatewayHighErrorRate",
+        "OmnigateTimeToFirstOutputSLO",
+        "OmnigateWorkerQueueSaturated",
+        "OmnigateNoReadyWorkers",
+    }
+    for alert in alerts.values():
+        names = set(OMNIGATE_METRIC.findall(alert["expr"]))
+        assert names <= GATEWAY_SERIES | WORKER_SERIES, alert["expr"]
+        assert alert["labels"]["team"] == "ml-serving"
+    # The queue alert knows the worker's queue limit (gpu-prod sets OMNIGATE_WORKER_MAX_QUEUE to 64).
+    assert alerts["OmnigateWorkerQueueSaturated"]["expr"].rstrip().endswith(">= 51.2")
+    assert f'deployment="{WORKER}"' in alerts["OmnigateNoReadyWorkers"]["expr"]
+
+
+# -- TLS, helm test, names -----------------------------------------------------------------------------
+
+
+def test_tls_mounts_the_secrets_and_sets_the_file_settings():
+    rendered = render(
+        set_values={"tls.enabled": "true", "tls.workerSecretName": "w-tls", "tls.gatewaySecretName": "g-tls"}
+    )
+    for name, kind, secret, variables in (
+        (
+            WORKER,
+            "worker",
+            "w-tls",
+            [
+                "OMNIGATE_WORKER_TLS_CERT_FILE",
+                "OMNIGATE_WORKER_TLS_KEY_FILE",
+                "OMNIGATE_WORKER_TLS_CLIENT_CA_FILE",
+            ],
+        ),
+        (
+            GATEWAY,
+            "gateway",
+            "g-tls",
+            [
+                "OMNIGATE_GATEWAY_WORKER_TLS_CERT_FILE",
+                "OMNIGATE_GATEWAY_WORKER_TLS_KEY_FILE",
+                "OMNIGATE_GATEWAY_WORKER_TLS_CA_FILE",
+            ],
+        ),
+    ):
+        deployment = rendered.one("Deployment", name)
+        (volume,) = [v for v in pod_spec(deployment)["volumes"] if v["name"] == "tls"]
+        assert volume["secret"]["secretName"] == secret
+        main = container(deployment, kind)
+        (mount,) = [m for m in main["volumeMounts"] if m["name"] == "tls"]
+        assert mount["readOnly"] is True
+        for variable in variables:
+            assert env(main)[variable].startswith(mount["mountPath"] + "/")
+    gateway_env = env(container(rendered.one("Deployment", GATEWAY), "gateway"))
+    assert gateway_env["OMNIGATE_GATEWAY_WORKER_TLS_SERVER_NAME"] == f"{WORKER}.{NAMESPACE}.svc.cluster.local"
+
+
+def test_helm_test_checks_health_then_generates_through_the_gateway_service():
+    rendered = render_profile("cpu-dev")
+    pod = rendered.one("Pod", f"{RELEASE}-omnigate-test")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert pod["spec"]["restartPolicy"] == "Never"
+    target = f"{GATEWAY}:{rendered.one('Service', GATEWAY)['spec']['ports'][0]['port']}"
+    (health,) = pod["spec"]["initContainers"]
+    assert health["command"] == ["omnigate", "--gateway", target, "health"]
+    (generate,) = pod["spec"]["containers"]
+    assert generate["command"][:4] == ["omnigate", "--gateway", target, "generate"]
+    assert generate["command"][generate["command"].index("--max-new-tokens") + 1] == "2"
+
+
+def test_long_release_names_give_valid_object_names():
+    release = "a-very-long-release-name-for-an-omnigate-deployment-x"  # 53 characters: helm's limit
+    assert len(release) == 53
+    rendered = render(release=release)
+    names = {d["metadata"]["name"] for d in rendered.docs}
+    overridden = render(set_values={"fullnameOverride": "f" * 63})
+    names |= {d["metadata"]["name"] for d in overridden.docs}
+    assert all(len(n) <= 63 and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", n) for n in names), names
+    assert any(n.endswith("-worker") for n in names) and any(n.endswith("-gateway") for n in names)
+    for d in rendered.docs:
+        for value in d["metadata"]["labels"].values():
+            assert len(value) <= 63
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_notes_tell_how_to_reach_and_check_the_release(profile):
+    from charts.chart import CHART_DIR, helm
+
+    args = ["install", RELEASE, str(CHART_DIR), "--namespace", NAMESPACE, "--dry-run=client"]
+    for f in PROFILES[profile]:
+        args += ["-f", str(f)]
+    notes = helm(*args).stdout.split("NOTES:", 1)[1]
+    assert f"port-forward service/{GATEWAY} 50051:50051" in notes
+    assert "grpc.health.v1.Health/Check" in notes
+    assert f"helm test {RELEASE} -n {NAMESPACE}" in notes
+    assert f"rollout status deployment/{WORKER}" in notes
+    assert f"dns:///{WORKER}.{NAMESPACE}.svc.cluster.local:50061" in notes
+    assert ("scale" in notes and "KEDA" in notes) == (profile == "keda")

@@ -24,26 +24,14 @@ from omnigate.conversation import (
 )
 from omnigate.errors import DeadlineExceeded, LimitExceeded
 from omnigate.media import Audio, Image, Video
-from omnigate_worker import loading
 from omnigate_worker.engine import Prepared
 from omnigate_worker.metrics import WorkerMetrics
 from omnigate_worker.scheduler import Scheduler
 from omnigate_worker.settings import WorkerSettings
-from omnigate_worker.transformers_engine import TransformersEngine
-
-OMNI = str(MODELS_DIR / "tiny-qwen2.5-omni")
-
-
-@pytest.fixture(scope="module")
-def engine() -> TransformersEngine:
-    settings = WorkerSettings(model=OMNI)
-    engine = TransformersEngine(loading.load(OMNI, "cpu", "auto", "auto", False), settings, OMNI)
-    engine.warmup()
-    return engine
 
 
 def _scheduler(engine, **overrides) -> Scheduler:
-    settings = WorkerSettings(model=OMNI, **overrides)
+    settings = WorkerSettings(model=str(MODELS_DIR / "tiny-qwen2.5-omni"), **overrides)
     scheduler = Scheduler(engine, settings, WorkerMetrics(CollectorRegistry()))
     scheduler.start()
     return scheduler

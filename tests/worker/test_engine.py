@@ -7,7 +7,6 @@ import time
 
 import numpy as np
 import pytest
-from stack import MODELS_DIR
 
 from omnigate.conversation import (
     AudioChunk,
@@ -23,16 +22,6 @@ from omnigate.conversation import (
 from omnigate.errors import InvalidInput
 from omnigate.media import Audio
 from omnigate_worker import loading
-from omnigate_worker.settings import WorkerSettings
-from omnigate_worker.transformers_engine import TransformersEngine
-
-OMNI = str(MODELS_DIR / "tiny-qwen2.5-omni")
-
-
-@pytest.fixture(scope="module")
-def engine() -> TransformersEngine:
-    settings = WorkerSettings(model=OMNI)
-    return TransformersEngine(loading.load(OMNI, "cpu", "auto", "auto", False), settings, OMNI)
 
 
 def _request(text="Hello", mode=GenerationMode.TEXT, **params) -> GenerationRequest:

@@ -14,6 +14,7 @@ TABLE = [
     (MediaDecodeError("could not decode wav"), grpc.StatusCode.INVALID_ARGUMENT, "could not decode wav"),
     (MediaFetchError("http://x/ answered 404"), grpc.StatusCode.INVALID_ARGUMENT, "http://x/ answered 404"),
     (errors.PermissionDenied("no"), grpc.StatusCode.PERMISSION_DENIED, "no"),
+    (errors.Unauthenticated("who are you"), grpc.StatusCode.UNAUTHENTICATED, "who are you"),
     (ForbiddenSource("loopback refused"), grpc.StatusCode.PERMISSION_DENIED, "loopback refused"),
     (errors.LimitExceeded("too big"), grpc.StatusCode.RESOURCE_EXHAUSTED, "too big"),
     (errors.Unavailable("loading"), grpc.StatusCode.UNAVAILABLE, "loading"),
@@ -70,6 +71,7 @@ class _FakeRpcError(grpc.RpcError):
     [
         (grpc.StatusCode.INVALID_ARGUMENT, errors.InvalidInput),
         (grpc.StatusCode.PERMISSION_DENIED, errors.PermissionDenied),
+        (grpc.StatusCode.UNAUTHENTICATED, errors.Unauthenticated),
         (grpc.StatusCode.RESOURCE_EXHAUSTED, errors.LimitExceeded),
         (grpc.StatusCode.UNAVAILABLE, errors.Unavailable),
         (grpc.StatusCode.DEADLINE_EXCEEDED, errors.DeadlineExceeded),

@@ -21,6 +21,7 @@ from omnigate.conversation import GenerationMode, Modality, ModelInfo
 from omnigate.errors import InvalidInput
 from omnigate.gateway.v1 import gateway_pb2
 from omnigate_gateway import convert
+from omnigate_gateway.auth import Authenticator
 from omnigate_gateway.ingest import MediaIngestor
 from omnigate_gateway.metrics import GatewayMetrics
 from omnigate_gateway.settings import GatewaySettings
@@ -56,7 +57,9 @@ class GatewayCore:
         worker: WorkerClient,
         ingestor: MediaIngestor,
         metrics: GatewayMetrics,
+        auth: Authenticator,
     ) -> None:
+        self.auth = auth
         self.settings = settings
         self.worker = worker
         self.ingestor = ingestor
@@ -69,6 +72,7 @@ class GatewayCore:
     def public_model_info(self, call: Call) -> gateway_pb2.GetModelInfoResponse:
         code = grpc.StatusCode.OK
         try:
+            self.auth.authenticate(call)
             info = self.worker.require_info()
             s = self.settings
             max_new_tokens = min(info.max_new_tokens or s.default_max_new_tokens, 2**31)
@@ -99,42 +103,43 @@ class GatewayCore:
         first_output = False
         self.metrics.in_flight.inc()
         try:
-            incoming = convert.parse_request(
-                request, self.settings.default_max_new_tokens, self.settings.default_video_fps
-            )
-            generation = incoming.request
-            mode = generation.mode.value
-            info = self.worker.require_info()
-            if info.max_new_tokens and generation.params.max_new_tokens > info.max_new_tokens:
-                raise InvalidInput(
-                    f"max_new_tokens is {generation.params.max_new_tokens}; the limit is {info.max_new_tokens}"
+            async with self.auth.admit(call):
+                incoming = convert.parse_request(
+                    request, self.settings.default_max_new_tokens, self.settings.default_video_fps
                 )
-            if MODE_OUTPUT[generation.mode] not in info.output_modalities:
-                raise InvalidInput(
-                    f"the model {info.model_id} cannot generate {MODE_OUTPUT[generation.mode].value}; it generates "
-                    f"{', '.join(m.value for m in info.output_modalities)}"
-                )
-            self.ingestor.check(incoming, info)
-            deadline = time.monotonic() + (call.time_remaining_s or self.settings.default_timeout_s)
-            await self.ingestor.resolve(incoming, info, deadline)
-            media_s = time.monotonic() - started
-            generation.request_id = call.request_id
-            timeout = max(0.001, deadline - time.monotonic())
-            timings = gateway_pb2.Timings(media_s=media_s)
-            worker_call = self.worker.generate(generation, timeout)
-            try:
-                async for event in worker_call:
-                    if event.WhichOneof("event") == "summary":
-                        timings.total_s = time.monotonic() - started
-                        self.metrics.generated_tokens.inc(event.summary.output_tokens)
-                    elif not first_output:
-                        first_output = True
-                        self.metrics.time_to_first_output.labels(mode).observe(time.monotonic() - started)
-                    yield convert.public_event(event, timings, info.model_id)
-            except grpc.RpcError as exc:
-                raise status.from_rpc_error(exc, upstream=f"the worker at {self.worker.target}") from exc
-            finally:
-                worker_call.cancel()  # no-op when finished; stops the worker when our client went away
+                generation = incoming.request
+                mode = generation.mode.value
+                info = self.worker.require_info()
+                if info.max_new_tokens and generation.params.max_new_tokens > info.max_new_tokens:
+                    raise InvalidInput(
+                        f"max_new_tokens is {generation.params.max_new_tokens}; the limit is {info.max_new_tokens}"
+                    )
+                if MODE_OUTPUT[generation.mode] not in info.output_modalities:
+                    raise InvalidInput(
+                        f"the model {info.model_id} cannot generate {MODE_OUTPUT[generation.mode].value}; it generates "
+                        f"{', '.join(m.value for m in info.output_modalities)}"
+                    )
+                self.ingestor.check(incoming, info)
+                deadline = time.monotonic() + (call.time_remaining_s or self.settings.default_timeout_s)
+                await self.ingestor.resolve(incoming, info, deadline)
+                media_s = time.monotonic() - started
+                generation.request_id = call.request_id
+                timeout = max(0.001, deadline - time.monotonic())
+                timings = gateway_pb2.Timings(media_s=media_s)
+                worker_call = self.worker.generate(generation, timeout)
+                try:
+                    async for event in worker_call:
+                        if event.WhichOneof("event") == "summary":
+                            timings.total_s = time.monotonic() - started
+                            self.metrics.generated_tokens.inc(event.summary.output_tokens)
+                        elif not first_output:
+                            first_output = True
+                            self.metrics.time_to_first_output.labels(mode).observe(time.monotonic() - started)
+                        yield convert.public_event(event, timings, info.model_id)
+                except grpc.RpcError as exc:
+                    raise status.from_rpc_error(exc, upstream=f"the worker at {self.worker.target}") from exc
+                finally:
+                    worker_call.cancel()  # no-op when finished; stops the worker when our client went away
         except (asyncio.CancelledError, GeneratorExit):
             code = grpc.StatusCode.CANCELLED
             raise

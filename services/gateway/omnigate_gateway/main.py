@@ -11,6 +11,7 @@ from grpc_health.v1 import health, health_pb2
 from prometheus_client import CollectorRegistry
 
 from omnigate.lifecycle import configure_logging, start_metrics_server, write_ports_file
+from omnigate_gateway.auth import Authenticator
 from omnigate_gateway.core import GatewayCore
 from omnigate_gateway.fetch import MediaFetcher
 from omnigate_gateway.ingest import MediaIngestor
@@ -48,12 +49,12 @@ async def serve(settings: GatewaySettings, *, resolver: Resolver | None = None) 
 
     fetcher = MediaFetcher(settings.fetch_limits(), resolver=resolver)
     ingestor = MediaIngestor(fetcher, settings, metrics)
-    worker = WorkerClient(settings.worker_target, settings.worker_chunk_bytes)
+    worker = WorkerClient(settings.worker_target, settings)
     health_servicer = health.aio.HealthServicer()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, NOT_SERVING)
     server, port = build_server(
-        GatewayServicer(GatewayCore(settings, worker, ingestor, metrics)), settings, health_servicer
+        GatewayServicer(GatewayCore(settings, worker, ingestor, metrics, Authenticator(settings))), settings, health_servicer
     )
     await server.start()
     if settings.ports_file:

@@ -51,3 +51,21 @@ class GatewayMetrics:
         self.in_flight = Gauge(
             "omnigate_gateway_in_flight_requests", "Generate requests being served.", registry=registry
         )
+        self.upstream_errors = Counter(
+            "omnigate_gateway_upstream_errors_total",
+            "Failed calls to workers, by gRPC status code (a retried call counts once per attempt).",
+            ["code"],
+            registry=registry,
+        )
+        self.upstream_retries = Counter(
+            "omnigate_gateway_upstream_retries_total",
+            "Generate requests sent again to another worker after one failed before any output.",
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "omnigate_gateway_rejected_requests_total",
+            "Requests refused before reaching a worker, by reason (unauthenticated, rate_limited, "
+            "concurrency_limited, invalid_argument, permission_denied, resource_exhausted, no_worker).",
+            ["reason"],
+            registry=registry,
+        )

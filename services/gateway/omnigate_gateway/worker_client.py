@@ -11,6 +11,8 @@ from omnigate.conversation import GenerationRequest, ModelInfo
 from omnigate.errors import Unavailable
 from omnigate.worker.v1 import worker_pb2, worker_pb2_grpc
 from omnigate_gateway import convert
+from omnigate_gateway.channels import worker_channel
+from omnigate_gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 
@@ -18,19 +20,10 @@ WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_na
 
 
 class WorkerClient:
-    def __init__(self, target: str, chunk_bytes: int) -> None:
+    def __init__(self, target: str, settings: GatewaySettings) -> None:
         self.target = target
-        self._chunk_bytes = chunk_bytes
-        message_bytes = max(4 * 1024 * 1024, 2 * chunk_bytes)
-        self._channel = grpc.aio.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_send_message_length", message_bytes),
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                ("grpc.keepalive_time_ms", 30_000),
-                ("grpc.keepalive_timeout_ms", 10_000),
-            ],
-        )
+        self._chunk_bytes = settings.worker_chunk_bytes
+        self._channel = worker_channel(target, settings)
         self._stub = worker_pb2_grpc.WorkerServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self.info: ModelInfo | None = None

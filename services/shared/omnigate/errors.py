@@ -17,6 +17,7 @@ class ErrorCode(StrEnum):
     """The kinds of failure a caller can see (each maps to one gRPC status code)."""
 
     INVALID_ARGUMENT = "invalid_argument"
+    UNAUTHENTICATED = "unauthenticated"
     PERMISSION_DENIED = "permission_denied"
     RESOURCE_EXHAUSTED = "resource_exhausted"
     UNAVAILABLE = "unavailable"
@@ -41,6 +42,12 @@ class InvalidInput(OmnigateError):
     """The request (or media it points to) is malformed or unusable."""
 
     code = ErrorCode.INVALID_ARGUMENT
+
+
+class Unauthenticated(OmnigateError):
+    """The caller presented no credential, or one this deployment does not accept."""
+
+    code = ErrorCode.UNAUTHENTICATED
 
 
 class PermissionDenied(OmnigateError):

@@ -3,6 +3,7 @@
 | error kind          | gRPC code           |
 |---------------------|---------------------|
 | invalid_argument    | INVALID_ARGUMENT    |
+| unauthenticated     | UNAUTHENTICATED     |
 | permission_denied   | PERMISSION_DENIED   |
 | resource_exhausted  | RESOURCE_EXHAUSTED (+ RetryInfo when retriable) |
 | unavailable         | UNAVAILABLE         |
@@ -27,6 +28,7 @@ ERROR_DOMAIN = "omnigate.dev"
 
 GRPC_CODES: dict[str, grpc.StatusCode] = {
     "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
+    "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
     "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
     "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "unavailable": grpc.StatusCode.UNAVAILABLE,
@@ -96,6 +98,7 @@ def _reason_name(reason: str) -> str:
 
 _KINDS_BY_CODE = {
     grpc.StatusCode.INVALID_ARGUMENT: "InvalidInput",
+    grpc.StatusCode.UNAUTHENTICATED: "Unauthenticated",
     grpc.StatusCode.PERMISSION_DENIED: "PermissionDenied",
     grpc.StatusCode.RESOURCE_EXHAUSTED: "LimitExceeded",
     grpc.StatusCode.UNAVAILABLE: "Unavailable",

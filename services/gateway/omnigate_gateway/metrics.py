@@ -69,3 +69,9 @@ class GatewayMetrics:
             ["reason"],
             registry=registry,
         )
+        self.workers = Gauge(
+            "omnigate_gateway_workers",
+            "Workers known to the gateway, by state (ready, not_ready, ejected, draining).",
+            ["state"],
+            registry=registry,
+        )

@@ -28,6 +28,7 @@ class Service:
     grpc_port: int
     metrics_port: int | None
     log_path: Path
+    http_port: int | None = None  # the gateway's OpenAI-compatible HTTP API
 
     @property
     def target(self) -> str:
@@ -57,6 +58,8 @@ def start_service(name: str, module: str, env: dict[str, str], workdir: Path) ->
         f"{prefix}PORT": "0",
         f"{prefix}METRICS_PORT": "0",
         f"{prefix}PORTS_FILE": str(ports_file),
+        # The gateway's HTTP API defaults to port 8000: tests take an OS-chosen one too.
+        **({"OMNIGATE_GATEWAY_HTTP_PORT": "0"} if prefix == "OMNIGATE_GATEWAY_" else {}),
         **env,
     }
     log = open(log_path, "wb")  # noqa: SIM115 - owned by the process for its lifetime
@@ -70,7 +73,9 @@ def start_service(name: str, module: str, env: dict[str, str], workdir: Path) ->
             raise RuntimeError(f"{name} did not start:\n{log_path.read_text(errors='replace')[-4000:]}")
         time.sleep(0.05)
     ports = json.loads(ports_file.read_text())
-    return Service(name, process, ports["grpc_port"], ports["metrics_port"], log_path)
+    return Service(
+        name, process, ports["grpc_port"], ports["metrics_port"], log_path, http_port=ports.get("http_port")
+    )
 
 
 def wait_serving(service: Service, timeout_s: float = START_TIMEOUT_S) -> None:

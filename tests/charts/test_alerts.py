@@ -28,10 +28,13 @@ def _promtool(*args, cwd) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("profile", ["gpu-prod", "keda"])
 def test_promtool_check_rules_passes(profile, tmp_path):
-    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(_rule_groups(render_profile(profile))))
+    groups = _rule_groups(render_profile(profile))
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(groups))
     result = _promtool("check", "rules", "rules.yaml", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 4 rules found" in result.stdout
+    alerts = [r for g in groups["groups"] for r in g["rules"] if "alert" in r]
+    assert len(alerts) == 4
+    assert f"SUCCESS: {sum(len(g['rules']) for g in groups['groups'])} rules found" in result.stdout
 
 
 def test_promtool_check_rules_catches_a_broken_expression(tmp_path):

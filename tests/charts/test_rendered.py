@@ -479,7 +479,7 @@ def test_pod_monitors_set_the_same_job_label_as_service_monitors():
 
 def test_prometheus_rule_alerts_on_exported_metrics():
     (rule,) = render_profile("gpu-prod").all("PrometheusRule")
-    alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r}
     assert set(alerts) == {
         "OmnigateGatewayHighErrorRate",
         "OmnigateTimeToFirstOutputSLO",
@@ -534,6 +534,67 @@ def test_tls_mounts_the_secrets_and_sets_the_file_settings():
             assert env(main)[variable].startswith(mount["mountPath"] + "/")
     gateway_env = env(container(rendered.one("Deployment", GATEWAY), "gateway"))
     assert gateway_env["OMNIGATE_GATEWAY_WORKER_TLS_SERVER_NAME"] == f"{WORKER}.{NAMESPACE}.svc.cluster.local"
+
+
+def _health_port(main: dict, variable: str) -> int:
+    (port,) = [p["containerPort"] for p in main["ports"] if p["name"] == "grpc-health"]
+    assert int(env(main)[variable]) == port
+    return port
+
+
+def test_tls_moves_the_grpc_probes_to_the_plaintext_health_port():
+    # Kubelet gRPC probes cannot speak TLS: with TLS on, they check the health-only plaintext port.
+    rendered = render(
+        set_values={"tls.enabled": "true", "tls.workerSecretName": "w-tls", "tls.gatewaySecretName": "g-tls"}
+    )
+    worker = container(rendered.one("Deployment", WORKER), "worker")
+    health_port = _health_port(worker, "OMNIGATE_WORKER_HEALTH_PORT")
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert worker[probe]["grpc"] == {"port": health_port}, probe
+    assert "appProtocol" not in rendered.one("Service", WORKER)["spec"]["ports"][0]  # not h2c any more
+    gateway = container(rendered.one("Deployment", GATEWAY), "gateway")  # its public port stays plaintext
+    assert "OMNIGATE_GATEWAY_HEALTH_PORT" not in env(gateway)
+    (grpc_port,) = [p["containerPort"] for p in gateway["ports"] if p["name"] == "grpc"]
+    assert gateway["readinessProbe"]["grpc"] == {"port": grpc_port}
+
+
+def test_gateway_public_tls_and_api_keys_are_mounted_and_the_helm_test_uses_them():
+    rendered = render(
+        set_values={
+            "gateway.tls.enabled": "true",
+            "gateway.tls.secretName": "public-tls",
+            "auth.existingSecret": "api-keys",
+            "tests.apiKeySecret.name": "test-key",
+        }
+    )
+    deployment = rendered.one("Deployment", GATEWAY)
+    gateway = container(deployment, "gateway")
+    e = env(gateway)
+    volumes = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
+    mounts = {m["name"]: m for m in gateway["volumeMounts"]}
+    assert volumes["public-tls"]["secret"]["secretName"] == "public-tls"
+    for variable in ("OMNIGATE_GATEWAY_TLS_CERT_FILE", "OMNIGATE_GATEWAY_TLS_KEY_FILE"):
+        assert e[variable].startswith(mounts["public-tls"]["mountPath"] + "/")
+    assert "OMNIGATE_GATEWAY_TLS_CLIENT_CA_FILE" not in e
+    health_port = _health_port(gateway, "OMNIGATE_GATEWAY_HEALTH_PORT")
+    assert gateway["readinessProbe"]["grpc"] == {"port": health_port}
+    # The keys Secret is a directory mount (subPath mounts never see Secret updates, so no revocation).
+    assert volumes["api-keys"]["secret"]["secretName"] == "api-keys"
+    assert "subPath" not in mounts["api-keys"] and mounts["api-keys"]["readOnly"] is True
+    assert e["OMNIGATE_GATEWAY_API_KEYS_FILE"] == mounts["api-keys"]["mountPath"] + "/api-keys"
+    assert "appProtocol" not in rendered.one("Service", GATEWAY)["spec"]["ports"][0]
+
+    pod = rendered.one("Pod", f"{RELEASE}-omnigate-test")
+    (ca_volume,) = pod["spec"]["volumes"]
+    assert ca_volume["secret"] == {"secretName": "public-tls", "items": [{"key": "ca.crt", "path": "ca.crt"}]}
+    (health,) = pod["spec"]["initContainers"]
+    (generate,) = pod["spec"]["containers"]
+    for c in (health, generate):
+        ca_file = c["command"][c["command"].index("--ca-cert") + 1]
+        assert ca_file.startswith(c["volumeMounts"][0]["mountPath"] + "/")
+    (api_key,) = generate["env"]
+    assert api_key["name"] == "OMNIGATE_API_KEY"
+    assert api_key["valueFrom"]["secretKeyRef"] == {"name": "test-key", "key": "api-key"}
 
 
 def test_helm_test_checks_health_then_generates_through_the_gateway_service():

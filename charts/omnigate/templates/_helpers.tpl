@@ -202,6 +202,18 @@ maxUnavailable: {{ .maxUnavailable }}
 {{- if and .Values.tls.enabled (not (and .Values.tls.workerSecretName .Values.tls.gatewaySecretName)) -}}
 {{- fail "tls.enabled needs tls.workerSecretName and tls.gatewaySecretName (Secrets with tls.crt, tls.key and ca.crt)" -}}
 {{- end -}}
+{{- if and .Values.gateway.tls.enabled (not .Values.gateway.tls.secretName) -}}
+{{- fail "gateway.tls.enabled needs gateway.tls.secretName (a Secret with tls.crt, tls.key and ca.crt)" -}}
+{{- end -}}
+{{- if and .Values.gateway.tls.clientAuth (not .Values.gateway.tls.enabled) -}}
+{{- fail "gateway.tls.clientAuth needs gateway.tls.enabled" -}}
+{{- end -}}
+{{- if and .Values.gateway.tls.clientAuth .Values.tests.enabled -}}
+{{- fail "gateway.tls.clientAuth requires client certificates, which the helm test pod does not have: set tests.enabled=false" -}}
+{{- end -}}
+{{- if and .Values.auth.existingSecret .Values.tests.enabled (not .Values.tests.apiKeySecret.name) -}}
+{{- fail "auth.existingSecret makes the gateway require API keys: give the helm test pod one (tests.apiKeySecret.name and .key, a Secret holding one raw key) or set tests.enabled=false" -}}
+{{- end -}}
 {{- range $c := list "gateway" "worker" -}}
 {{- $a := (index $.Values $c).autoscaling -}}
 {{- if gt (int $a.minReplicas) (int $a.maxReplicas) -}}

@@ -1,10 +1,15 @@
-"""The ``omnigate`` command line.
+"""The ``omnigate`` command line, built on the Python SDK.
 
     omnigate generate --text "What do you hear in this audio?" --audio URL|PATH --max-new-tokens 20
     omnigate generate --text "Describe this video." --video clip.mp4 --fps 1 --load-audio-from-video \\
         --generation-mode audio --output answer.wav
     omnigate health
     omnigate models
+
+Connection options (before or after the command): --gateway HOST:PORT ($OMNIGATE_GATEWAY), --api-key
+($OMNIGATE_API_KEY), --timeout SECONDS, --retries N, and for TLS --tls, --ca-cert, --client-cert,
+--client-key, --server-name. Exit status: 0 on success, 1 when the gateway answered with an error (or is
+not SERVING), 2 for bad arguments or unreadable local files.
 """
 
 from __future__ import annotations
@@ -14,25 +19,66 @@ import json
 import os
 import sys
 
-import grpc
-
-from omnigate_client.client import AudioChunk, Image, OmnigateClient, Result, Summary, TextDelta, media_part
+from omnigate_client.client import OmnigateClient
+from omnigate_client.errors import OmnigateClientError
+from omnigate_client.protocol import media_part
+from omnigate_client.types import GenerationResult, TextDelta
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
 DEFAULT_OUTPUT = {"audio": "output.wav", "image": "output.png"}
+DEFAULT_TIMEOUT_S = 600.0
+DEFAULT_RETRIES = 3
+
+
+def _connection_options(parser: argparse.ArgumentParser, top: bool) -> None:
+    """The connection flags; on a sub-command they default to SUPPRESS so the top-level value stands."""
+
+    def default(value):
+        return value if top else argparse.SUPPRESS
+
+    parser.add_argument(
+        "--gateway",
+        default=default(os.environ.get("OMNIGATE_GATEWAY", DEFAULT_GATEWAY)),
+        help=f"gateway address HOST:PORT (default: $OMNIGATE_GATEWAY or {DEFAULT_GATEWAY})",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=default(os.environ.get("OMNIGATE_API_KEY")),
+        help="API key, sent as 'authorization: Bearer KEY' (default: $OMNIGATE_API_KEY)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=default(DEFAULT_TIMEOUT_S),
+        help=f"deadline of the call in seconds, retries included (default {DEFAULT_TIMEOUT_S:g})",
+    )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=default(DEFAULT_RETRIES),
+        help="retries on UNAVAILABLE or RESOURCE_EXHAUSTED with a retry delay, before any output "
+        f"(default {DEFAULT_RETRIES}; 0 = none)",
+    )
+    parser.add_argument("--tls", action="store_true", default=default(False), help="connect with TLS")
+    parser.add_argument(
+        "--ca-cert", default=default(None), help="PEM file of the CA to trust (implies --tls)"
+    )
+    parser.add_argument(
+        "--client-cert", default=default(None), help="PEM client certificate for mutual TLS (implies --tls)"
+    )
+    parser.add_argument("--client-key", default=default(None), help="PEM private key of --client-cert")
+    parser.add_argument(
+        "--server-name", default=default(None), help="name to check the server certificate against"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omnigate", description="Talk to an Omnigate gateway.")
-    parser.add_argument(
-        "--gateway",
-        default=os.environ.get("OMNIGATE_GATEWAY", DEFAULT_GATEWAY),
-        help=f"gateway address HOST:PORT (default: $OMNIGATE_GATEWAY or {DEFAULT_GATEWAY})",
-    )
+    _connection_options(parser, top=True)
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="send a conversation turn and stream the answer")
-    gen.add_argument("--gateway", default=argparse.SUPPRESS, help="gateway address HOST:PORT")
+    _connection_options(gen, top=False)
     gen.add_argument("--text", help="the user's text")
     gen.add_argument("--system", help="a system message placed before the user's turn")
     gen.add_argument("--image", action="append", default=[], metavar="URL|PATH", help="an image (repeatable)")
@@ -56,14 +102,33 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--speaker", help="voice for speech output")
     gen.add_argument("--return-full-text", action="store_true", help="print the prompt before the answer")
     gen.add_argument("--output", help="file for generated speech (WAV) or image (PNG)")
-    gen.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds (default 600)")
-    gen.add_argument("--summary", action="store_true", help="print the final summary as JSON on stderr")
+    gen.add_argument(
+        "--summary", action="store_true", help="print the final summary (and request id) as JSON on stderr"
+    )
 
     health = commands.add_parser("health", help="print the gateway's health (exit 0 when SERVING)")
-    health.add_argument("--gateway", default=argparse.SUPPRESS, help="gateway address HOST:PORT")
+    _connection_options(health, top=False)
     models = commands.add_parser("models", help="print the served model and its limits as JSON")
-    models.add_argument("--gateway", default=argparse.SUPPRESS, help="gateway address HOST:PORT")
+    _connection_options(models, top=False)
     return parser
+
+
+def _client(args) -> OmnigateClient:
+    if args.retries < 0:
+        raise ValueError("--retries must be >= 0")
+    if args.timeout <= 0:
+        raise ValueError("--timeout must be > 0")
+    return OmnigateClient(
+        args.gateway,
+        timeout_s=args.timeout,
+        api_key=args.api_key or None,
+        retries=args.retries,
+        tls=args.tls or None,
+        root_certificates=args.ca_cert,
+        certificate_chain=args.client_cert,
+        private_key=args.client_key,
+        server_name=args.server_name,
+    )
 
 
 def _generate(client: OmnigateClient, args) -> int:
@@ -80,8 +145,7 @@ def _generate(client: OmnigateClient, args) -> int:
     messages = [{"role": "user", "content": content}]
     if args.system:
         messages.insert(0, {"role": "system", "content": [{"type": "text", "text": args.system}]})
-    result = Result()
-    for event in client.generate(
+    stream = client.generate(
         messages,
         generation_mode=args.generation_mode,
         max_new_tokens=args.max_new_tokens,
@@ -96,56 +160,56 @@ def _generate(client: OmnigateClient, args) -> int:
         fps=args.fps,
         load_audio_from_video=args.load_audio_from_video,
         speaker=args.speaker,
-        timeout_s=args.timeout,
-    ):
-        if isinstance(event, TextDelta):
-            print(event.text, end="", flush=True)
-            result.text += event.text
-        elif isinstance(event, AudioChunk):
-            result.audio.append(event)
-        elif isinstance(event, Image):
-            result.images.append(event)
-        elif isinstance(event, Summary):
-            result.summary = event
+    )
+    events = []
+    with stream:
+        for event in stream:
+            events.append(event)
+            if isinstance(event, TextDelta):
+                print(event.text, end="", flush=True)
+    result = GenerationResult.from_events(events, stream.request_id)
     if result.text:
         print()
     output = args.output or DEFAULT_OUTPUT.get(args.generation_mode)
     if result.audio:
         with open(output, "wb") as f:
-            f.write(result.wav_bytes())
-        seconds = result.summary.audio_seconds if result.summary else 0.0
+            f.write(result.to_wav())
         print(
-            f"wrote {seconds:.2f} s of speech at {result.audio[0].sample_rate} Hz to {output}",
+            f"wrote {result.audio.seconds:.2f} s of speech at {result.audio.sample_rate} Hz to {output}",
             file=sys.stderr,
         )
     if result.images:
-        with open(output, "wb") as f:
-            f.write(result.images[0].data)
         image = result.images[0]
+        with open(output, "wb") as f:
+            f.write(image.data)
         print(f"wrote a {image.width}x{image.height} {image.mime_type} image to {output}", file=sys.stderr)
     if args.summary and result.summary is not None:
-        print(json.dumps(result.summary.__dict__), file=sys.stderr)
+        summary = {**result.summary.to_dict(), "request_id": result.request_id, "attempts": stream.attempts}
+        print(json.dumps(summary), file=sys.stderr)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        with OmnigateClient(args.gateway) as client:
+        with _client(args) as client:
             if args.command == "health":
-                state = client.health()
+                state = client.health(timeout_s=min(args.timeout, 30.0))
                 print(state)
                 return 0 if state == "SERVING" else 1
             if args.command == "models":
-                print(json.dumps(client.model_info(), indent=2))
+                print(json.dumps(client.model_info(timeout_s=args.timeout).to_dict(), indent=2))
                 return 0
             return _generate(client, args)
-    except grpc.RpcError as exc:
-        print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
+    except OmnigateClientError as exc:
+        print(f"\nerror: {exc}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

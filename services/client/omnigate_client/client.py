@@ -1,120 +1,215 @@
-"""Python client for Omnigate's public gRPC API.
+"""The blocking Python client for Omnigate's public gRPC API (``AsyncOmnigateClient`` is its asyncio twin).
 
-    from omnigate_client import OmnigateClient
+    from omnigate_client import OmnigateClient, TextDelta
 
-    client = OmnigateClient("127.0.0.1:50051")
-    messages = [{"role": "user", "content": [
-        {"type": "audio", "url": "http://127.0.0.1:8088/sound.wav"},
-        {"type": "text", "text": "What do you hear in this audio?"},
-    ]}]
-    for event in client.generate(messages, max_new_tokens=20):
-        if isinstance(event, TextDelta):
-            print(event.text, end="", flush=True)
+    with OmnigateClient("127.0.0.1:50051", api_key=None, timeout_s=60) as client:
+        messages = [{"role": "user", "content": [
+            {"type": "audio", "url": "http://127.0.0.1:8088/sound.wav"},
+            {"type": "text", "text": "What do you hear in this audio?"},
+        ]}]
+        for event in client.generate(messages, max_new_tokens=20):
+            if isinstance(event, TextDelta):
+                print(event.text, end="", flush=True)
+        result = client.generate_all(messages, max_new_tokens=20)  # GenerationResult
 
 Messages use Hugging Face's chat shape. A media part gives its source as ``url`` (http, https, data:), as
 ``path`` (a local file: read here and sent inline), or as raw ``data`` bytes.
+
+Every call has a deadline (``timeout_s``, per call or the client's default) that covers all its attempts,
+and is retried on ``UNAVAILABLE`` and on ``RESOURCE_EXHAUSTED`` with a ``RetryInfo`` (see ``retry.py``);
+a stream is never retried once its first event arrived. Failures raise ``OmnigateClientError``.
 """
 
 from __future__ import annotations
 
-import io
-import pathlib
-import wave
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+import threading
+import time
+from collections.abc import Callable, Iterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from omnigate.gateway.v1 import gateway_pb2 as pb
 from omnigate.gateway.v1 import gateway_pb2_grpc
+from omnigate_client.connection import (
+    DEFAULT_TIMEOUT_S,
+    TLSConfig,
+    call_metadata,
+    channel_options,
+    resolve_tls,
+)
+from omnigate_client.errors import REQUEST_ID_KEY, OmnigateClientError, metadata_value
+from omnigate_client.protocol import build_request, event_from_proto, media_part, model_info_from_proto
+from omnigate_client.retry import RetryPolicy
+from omnigate_client.types import (
+    AudioChunk,
+    Event,
+    GenerationResult,
+    Image,
+    ModelInfo,
+    Result,
+    Summary,
+    TextDelta,
+)
 
-MODES = {
-    "text": pb.GENERATION_MODE_TEXT,
-    "audio": pb.GENERATION_MODE_AUDIO,
-    "image": pb.GENERATION_MODE_IMAGE,
-}
-MODALITY_NAMES = {
-    pb.MODALITY_TEXT: "text",
-    pb.MODALITY_IMAGE: "image",
-    pb.MODALITY_AUDIO: "audio",
-    pb.MODALITY_VIDEO: "video",
-}
-FINISH_REASONS = {
-    pb.FINISH_REASON_STOP: "stop",
-    pb.FINISH_REASON_LENGTH: "length",
-    pb.FINISH_REASON_STOP_SEQUENCE: "stop_sequence",
-}
-REMOTE_SCHEMES = ("http://", "https://", "data:")
+__all__ = [
+    "AudioChunk",
+    "GenerationResult",
+    "GenerationStream",
+    "Image",
+    "OmnigateClient",
+    "Result",
+    "Summary",
+    "TextDelta",
+    "media_part",
+]
 
-
-@dataclass
-class TextDelta:
-    text: str
-
-
-@dataclass
-class AudioChunk:
-    pcm_s16le: bytes
-    sample_rate: int
-    channels: int
-    sequence: int
-
-
-@dataclass
-class Image:
-    data: bytes
-    mime_type: str
-    width: int
-    height: int
+_UNSET = object()
 
 
-@dataclass
-class Summary:
-    finish_reason: str
-    prompt_tokens: int
-    output_tokens: int
-    audio_seconds: float
-    model_id: str
-    timings: dict[str, float]
+class _Deadline:
+    """A call's deadline across its attempts."""
+
+    def __init__(self, timeout_s: float | None) -> None:
+        self.at = None if timeout_s is None else time.monotonic() + timeout_s
+
+    def remaining(self) -> float | None:
+        return None if self.at is None else max(0.0, self.at - time.monotonic())
+
+    def allows_wait(self, seconds: float) -> bool:
+        """True when, after waiting ``seconds``, some time would be left for another attempt."""
+        return self.at is None or time.monotonic() + seconds < self.at
 
 
-@dataclass
-class Result:
-    """Everything a Generate stream returned, collected."""
+class GenerationStream(Iterator[Event]):
+    """The events of one ``Generate`` call, as they arrive: ``TextDelta``, ``AudioChunk``, ``Image``, then
+    one ``Summary``.
 
-    text: str = ""
-    audio: list[AudioChunk] = field(default_factory=list)
-    images: list[Image] = field(default_factory=list)
-    summary: Summary | None = None
+    Iterate it, or ``collect()`` the rest into a ``GenerationResult``. ``request_id`` is the gateway's
+    ``x-request-id`` once the response started (when the gateway sends one); ``attempts`` counts tries.
+    ``cancel()`` (from any thread) or ``close()`` ends the call; leaving a ``with`` block does too.
+    """
 
-    def wav_bytes(self) -> bytes:
-        """The speech as a WAV file."""
-        if not self.audio:
-            raise ValueError("the response has no audio")
-        buffer = io.BytesIO()
-        with wave.open(buffer, "wb") as out:
-            out.setnchannels(self.audio[0].channels)
-            out.setsampwidth(2)
-            out.setframerate(self.audio[0].sample_rate)
-            for chunk in sorted(self.audio, key=lambda c: c.sequence):
-                out.writeframes(chunk.pcm_s16le)
-        return buffer.getvalue()
+    def __init__(
+        self,
+        stub: gateway_pb2_grpc.GatewayServiceStub,
+        request: pb.GenerateRequest,
+        metadata: tuple,
+        timeout_s: float | None,
+        policy: RetryPolicy,
+    ) -> None:
+        self.request_id: str | None = None
+        self.attempts = 0
+        self._stub = stub
+        self._request = request
+        self._metadata = metadata
+        self._deadline = _Deadline(timeout_s)
+        self._policy = policy
+        self._call = None
+        self._cancelled = threading.Event()
+        self._events = self._run()
+
+    def __iter__(self) -> GenerationStream:
+        return self
+
+    def __next__(self) -> Event:
+        return next(self._events)
+
+    def __enter__(self) -> GenerationStream:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def cancel(self) -> None:
+        """Cancels the call (the gateway stops generating); iteration then raises CANCELLED."""
+        self._cancelled.set()
+        call = self._call
+        if call is not None:
+            call.cancel()
+
+    def close(self) -> None:
+        """Stops iterating and cancels the call if it is still running."""
+        self._events.close()
+
+    def collect(self) -> GenerationResult:
+        """Reads the rest of the stream into a ``GenerationResult``."""
+        events = list(self)
+        return GenerationResult.from_events(events, self.request_id)
+
+    def _run(self) -> Iterator[Event]:
+        retry = 0
+        while True:
+            self.attempts += 1
+            call = self._stub.Generate(
+                self._request, timeout=self._deadline.remaining(), metadata=self._metadata
+            )
+            self._call = call
+            started = finished = False
+            try:
+                for message in call:
+                    if not started:
+                        started = True
+                        self.request_id = metadata_value(call.initial_metadata(), REQUEST_ID_KEY)
+                    yield event_from_proto(message)
+                finished = True
+                if self.request_id is None:
+                    self.request_id = metadata_value(call.trailing_metadata(), REQUEST_ID_KEY)
+                return
+            except grpc.RpcError as exc:
+                finished = True
+                error = OmnigateClientError.from_rpc_error(exc, attempts=self.attempts)
+                self.request_id = self.request_id or error.request_id
+                if started or self._cancelled.is_set():
+                    raise error from None  # output has begun (or the caller cancelled): never repeat
+                retry += 1
+                delay = self._policy.delay(error, retry)
+                if delay is None or not self._deadline.allows_wait(delay):
+                    raise error from None
+                if self._cancelled.wait(delay):
+                    raise error from None
+            finally:
+                if not finished:
+                    call.cancel()  # the consumer stopped early: free the gateway's work
 
 
 class OmnigateClient:
-    """A blocking client; one channel per instance (use as a context manager or call ``close()``)."""
+    """A blocking client; one channel per instance (use as a context manager or call ``close()``).
 
-    def __init__(self, target: str = "127.0.0.1:50051", *, timeout_s: float | None = 600.0) -> None:
+    ``timeout_s`` is the default deadline of ``generate`` calls (None = none); ``api_key`` is sent as
+    ``authorization: Bearer <key>``; ``retries`` (or a full ``retry_policy``) bounds retries of calls that
+    failed before any output. TLS: ``tls=True`` (system roots) or any of ``root_certificates``,
+    ``certificate_chain`` + ``private_key`` (a client certificate), ``server_name``; each certificate is
+    PEM bytes or a file path. ``metadata`` is sent with every call.
+    """
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        timeout_s: float | None = DEFAULT_TIMEOUT_S,
+        api_key: str | None = None,
+        retries: int | None = None,
+        retry_policy: RetryPolicy | None = None,
+        tls: bool | TLSConfig | None = None,
+        root_certificates: bytes | str | None = None,
+        certificate_chain: bytes | str | None = None,
+        private_key: bytes | str | None = None,
+        server_name: str | None = None,
+        metadata: dict[str, str] | None = None,
+        options: list[tuple] | None = None,
+    ) -> None:
         self.target = target
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_send_message_length", 64 * 1024 * 1024),
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ],
-        )
+        self.retry_policy = _policy(retry_policy, retries)
+        self._api_key = api_key
+        self._metadata = dict(metadata or {})
+        tls_config = resolve_tls(tls, root_certificates, certificate_chain, private_key, server_name)
+        opts = channel_options(tls_config, options)
+        if tls_config is None:
+            self._channel = grpc.insecure_channel(target, options=opts)
+        else:
+            self._channel = grpc.secure_channel(target, tls_config.credentials(), options=opts)
         self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -127,24 +222,33 @@ class OmnigateClient:
     def close(self) -> None:
         self._channel.close()
 
-    def health(self, timeout_s: float = 5.0) -> str:
-        """The gateway's health status name ("SERVING", "NOT_SERVING", ...)."""
-        reply = self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
+    def _call_metadata(self, metadata: dict | None, request_id: str | None) -> tuple:
+        return call_metadata(self._api_key, {**self._metadata, **(metadata or {})}, request_id)
+
+    def health(self, timeout_s: float = 5.0, service: str = "") -> str:
+        """The gateway's ``grpc.health.v1`` status name ("SERVING", "NOT_SERVING", ...); not retried."""
+        try:
+            reply = self._health.Check(
+                health_pb2.HealthCheckRequest(service=service),
+                timeout=timeout_s,
+                metadata=self._call_metadata(None, None),
+            )
+        except grpc.RpcError as exc:
+            raise OmnigateClientError.from_rpc_error(exc) from None
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
-    def model_info(self, timeout_s: float = 10.0) -> dict:
-        info = self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout_s)
-        limits = info.limits
-        return {
-            "model_id": info.model_id,
-            "architecture": info.architecture,
-            "input_modalities": [MODALITY_NAMES.get(m, str(m)) for m in info.input_modalities],
-            "output_modalities": [MODALITY_NAMES.get(m, str(m)) for m in info.output_modalities],
-            "input_audio_sample_rate": info.input_audio_sample_rate,
-            "output_audio_sample_rate": info.output_audio_sample_rate,
-            "speakers": list(info.speakers),
-            "limits": {f.name: getattr(limits, f.name) for f in limits.DESCRIPTOR.fields},
-        }
+    def model_info(
+        self, timeout_s: float | None = 10.0, *, retries: int | None = None, metadata: dict | None = None
+    ) -> ModelInfo:
+        """The served model: id, modalities in and out, audio rates, speakers, limits."""
+        reply = self._unary(
+            self._stub.GetModelInfo,
+            pb.GetModelInfoRequest(),
+            timeout_s,
+            _policy(None, retries) if retries is not None else self.retry_policy,
+            self._call_metadata(metadata, None),
+        )
+        return model_info_from_proto(reply)
 
     def generate(
         self,
@@ -164,105 +268,66 @@ class OmnigateClient:
         fps: float | None = None,
         load_audio_from_video: bool = False,
         speaker: str | None = None,
-        timeout_s: float | None = None,
-    ) -> Iterator[TextDelta | AudioChunk | Image | Summary]:
-        """Streams the response events. Raises ``grpc.RpcError`` with the server's status on failure."""
-        if generation_mode not in MODES:
-            raise ValueError(f"generation_mode must be one of {', '.join(MODES)}; got {generation_mode!r}")
-        params = pb.GenerationParameters(
-            max_new_tokens=max_new_tokens or 0,
-            min_new_tokens=min_new_tokens or 0,
+        timeout_s: float | None = _UNSET,  # type: ignore[assignment]
+        retries: int | None = None,
+        request_id: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> GenerationStream:
+        """Starts a ``Generate`` call and returns its stream of typed events.
+
+        The request is built (and local files read) at once: bad arguments raise ValueError or OSError here.
+        Failures of the call raise ``OmnigateClientError`` while iterating. ``timeout_s`` (default: the
+        client's) bounds the whole call including retries; ``request_id`` is sent as ``x-request-id``.
+        """
+        request = build_request(
+            messages,
+            generation_mode=generation_mode,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
             do_sample=do_sample,
-            stop=stop or [],
-        )
-        for name, value in (
-            ("temperature", temperature),
-            ("top_p", top_p),
-            ("top_k", top_k),
-            ("repetition_penalty", repetition_penalty),
-            ("seed", seed),
-        ):
-            if value is not None:
-                setattr(params, name, value)
-        request = pb.GenerateRequest(
-            messages=[_message(m) for m in messages],
-            parameters=params,
-            generation_mode=MODES[generation_mode],
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            stop=stop,
             return_full_text=return_full_text,
-            video=pb.VideoOptions(fps=fps or 0.0, load_audio_from_video=load_audio_from_video),
-            speaker=speaker or "",
+            fps=fps,
+            load_audio_from_video=load_audio_from_video,
+            speaker=speaker,
         )
-        stream = self._stub.Generate(request, timeout=timeout_s if timeout_s is not None else self.timeout_s)
-        for event in stream:
-            yield _event(event)
-
-    def generate_all(self, messages: list[dict], **kwargs) -> Result:
-        """Runs ``generate`` to the end and collects the result."""
-        result = Result()
-        for event in self.generate(messages, **kwargs):
-            if isinstance(event, TextDelta):
-                result.text += event.text
-            elif isinstance(event, AudioChunk):
-                result.audio.append(event)
-            elif isinstance(event, Image):
-                result.images.append(event)
-            else:
-                result.summary = event
-        return result
-
-
-def media_part(kind: str, source: str | bytes | pathlib.Path) -> dict:
-    """A content part for a URL, a local path (read by the client) or raw bytes."""
-    if isinstance(source, bytes):
-        return {"type": kind, "data": source}
-    if isinstance(source, str) and source.startswith(REMOTE_SCHEMES):
-        return {"type": kind, "url": source}
-    return {"type": kind, "path": str(source)}
-
-
-def _message(message: dict) -> pb.Message:
-    content = message.get("content", [])
-    if isinstance(content, str):
-        content = [{"type": "text", "text": content}]
-    return pb.Message(role=message.get("role", "user"), content=[_part(p) for p in content])
-
-
-def _part(part: dict) -> pb.ContentPart:
-    kind = part.get("type")
-    if kind == "text":
-        return pb.ContentPart(text=part.get("text", ""))
-    if kind not in ("image", "audio", "video"):
-        raise ValueError(f"unknown content part type {kind!r}; use text, image, audio or video")
-    if "url" in part or (isinstance(part.get(kind), str) and part[kind].startswith(REMOTE_SCHEMES)):
-        source = pb.MediaSource(url=part.get("url") or part[kind])
-    elif "path" in part or isinstance(part.get(kind), str):
-        path = pathlib.Path(part.get("path") or part[kind])
-        source = pb.MediaSource(inline=pb.InlineMedia(data=path.read_bytes()))  # read here, sent inline
-    elif "data" in part or isinstance(part.get(kind), bytes):
-        source = pb.MediaSource(
-            inline=pb.InlineMedia(data=part.get("data") or part[kind], mime_type=part.get("mime_type", ""))
+        return GenerationStream(
+            self._stub,
+            request,
+            self._call_metadata(metadata, request_id),
+            self.timeout_s if timeout_s is _UNSET else timeout_s,
+            _policy(None, retries) if retries is not None else self.retry_policy,
         )
-    else:
-        raise ValueError(f"{kind} part needs a url, path or data")
-    return pb.ContentPart(**{kind: source})
+
+    def generate_all(self, messages: list[dict], **kwargs) -> GenerationResult:
+        """Runs ``generate`` to the end and returns the collected ``GenerationResult``."""
+        return self.generate(messages, **kwargs).collect()
+
+    def _unary(self, method: Callable, request, timeout_s: float | None, policy: RetryPolicy, metadata):
+        deadline = _Deadline(timeout_s)
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                return method(request, timeout=deadline.remaining(), metadata=metadata)
+            except grpc.RpcError as exc:
+                error = OmnigateClientError.from_rpc_error(exc, attempts=attempts)
+                delay = policy.delay(error, attempts)
+                if delay is None or not deadline.allows_wait(delay):
+                    raise error from None
+                time.sleep(delay)
 
 
-def _event(event: pb.GenerateResponse):
-    kind = event.WhichOneof("event")
-    if kind == "text":
-        return TextDelta(event.text.text)
-    if kind == "audio":
-        a = event.audio
-        return AudioChunk(a.pcm, a.sample_rate, a.channels or 1, a.sequence)
-    if kind == "image":
-        i = event.image
-        return Image(i.data, i.mime_type, i.width, i.height)
-    s = event.summary
-    return Summary(
-        finish_reason=FINISH_REASONS.get(s.finish_reason, "unspecified"),
-        prompt_tokens=s.prompt_tokens,
-        output_tokens=s.output_tokens,
-        audio_seconds=s.audio_seconds,
-        model_id=s.model_id,
-        timings={f.name: getattr(s.timings, f.name) for f in s.timings.DESCRIPTOR.fields},
-    )
+def _policy(policy: RetryPolicy | None, retries: int | None) -> RetryPolicy:
+    if policy is not None and retries is not None:
+        raise ValueError("give retries or retry_policy, not both")
+    if policy is not None:
+        return policy
+    if retries is not None:
+        return RetryPolicy(max_retries=retries)
+    return RetryPolicy()

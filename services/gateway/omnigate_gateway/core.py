@@ -9,6 +9,8 @@ calling a worker and the request metrics happen here once, whatever door a reque
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from omnigate import status
+from omnigate import status, tracing
 from omnigate.conversation import GenerationMode, Modality, ModelInfo
 from omnigate.errors import InvalidInput
 from omnigate.gateway.v1 import gateway_pb2
@@ -34,8 +36,17 @@ MODE_OUTPUT = {
 }
 
 
+access_log = logging.getLogger("omnigate_gateway.access")
+
+
 def new_request_id() -> str:
     return uuid.uuid4().hex
+
+
+def request_id_from(value: str | None) -> str:
+    """The caller's request id (``x-request-id``) when it is usable (1-128 characters of
+    ``[A-Za-z0-9._-]``), else a new one: a request id never carries what a caller could inject into logs."""
+    return tracing.sane_request_id(value) or new_request_id()
 
 
 @dataclass
@@ -96,14 +107,77 @@ class GatewayCore:
     async def generate(
         self, request: gateway_pb2.GenerateRequest, call: Call
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
-        """Serves one Generate request; raises an OmnigateError (or another exception = internal)."""
+        """Serves one Generate request; raises an OmnigateError (or another exception = internal).
+
+        The request runs inside its trace span (``gateway.generate``, continuing a caller's W3C trace
+        context) with its request id bound for logs, and one access line is logged when it ends.
+        """
+        started = time.monotonic()
+        tracer = tracing.tracer(tracing.GATEWAY)
+        span = tracer.start_span(
+            "gateway.generate",
+            context=tracing.extract(call.metadata),
+            kind=tracing.SpanKind.SERVER,
+            attributes={"omnigate.request_id": call.request_id, "omnigate.protocol": call.protocol},
+        )
+        code, output_tokens, stream_span = "OK", 0, None
+        with tracing.activate(span, request_id=call.request_id):
+            try:
+                async with contextlib.aclosing(self._generate(request, call)) as events:
+                    async for event in events:
+                        if event.HasField("summary"):
+                            output_tokens = event.summary.output_tokens
+                        elif stream_span is None:
+                            stream_span = tracer.start_span("gateway.stream")  # first output to the end
+                        yield event
+            except (asyncio.CancelledError, GeneratorExit):
+                expired = (
+                    call.time_remaining_s is not None and time.monotonic() - started >= call.time_remaining_s
+                )
+                code = "DEADLINE_EXCEEDED" if expired else "CANCELLED"
+                raise
+            except Exception as exc:
+                code = status.to_status(exc).code.name
+                raise
+            finally:
+                if stream_span is not None:
+                    stream_span.end()
+                mode = convert.PUBLIC_MODES.get(request.generation_mode)
+                mode = mode.value if mode is not None else "unknown"
+                duration_s = time.monotonic() - started
+                access_log.info(
+                    "%s %s %s mode=%s duration_s=%.3f output_tokens=%d",
+                    call.rpc,
+                    code,
+                    call.protocol,
+                    mode,
+                    duration_s,
+                    output_tokens,
+                    extra={
+                        "rpc": call.rpc,
+                        "code": code,
+                        "protocol": call.protocol,
+                        "mode": mode,
+                        "duration_s": round(duration_s, 6),
+                        "output_tokens": output_tokens,
+                    },
+                )
+                span.set_attribute("omnigate.mode", mode)
+                tracing.end_span(span, code)
+
+    async def _generate(
+        self, request: gateway_pb2.GenerateRequest, call: Call
+    ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         started = time.monotonic()
         mode = "unknown"
         code = grpc.StatusCode.OK
         first_output = False
+        first_token = first_audio = False
+        admitted = reached_worker = False  # for the rejected counter (admission counts its own refusals)
         self.metrics.in_flight.inc()
         try:
             async with self.auth.admit(call):
+                admitted = True
                 incoming = convert.parse_request(
                     request, self.settings.default_max_new_tokens, self.settings.default_video_fps
                 )
@@ -126,7 +200,15 @@ class GatewayCore:
                 generation.request_id = call.request_id
                 timeout = max(0.001, deadline - time.monotonic())
                 timings = gateway_pb2.Timings(media_s=media_s)
-                worker_call = self.worker.generate(generation, timeout)
+                reached_worker = True
+                worker_span = tracing.tracer(tracing.GATEWAY).start_span(
+                    "gateway.worker", kind=tracing.SpanKind.CLIENT
+                )  # the worker's spans are its children: its context travels in the call's metadata
+                worker_call = self.worker.generate(
+                    generation,
+                    timeout,
+                    metadata=[*tracing.inject(worker_span), (tracing.REQUEST_ID_METADATA, call.request_id)],
+                )
                 try:
                     async for event in worker_call:
                         if event.WhichOneof("event") == "summary":
@@ -135,16 +217,32 @@ class GatewayCore:
                         elif not first_output:
                             first_output = True
                             self.metrics.time_to_first_output.labels(mode).observe(time.monotonic() - started)
+                        if not first_token and event.HasField("text"):
+                            first_token = True
+                            self.metrics.time_to_first_token.labels(mode).observe(time.monotonic() - started)
+                        elif not first_audio and event.HasField("audio"):
+                            first_audio = True
+                            self.metrics.time_to_first_audio.observe(time.monotonic() - started)
                         yield convert.public_event(event, timings, info.model_id)
                 except grpc.RpcError as exc:
+                    tracing.set_grpc_code(worker_span, exc.code().name, client=True)
+                    self.metrics.upstream_errors.labels(exc.code().name).inc()
                     raise status.from_rpc_error(exc, upstream=f"the worker at {self.worker.target}") from exc
                 finally:
                     worker_call.cancel()  # no-op when finished; stops the worker when our client went away
+                    worker_span.end()
         except (asyncio.CancelledError, GeneratorExit):
-            code = grpc.StatusCode.CANCELLED
+            # A client whose deadline passed cancels; its timer started a little before ours (slack 0.1 s).
+            expired = (
+                call.time_remaining_s is not None
+                and time.monotonic() - started >= call.time_remaining_s - 0.1
+            )
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:
             code = status.to_status(exc).code
+            if admitted and not reached_worker:
+                self.metrics.count_rejection(code.name)
             raise
         finally:
             self.metrics.in_flight.dec()

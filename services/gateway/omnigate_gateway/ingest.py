@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from omnigate import tracing
 from omnigate.conversation import ContentPart, Modality, ModelInfo
 from omnigate.errors import InvalidInput, LimitExceeded, OmnigateError
 from omnigate_gateway import decode
@@ -120,12 +121,17 @@ class MediaIngestor:
             decoded, size = await self._from_url(ref.url, modality, options, budget, cap, decode_fn)
         else:
             if ref.url is not None:
-                data = await self._fetcher.fetch(ref.url, budget=budget, max_bytes=cap)
+                with _span("gateway.fetch", modality, "data_url"):
+                    data = await self._fetcher.fetch(ref.url, budget=budget, max_bytes=cap)
+                source = "inline"  # a data: URL
             elif ref.path is not None:
-                data = await asyncio.to_thread(
-                    self._fetcher.read_local, ref.path, budget=budget, max_bytes=cap
-                )
+                with _span("gateway.fetch", modality, "path"):
+                    data = await asyncio.to_thread(
+                        self._fetcher.read_local, ref.path, budget=budget, max_bytes=cap
+                    )
+                source = "path"
             else:
+                source = "inline"
                 data = ref.data or b""
                 if len(data) > cap:
                     raise LimitExceeded(
@@ -133,6 +139,9 @@ class MediaIngestor:
                         f"{modality.value} item"
                     )
                 budget.take(len(data))
+            self._metrics.media_fetch_latency.labels(modality.value, source).observe(
+                time.monotonic() - started
+            )
             decoded = await self._decode_cached(data, modality, options, decode_fn)
             size = len(data)
         self._metrics.media_bytes.labels(modality.value).inc(size)
@@ -159,8 +168,15 @@ class MediaIngestor:
                 budget.take(record.encoded_bytes)
                 return cached[0], 0
         validators = record.validators if (record is not None and cached is not None) else None
-        fetched = await self._fetcher.fetch_media(
-            url, budget=budget, validators=validators or None, max_bytes=cap
+        fetch_started = time.monotonic()
+        with _span("gateway.fetch", modality, "url") as span:
+            span.set_attribute("omnigate.media.revalidating", bool(validators))
+            fetched = await self._fetcher.fetch_media(
+                url, budget=budget, validators=validators or None, max_bytes=cap
+            )
+            span.set_attribute("omnigate.media.bytes", len(fetched.data or b""))
+        self._metrics.media_fetch_latency.labels(modality.value, "url").observe(
+            time.monotonic() - fetch_started
         )
         if fetched.not_modified and record is not None and cached is not None:
             budget.take(record.encoded_bytes)
@@ -248,7 +264,20 @@ class MediaIngestor:
                 stop=stop,
             )
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+            started = time.monotonic()
+            with _span("gateway.decode", modality) as span:
+                span.set_attribute("omnigate.media.bytes", len(data))
+                decoded = await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+            self._metrics.media_decode_latency.labels(modality.value).observe(time.monotonic() - started)
+            return decoded
         except BaseException:
             stop.cancel()  # cancelled (client gone, sibling failed, deadline): the thread stops soon
             raise
+
+
+def _span(name: str, modality: Modality, source: str | None = None):
+    """A span for one media item's fetch or decode, a child of the request's (current) span."""
+    attributes = {"omnigate.modality": modality.value}
+    if source is not None:
+        attributes["omnigate.media.source"] = source
+    return tracing.tracer(tracing.GATEWAY).start_as_current_span(name, attributes=attributes)

@@ -10,10 +10,13 @@ import signal
 from grpc_health.v1 import health, health_pb2
 from prometheus_client import CollectorRegistry
 
+from omnigate import tracing
+from omnigate.grpc_server import start_health_server
 from omnigate.lifecycle import configure_logging, start_metrics_server, write_ports_file
 from omnigate_gateway.auth import Authenticator
 from omnigate_gateway.core import GatewayCore
 from omnigate_gateway.fetch import MediaFetcher
+from omnigate_gateway.http_api import HttpApiServer, create_app, grpc_health_probe
 from omnigate_gateway.ingest import MediaIngestor
 from omnigate_gateway.metrics import GatewayMetrics
 from omnigate_gateway.resolver import Resolver
@@ -53,12 +56,27 @@ async def serve(settings: GatewaySettings, *, resolver: Resolver | None = None) 
     health_servicer = health.aio.HealthServicer()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, NOT_SERVING)
-    server, port = build_server(
-        GatewayServicer(GatewayCore(settings, worker, ingestor, metrics, Authenticator(settings))), settings, health_servicer
-    )
+    core = GatewayCore(settings, worker, ingestor, metrics, Authenticator(settings, metrics))
+    server, port = build_server(GatewayServicer(core), settings, health_servicer)
+    # The OpenAI-compatible HTTP API: bound first (a busy port fails the start), served on this event loop.
+    http = None
+    if settings.http_port >= 0:
+        http = HttpApiServer(create_app(core, settings, grpc_health_probe(health_servicer)), settings)
     await server.start()
+    if http is not None:
+        await http.start()
+        log.info("OpenAI-compatible HTTP API on %s/v1", http.url)
+    health_server, health_port = await start_health_server(
+        health_servicer, settings.host, settings.health_port
+    )
     if settings.ports_file:
-        write_ports_file(settings.ports_file, port, metrics_port)
+        write_ports_file(
+            settings.ports_file,
+            port,
+            metrics_port,
+            health_port=health_port,
+            http_port=http.port if http else None,
+        )
     log.info("gateway gRPC listening on %s:%d, worker %s", settings.host, port, settings.worker_target)
     watcher = asyncio.create_task(watch_worker(worker, health_servicer, settings.worker_check_interval_s))
 
@@ -73,7 +91,9 @@ async def serve(settings: GatewaySettings, *, resolver: Resolver | None = None) 
     with contextlib.suppress(asyncio.CancelledError):
         await watcher
     await health_servicer.enter_graceful_shutdown()
-    await server.stop(grace=settings.grace_period_s)
+    await asyncio.gather(server.stop(grace=settings.grace_period_s), *([http.stop()] if http else []))
+    if health_server is not None:
+        await health_server.stop(grace=None)
     await worker.close()
     await fetcher.aclose()
     ingestor.close()
@@ -82,8 +102,14 @@ async def serve(settings: GatewaySettings, *, resolver: Resolver | None = None) 
 
 def main() -> None:
     settings = GatewaySettings(_cli_parse_args=True)
-    configure_logging(settings.log_level)
-    asyncio.run(serve(settings))
+    configure_logging(settings.log_level, settings.log_format, tracing.GATEWAY)
+    tracing.configure(
+        tracing.GATEWAY, otlp_endpoint=settings.otlp_endpoint, sample_ratio=settings.trace_sample_ratio
+    )
+    try:
+        asyncio.run(serve(settings))
+    finally:
+        tracing.shutdown(tracing.GATEWAY)  # exports the spans still batched
 
 
 if __name__ == "__main__":

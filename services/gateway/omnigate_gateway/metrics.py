@@ -1,10 +1,42 @@
-"""Prometheus metrics of the gateway (declared once, here)."""
+"""Prometheus metrics of the gateway (declared once, here; the contract is docs/metrics.md)."""
 
 from __future__ import annotations
+
+from importlib import metadata
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
+# Media fetch and decode: from a few ms (a small inline image) to the decode limit (60 s by default).
+MEDIA_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
+
+# Why a request was refused before it reached a worker (the rejected counter's label values).
+REJECTION_REASONS = (
+    "unauthenticated",
+    "rate_limited",
+    "concurrency_limited",
+    "invalid_argument",
+    "permission_denied",
+    "resource_exhausted",
+    "deadline_exceeded",
+    "no_worker",
+)
+# The reasons the core itself gives, from the gRPC status of a request that failed before reaching a
+# worker (authentication and admission count their own: unauthenticated, rate_limited, ...).
+REJECTION_BY_CODE = {
+    "INVALID_ARGUMENT": "invalid_argument",
+    "PERMISSION_DENIED": "permission_denied",
+    "RESOURCE_EXHAUSTED": "resource_exhausted",
+    "DEADLINE_EXCEEDED": "deadline_exceeded",
+    "UNAVAILABLE": "no_worker",
+}
+
+
+def _version() -> str:
+    try:
+        return metadata.version("omnigate")
+    except metadata.PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown"
 
 
 class GatewayMetrics:
@@ -32,8 +64,36 @@ class GatewayMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.time_to_first_token = Histogram(
+            "omnigate_gateway_time_to_first_token_seconds",
+            "Time from receiving a Generate request to sending its first text delta.",
+            ["mode"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.time_to_first_audio = Histogram(
+            "omnigate_gateway_time_to_first_audio_seconds",
+            "Time from receiving a Generate request to sending its first audio chunk.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.generated_tokens = Counter(
             "omnigate_gateway_generated_tokens_total", "Text tokens generated for clients.", registry=registry
+        )
+        self.media_fetch_latency = Histogram(
+            "omnigate_gateway_media_fetch_duration_seconds",
+            "Time to obtain the encoded bytes of one media item (download, file read or inline), "
+            "by modality and source.",
+            ["modality", "source"],
+            buckets=MEDIA_BUCKETS,
+            registry=registry,
+        )
+        self.media_decode_latency = Histogram(
+            "omnigate_gateway_media_decode_duration_seconds",
+            "Time to decode one media item on the decode pool, by modality.",
+            ["modality"],
+            buckets=MEDIA_BUCKETS,
+            registry=registry,
         )
         self.media_latency = Histogram(
             "omnigate_gateway_media_duration_seconds",
@@ -65,13 +125,29 @@ class GatewayMetrics:
         self.rejected = Counter(
             "omnigate_gateway_rejected_requests_total",
             "Requests refused before reaching a worker, by reason (unauthenticated, rate_limited, "
-            "concurrency_limited, invalid_argument, permission_denied, resource_exhausted, no_worker).",
+            "concurrency_limited, invalid_argument, permission_denied, resource_exhausted, "
+            "deadline_exceeded, no_worker).",
             ["reason"],
             registry=registry,
         )
+        for reason in REJECTION_REASONS:
+            self.rejected.labels(reason)  # every reason exported from the start, at 0
         self.workers = Gauge(
             "omnigate_gateway_workers",
             "Workers known to the gateway, by state (ready, not_ready, ejected, draining).",
             ["state"],
             registry=registry,
         )
+        self.info = Gauge(
+            "omnigate_gateway_info",
+            "Always 1; the Omnigate version of this gateway.",
+            ["version"],
+            registry=registry,
+        )
+        self.info.labels(_version()).set(1)
+
+    def count_rejection(self, code_name: str) -> None:
+        """Counts a request refused before reaching a worker, by the name of its gRPC status code."""
+        reason = REJECTION_BY_CODE.get(code_name)
+        if reason is not None:
+            self.rejected.labels(reason).inc()

@@ -7,10 +7,11 @@ import logging
 import grpc
 from grpc_health.v1 import health
 
-from omnigate import status
+from omnigate import status, tls, tracing
 from omnigate.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from omnigate.grpc_server import finish_server
-from omnigate_gateway.core import Call, GatewayCore
+from omnigate_gateway.auth import credential
+from omnigate_gateway.core import Call, GatewayCore, request_id_from
 from omnigate_gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -31,21 +32,38 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             for key, value in (context.invocation_metadata() or ())
             if isinstance(value, str)
         }
-        return Call(rpc=rpc, time_remaining_s=context.time_remaining(), metadata=metadata, protocol="grpc")
+        return Call(
+            rpc=rpc,
+            request_id=request_id_from(metadata.get(tracing.REQUEST_ID_METADATA)),
+            time_remaining_s=context.time_remaining(),
+            api_key=credential(metadata.get("authorization"), metadata.get("x-api-key")),
+            metadata=metadata,
+            protocol="grpc",
+        )
 
     async def GetModelInfo(self, request, context):  # noqa: N802 - gRPC method name
-        try:
-            return self._core.public_model_info(self._call("GetModelInfo", context))
-        except Exception as exc:  # noqa: BLE001 - mapped to a status in one place
-            await status.abort(context, exc)
+        call = self._call("GetModelInfo", context)
+        await _send_request_id(context, call)
+        with tracing.activate(request_id=call.request_id):
+            try:
+                return self._core.public_model_info(call)
+            except Exception as exc:  # noqa: BLE001 - mapped to a status in one place
+                await status.abort(context, exc)
 
     async def Generate(self, request, context):  # noqa: N802 - gRPC method name
         call = self._call("Generate", context)
-        try:
-            async for event in self._core.generate(request, call):
-                yield event
-        except Exception as exc:  # noqa: BLE001 - mapped to a status in one place
-            await status.abort(context, exc)
+        await _send_request_id(context, call)
+        with tracing.activate(request_id=call.request_id):  # this RPC's task: its error log lines too
+            try:
+                async for event in self._core.generate(request, call):
+                    yield event
+            except Exception as exc:  # noqa: BLE001 - mapped to a status in one place
+                await status.abort(context, exc)
+
+
+async def _send_request_id(context, call: Call) -> None:
+    """Returns the request id in the initial metadata, before anything else: errors carry it too."""
+    await context.send_initial_metadata(((tracing.REQUEST_ID_METADATA, call.request_id),))
 
 
 def build_server(
@@ -66,5 +84,8 @@ def build_server(
         enable_reflection=settings.reflection,
         host=settings.host,
         port=settings.port,
+        credentials=tls.server_credentials(
+            settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+        ),
     )
     return server, port

@@ -21,8 +21,53 @@ class GatewaySettings(BaseSettings):
     metrics_host: str = Field("127.0.0.1", description="Address of the Prometheus metrics endpoint.")
     metrics_port: int = Field(9400, description="Prometheus metrics port (0 = OS-chosen, -1 = disabled).")
     reflection: bool = Field(True, description="Serve gRPC server reflection.")
-    worker_target: str = Field("127.0.0.1:50061", description="gRPC address (host:port) of the worker.")
-    worker_check_interval_s: float = Field(2.0, description="Seconds between checks of the worker's health.")
+    http_host: str = Field("127.0.0.1", description="Address the OpenAI-compatible HTTP API binds to.")
+    http_port: int = Field(
+        8000, description="OpenAI-compatible HTTP API port (0 = OS-chosen, -1 = disabled)."
+    )
+    max_http_body_bytes: int = Field(
+        64 * 1024 * 1024,
+        description="Largest HTTP request body accepted (JSON with inline base64 media); larger gets 413.",
+    )
+    worker_target: str = Field(
+        "127.0.0.1:50061",
+        description="Workers: host:port, a comma-separated list, or a DNS name (dns:///name:port or "
+        "name:port) whose every A/AAAA record is a worker.",
+    )
+    worker_check_interval_s: float = Field(
+        2.0, gt=0, description="Seconds between health checks of each worker."
+    )
+    worker_check_timeout_s: float = Field(
+        2.0, gt=0, description="Seconds a worker health check may take before the worker counts as unreachable."
+    )
+    worker_discovery_interval_s: float = Field(
+        5.0, gt=0, description="Seconds between DNS resolutions of worker names."
+    )
+    worker_max_retries: int = Field(
+        2,
+        ge=0,
+        description="Times a request is sent again to another worker after a retriable failure before any "
+        "output (0 = never).",
+    )
+    worker_eject_after_failures: int = Field(
+        3, ge=1, description="Failed calls in a row after which a worker is ejected (gets no requests)."
+    )
+    worker_ejection_s: float = Field(10.0, ge=0, description="Seconds an ejected worker gets no requests.")
+    worker_keepalive_time_s: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds between keepalive pings on worker connections with calls in flight (workers "
+        "must allow it: OMNIGATE_WORKER_KEEPALIVE_MIN_PING_INTERVAL_S).",
+    )
+    worker_keepalive_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds without a ping reply after which a worker connection is dead and its calls "
+        "fail with UNAVAILABLE (a hung worker).",
+    )
+    worker_reconnect_backoff_max_s: float = Field(
+        5.0, gt=0, description="Longest wait between attempts to reconnect to an unreachable worker."
+    )
     default_max_new_tokens: int = Field(256, description="max_new_tokens used when a request sets none.")
     default_video_fps: float = Field(2.0, description="Video sampling rate used when a request sets none.")
     default_timeout_s: float = Field(600.0, description="Deadline for a request whose client set none.")
@@ -90,13 +135,85 @@ class GatewaySettings(BaseSettings):
         1024 * 1024, description="Bytes of decoded media per message to the worker."
     )
     max_message_bytes: int = Field(
-        64 * 1024 * 1024, description="Largest single gRPC message accepted from clients (inline media)."
+        64 * 1024 * 1024,
+        description="Largest single gRPC message accepted from clients (inline media) or from a worker, "
+        "and sent to clients.",
+    )
+    tls_cert_file: str | None = Field(
+        None,
+        description="PEM certificate (chain) of the public gRPC port; set with tls_key_file to serve TLS.",
+    )
+    tls_key_file: str | None = Field(None, description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: str | None = Field(
+        None, description="PEM CA(s) that client certificates must chain to; set = clients need one (mTLS)."
+    )
+    health_port: int = Field(
+        -1,
+        description="Port of an extra plaintext server answering only grpc.health.v1 (Kubernetes gRPC probes "
+        "cannot speak TLS); -1 = none, 0 = OS-chosen.",
+    )
+    worker_tls_ca_file: str | None = Field(
+        None,
+        description="PEM CA(s) that worker certificates must chain to; set (or worker_tls_cert_file) = talk "
+        "TLS to workers (unset = the system's CAs).",
+    )
+    worker_tls_cert_file: str | None = Field(
+        None, description="PEM client certificate presented to workers (mTLS); set with worker_tls_key_file."
+    )
+    worker_tls_key_file: str | None = Field(None, description="PEM private key of worker_tls_cert_file.")
+    worker_tls_server_name: str | None = Field(
+        None,
+        description="Name expected in worker certificates instead of the target's host (e.g. the worker "
+        "Service's DNS name when the target resolves to pod IPs).",
+    )
+    api_keys_file: str | None = Field(
+        None,
+        description="File of API keys, one 'name:secret[:option=value...]' per line (README, Security); "
+        "unset = no authentication.",
+    )
+    api_keys_reload_interval_s: float = Field(
+        2.0, description="Seconds between checks of api_keys_file for changes (added and revoked keys)."
+    )
+    api_key_requests_per_s: float = Field(
+        0.0, description="Generate requests per second allowed per API key (token bucket); 0 = no limit."
+    )
+    api_key_burst: int = Field(
+        10, description="Generate requests an API key may send at once above its rate (token bucket size)."
+    )
+    api_key_max_concurrent: int = Field(
+        0, description="Generate streams one API key may have open at once; 0 = no limit."
     )
     grace_period_s: float = Field(30.0, description="On SIGTERM, seconds to let in-flight requests finish.")
     ports_file: str | None = Field(
         None, description="Write the bound ports as JSON to this file once listening (for tests and scripts)."
     )
     log_level: str = Field("INFO", description="Python log level.")
+    log_format: str = Field(
+        "json",
+        pattern="^(json|text)$",
+        description="Log lines as 'json' (one object per line: time, level, logger, message, service, "
+        "request_id, trace_id, span_id) or 'text'.",
+    )
+    otlp_endpoint: str | None = Field(
+        None,
+        pattern="^(https?://.+)?$",
+        description="OTLP/gRPC endpoint receiving traces (http://host:4317 plaintext, https://host:4317 "
+        "TLS); unset or empty = traces are not exported.",
+    )
+    trace_sample_ratio: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of new traces sampled when exporting (a caller's sampling decision is followed).",
+    )
+
+    @field_validator("worker_target")
+    @classmethod
+    def _valid_worker_target(cls, value: str) -> str:
+        from omnigate_gateway.worker_client import parse_worker_target
+
+        parse_worker_target(value)  # ValueError names the malformed entry
+        return value
 
     @field_validator("allowed_networks")
     @classmethod

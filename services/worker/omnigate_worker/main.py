@@ -10,6 +10,8 @@ import time
 from grpc_health.v1 import health, health_pb2
 from prometheus_client import CollectorRegistry
 
+from omnigate import tracing
+from omnigate.grpc_server import start_health_server
 from omnigate.lifecycle import configure_logging, start_metrics_server, write_ports_file
 from omnigate_worker.metrics import WorkerMetrics
 from omnigate_worker.scheduler import Scheduler
@@ -32,12 +34,15 @@ async def serve(settings: WorkerSettings) -> None:
     servicer = WorkerServicer(settings, metrics)
     server, port = build_server(servicer, settings, health_servicer)
     await server.start()
+    health_server, health_port = await start_health_server(
+        health_servicer, settings.host, settings.health_port
+    )
     if settings.ports_file:
-        write_ports_file(settings.ports_file, port, metrics_port)
+        write_ports_file(settings.ports_file, port, metrics_port, health_port=health_port)
     log.info("worker gRPC listening on %s:%d (loading %s)", settings.host, port, settings.model)
 
     started = time.monotonic()
-    engine = await asyncio.to_thread(_load_engine, settings)
+    engine = await asyncio.to_thread(_load_engine, settings, metrics)
     if settings.warmup:
         await asyncio.to_thread(engine.warmup)
     metrics.model_load.set(time.monotonic() - started)
@@ -63,11 +68,13 @@ async def serve(settings: WorkerSettings) -> None:
     while scheduler.busy() and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     await server.stop(grace=max(0.0, deadline - time.monotonic()))
+    if health_server is not None:
+        await health_server.stop(grace=None)
     scheduler.shutdown()
     log.info("worker stopped")
 
 
-def _load_engine(settings: WorkerSettings):
+def _load_engine(settings: WorkerSettings, metrics: WorkerMetrics):
     from omnigate_worker import loading
     from omnigate_worker.transformers_engine import TransformersEngine
 
@@ -79,13 +86,20 @@ def _load_engine(settings: WorkerSettings):
         settings.trust_remote_code,
         settings.torch_threads,
     )
-    return TransformersEngine(loaded, settings, settings.model)
+    metrics.set_model(settings.model, str(loaded.device), str(loaded.dtype).removeprefix("torch."))
+    return TransformersEngine(loaded, settings, settings.model, metrics=metrics)
 
 
 def main() -> None:
     settings = WorkerSettings(_cli_parse_args=True)
-    configure_logging(settings.log_level)
-    asyncio.run(serve(settings))
+    configure_logging(settings.log_level, settings.log_format, tracing.WORKER)
+    tracing.configure(
+        tracing.WORKER, otlp_endpoint=settings.otlp_endpoint, sample_ratio=settings.trace_sample_ratio
+    )
+    try:
+        asyncio.run(serve(settings))
+    finally:
+        tracing.shutdown(tracing.WORKER)  # exports the spans still batched
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
-from omnigate.conversation import Event, GenerationRequest, TextDelta
+from omnigate import tracing
+from omnigate.conversation import Event, GenerationRequest, Summary, TextDelta
 from omnigate.errors import DeadlineExceeded, LimitExceeded, Unavailable
 from omnigate_worker.engine import Engine, Prepared
 from omnigate_worker.metrics import WorkerMetrics
@@ -49,16 +50,56 @@ class Job:
         self._loop = loop
         self._events: asyncio.Queue = asyncio.Queue()
         self._finished = False
+        # Tracing: the request's context (its worker.generate span, its request id), taken on the event
+        # loop, is made current on the threads working for it (``activated``). What is not one block of
+        # code on one thread (time in the queue, a row's share of the shared decode loop) is recorded
+        # with explicit times.
+        self.trace_context = tracing.current_context()
+        self.request_id = tracing.current_request_id() or tracing.sane_request_id(request.request_id)
+        self.prefilled_at: float | None = None  # set when a row joined the batch
+        self.summary: Summary | None = None
 
     # -- engine side (any thread) --
     def emit(self, event: Event) -> None:
+        if isinstance(event, Summary):
+            self.summary = event
         self._loop.call_soon_threadsafe(self._events.put_nowait, event)
 
     def finish(self, error: BaseException | None = None) -> None:
         if self._finished:
             return
         self._finished = True
+        self._trace_finished(error)
         self._loop.call_soon_threadsafe(self._events.put_nowait, error if error is not None else _DONE)
+
+    def activated(self):
+        """Makes the request's trace context and request id current on this thread (logs, child spans)."""
+        return tracing.activate(context=self.trace_context, request_id=self.request_id)
+
+    def trace_started(self) -> None:
+        tracing.record_span(
+            tracing.WORKER, "worker.queue", self.trace_context, self.enqueued_at, self.started_at
+        )
+
+    def describe(self, span) -> None:
+        """Adds the outcome (tokens, finish reason) to a span of this request."""
+        span.set_attribute("omnigate.cancelled", self.cancelled.is_set())
+        if self.summary is not None:
+            span.set_attribute("omnigate.prompt_tokens", self.summary.prompt_tokens)
+            span.set_attribute("omnigate.output_tokens", self.summary.output_tokens)
+            span.set_attribute("omnigate.finish_reason", self.summary.finish_reason or "")
+
+    def _trace_finished(self, error: BaseException | None) -> None:
+        now = time.monotonic()
+        if self.started_at is None:  # never ran (cancelled, expired or refused): all of it was queueing
+            tracing.record_span(
+                tracing.WORKER, "worker.queue", self.trace_context, self.enqueued_at, now, error=error
+            )
+        elif self.prefilled_at is not None:  # a batch row: its time in the decode loop, shared with others
+            span = tracing.record_span(
+                tracing.WORKER, "worker.decode", self.trace_context, self.prefilled_at, now, error=error
+            )
+            self.describe(span)
 
     def expired(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
@@ -162,9 +203,11 @@ class Scheduler:
                     if job.expired()
                     else _Cancelled()
                 )
-            job.prepared = self._engine.prepare(job.request)
+            with job.activated(), tracing.tracer(tracing.WORKER).start_as_current_span("worker.preprocess"):
+                job.prepared = self._engine.prepare(job.request)
             budget = self._settings.max_prompt_tokens
             if job.prepared.prompt_len > budget:
+                self._metrics.rejected.labels("too_long").inc()
                 raise LimitExceeded(
                     f"the prompt is {job.prepared.prompt_len} tokens after media expansion; the limit is {budget} "
                     "(send shorter or fewer media, or a lower video fps)"
@@ -194,11 +237,12 @@ class Scheduler:
             if alone is not None:
                 self._run_alone(alone)
             if len(batch):
+                self._metrics.batch_size.observe(len(batch))
                 try:
                     batch.step()
                 except Exception as exc:  # noqa: BLE001 - every row of a failed step gets the error
                     log.exception("decode step failed")
-                    batch.fail_all(_resource_error(exc))
+                    batch.fail_all(self._resource_error(exc, len(batch)))
 
     def _next_work(self, batch) -> tuple[list[Job] | None, Job | None]:
         """Waits for work; returns (jobs to add to the batch, a job to run alone); (None, None) when stopped."""
@@ -248,31 +292,63 @@ class Scheduler:
     def _done(self, job: Job, error: BaseException | None) -> None:
         with self._cond:
             self._running -= 1
+        if error is None and job.started_at is not None and not job.cancelled.is_set():
+            self._metrics.generation_latency.labels(job.request.mode.value).observe(
+                time.monotonic() - job.started_at
+            )
         job.finish(error)
 
-    def _start_row(self, batch, job: Job) -> None:
+    def _started(self, job: Job) -> None:
         job.started_at = time.monotonic()
+        self._metrics.queue_wait.observe(job.started_at - job.enqueued_at)
+        job.trace_started()
+
+    def _resource_error(self, exc: BaseException, rows: int = 1) -> BaseException:
+        error = _resource_error(exc)
+        if error is not exc:
+            self._metrics.rejected.labels("out_of_memory").inc(rows)
+        return error
+
+    def _start_row(self, batch, job: Job) -> None:
+        self._started(job)
         try:
-            self._engine.start_row(
-                batch,
-                job.prepared,
-                job.emit,
-                lambda error, job=job: self._done(job, error),
-                job.cancelled,
-                job.deadline,
-            )
+            with job.activated(), tracing.tracer(tracing.WORKER).start_as_current_span("worker.prefill"):
+                self._engine.start_row(
+                    batch,
+                    job.prepared,
+                    job.emit,
+                    lambda error, job=job: self._done(job, error),
+                    job.cancelled,
+                    job.deadline,
+                )
+            job.prefilled_at = time.monotonic()
         except Exception as exc:  # noqa: BLE001 - only this request fails
             log.debug("request %s failed to start", job.request.request_id, exc_info=True)
-            self._done(job, _resource_error(exc))
+            self._done(job, self._resource_error(exc))
 
     def _run_alone(self, job: Job) -> None:
-        job.started_at = time.monotonic()
+        self._started(job)
         try:
-            self._engine.run(job.prepared, job.emit, job.cancelled)
+            # generate() in one call: worker.decode covers it (speech vocoding nests inside), and its
+            # worker.prefill child marks the part up to the first output.
+            with (
+                job.activated(),
+                tracing.tracer(tracing.WORKER).start_as_current_span("worker.decode") as span,
+            ):
+                self._engine.run(job.prepared, job.emit, job.cancelled)
+                job.describe(span)
+                if job.summary is not None and job.summary.timings.prefill_s:
+                    tracing.record_span(
+                        tracing.WORKER,
+                        "worker.prefill",
+                        None,
+                        job.started_at,
+                        job.started_at + job.summary.timings.prefill_s,
+                    )
             self._done(job, None)
         except Exception as exc:  # noqa: BLE001 - only this request fails
             log.debug("request %s failed", job.request.request_id, exc_info=True)
-            self._done(job, _resource_error(exc))
+            self._done(job, self._resource_error(exc))
 
     def _fail_ready(self, error: BaseException) -> None:
         with self._cond:

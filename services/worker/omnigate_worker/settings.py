@@ -49,6 +49,18 @@ class WorkerSettings(BaseSettings):
     max_message_bytes: int = Field(
         8 * 1024 * 1024, description="Largest single gRPC message accepted or sent (media travels in chunks)."
     )
+    tls_cert_file: str | None = Field(
+        None, description="PEM certificate (chain) of the gRPC port; set with tls_key_file to serve TLS."
+    )
+    tls_key_file: str | None = Field(None, description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: str | None = Field(
+        None, description="PEM CA(s) that client (gateway) certificates must chain to; set = mutual TLS."
+    )
+    health_port: int = Field(
+        -1,
+        description="Port of an extra plaintext server answering only grpc.health.v1 (Kubernetes gRPC probes "
+        "cannot speak TLS); -1 = none, 0 = OS-chosen.",
+    )
     max_batch_size: int = Field(32, description="Requests decoding together in one batch (1 = no batching).")
     max_batch_wait_ms: float = Field(
         2.0, description="When idle, how long the first request waits for others to start with it."
@@ -86,3 +98,21 @@ class WorkerSettings(BaseSettings):
         None, description="Write the bound ports as JSON to this file once listening (for tests and scripts)."
     )
     log_level: str = Field("INFO", description="Python log level.")
+    log_format: str = Field(
+        "json",
+        pattern="^(json|text)$",
+        description="Log lines as 'json' (one object per line: time, level, logger, message, service, "
+        "request_id, trace_id, span_id) or 'text'.",
+    )
+    otlp_endpoint: str | None = Field(
+        None,
+        pattern="^(https?://.+)?$",
+        description="OTLP/gRPC endpoint receiving traces (http://host:4317 plaintext, https://host:4317 "
+        "TLS); unset or empty = traces are not exported.",
+    )
+    trace_sample_ratio: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of new traces sampled when exporting (a caller's sampling decision is followed).",
+    )

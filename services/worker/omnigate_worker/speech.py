@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from omnigate import tracing
 from omnigate.conversation import AudioChunk
 from omnigate_worker.engine import EventSink
 
@@ -77,6 +78,13 @@ class SpeechStreamer(BaseStreamer):
             self._vocode(len(self.codes))
 
     def _vocode(self, upto: int) -> None:
+        # A child of the request's current span on the engine thread (scheduler: worker.decode).
+        with tracing.tracer(tracing.WORKER).start_as_current_span("worker.vocode") as span:
+            span.set_attribute("omnigate.codes", upto - self._sent)
+            span.set_attribute("omnigate.sequence", self.sequence)
+            self._vocode_chunk(upto)
+
+    def _vocode_chunk(self, upto: int) -> None:
         start = max(0, self._sent - self._context)
         codes = torch.tensor([self.codes[start:upto]], dtype=torch.long, device=self._device)
         wav = self._token2wav(codes, conditioning=self._conditioning, reference_mel=self._reference_mel)

@@ -22,6 +22,7 @@ import time
 import numpy as np
 import PIL.Image
 import torch
+from prometheus_client import CollectorRegistry
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.cache_utils import DynamicCache
 
@@ -43,6 +44,7 @@ from omnigate_worker import inputs as model_inputs
 from omnigate_worker.batching import DecodeBatch, Row, cache_is_batchable
 from omnigate_worker.engine import Engine, EventSink, Prepared
 from omnigate_worker.loading import LoadedModel
+from omnigate_worker.metrics import WorkerMetrics
 from omnigate_worker.settings import WorkerSettings
 from omnigate_worker.speech import SpeechStreamer
 from omnigate_worker.streaming import TextOutput, TokenStreamer
@@ -73,12 +75,20 @@ class _CancelCriteria(StoppingCriteria):
 
 
 class TransformersEngine(Engine):
-    def __init__(self, loaded: LoadedModel, settings: WorkerSettings, model_id: str) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        settings: WorkerSettings,
+        model_id: str,
+        *,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
         self._model = loaded.model
         self._processor = loaded.processor
         self._device = loaded.device
         self._dtype = loaded.dtype
         self._settings = settings
+        self._metrics = metrics or WorkerMetrics(CollectorRegistry())  # inter-token latency
         self._tokenizer = getattr(self._processor, "tokenizer", self._processor)
         self._is_omni = hasattr(self._model, "thinker") and hasattr(self._model, "speaker_map")
         # The module whose generate() produces text: Qwen-Omni's thinker, else the model itself.
@@ -165,6 +175,13 @@ class TransformersEngine(Engine):
             params=GenerationParams(max_new_tokens=2),
         )
         prepared = self.prepare(request)
+        metrics, self._metrics = self._metrics, WorkerMetrics(CollectorRegistry())  # one-off costs unobserved
+        try:
+            self._warmup(prepared)
+        finally:
+            self._metrics = metrics
+
+    def _warmup(self, prepared: Prepared) -> None:
         if self._batchable:
             try:
                 batch = self.open_batch()
@@ -215,7 +232,7 @@ class TransformersEngine(Engine):
             first_output_at = time.monotonic()
             audio_seconds = 0.0
         else:
-            streamer = TokenStreamer(self._tokenizer, text.on_text, text.on_token)
+            streamer = TokenStreamer(self._tokenizer, text.on_text, self._metrics.token_clock(text.on_token))
             speech = None
             if request.mode is GenerationMode.AUDIO and self._settings.stream_speech:
                 speech = _SpeechStart(self, emit, cancelled)
@@ -327,7 +344,9 @@ class TransformersEngine(Engine):
             do_sample=bool(config.do_sample),
             generator=generator,
             text=text,
-            streamer=TokenStreamer(self._tokenizer, text.on_text, text.on_token, skip_prompt=False),
+            streamer=TokenStreamer(
+                self._tokenizer, text.on_text, self._metrics.token_clock(text.on_token), skip_prompt=False
+            ),
             started=started,
             stop_flag=stop_flag,
         )

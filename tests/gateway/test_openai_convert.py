@@ -1,0 +1,449 @@
+"""OpenAI wire format <-> the gateway's public messages (openai_convert): pure translation, no servers."""
+
+from __future__ import annotations
+
+import base64
+import io
+import wave
+
+import numpy as np
+import PIL.Image
+import pydantic
+import pytest
+import soundfile
+
+from omnigate.errors import (
+    DeadlineExceeded,
+    InternalError,
+    InvalidInput,
+    LimitExceeded,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
+from omnigate.gateway.v1 import gateway_pb2 as gw
+from omnigate_gateway import openai_convert as oc
+
+
+def chat(**body) -> tuple[gw.GenerateRequest, oc.ChatOptions]:
+    body.setdefault("messages", [{"role": "user", "content": "Hi"}])
+    return oc.chat_request(oc.ChatCompletionRequest.model_validate(body))
+
+
+def invalid(body: dict) -> oc.InvalidParam:
+    """The 400 a body gets, whether pydantic or the translation refuses it."""
+    try:
+        oc.chat_request(oc.ChatCompletionRequest.model_validate(body))
+    except pydantic.ValidationError as e:
+        return oc.validation_error(e.errors())
+    except oc.InvalidParam as e:
+        return e
+    raise AssertionError(f"{body} was accepted")
+
+
+# ---- requests ------------------------------------------------------------------------------------
+
+
+def test_content_parts_become_public_parts():
+    wav = b"RIFF....WAVEfmt "
+    request, options = chat(
+        messages=[
+            {"role": "developer", "content": "Be brief."},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Look:"},
+                    {"type": "image_url", "image_url": {"url": "https://example.com/a.png", "detail": "low"}},
+                    {"type": "image_url", "image_url": "data:image/png;base64,iVBORw0KGgo="},
+                    {
+                        "type": "input_audio",
+                        "input_audio": {"data": base64.b64encode(wav).decode(), "format": "WAV"},
+                    },
+                    {"type": "video_url", "video_url": {"url": "https://example.com/v.mp4"}},
+                    {"type": "audio_url", "audio_url": {"url": " https://example.com/s.mp3 "}},
+                ],
+            },
+            {"role": "assistant", "content": "Earlier answer", "refusal": None},
+        ]
+    )
+    system, user, assistant = request.messages
+    assert (system.role, system.content[0].text) == ("system", "Be brief.")  # developer = system
+    kinds = [p.WhichOneof("part") for p in user.content]
+    assert kinds == ["text", "image", "image", "audio", "video", "audio"]
+    assert user.content[1].image.url == "https://example.com/a.png"
+    assert user.content[2].image.url.startswith("data:image/png;base64,")
+    assert user.content[3].audio.inline.data == wav
+    assert user.content[3].audio.inline.mime_type == "audio/wav"
+    assert user.content[4].video.url == "https://example.com/v.mp4"
+    assert user.content[5].audio.url == "https://example.com/s.mp3"
+    assert (assistant.role, assistant.content[0].text) == ("assistant", "Earlier answer")
+    assert request.generation_mode == gw.GENERATION_MODE_TEXT
+    assert options == oc.ChatOptions(stream=False, include_usage=False, audio_format=None, voice=None)
+
+
+def test_sampling_parameters():
+    p = chat(
+        max_tokens=7,
+        temperature=0.7,
+        top_p=0.9,
+        stop="END",
+        seed=-1,
+        top_k=20,
+        repetition_penalty=1.1,
+        min_tokens=2,
+    )[0].parameters
+    assert p.max_new_tokens == 7 and p.do_sample
+    assert p.temperature == pytest.approx(0.7) and p.top_p == pytest.approx(0.9) and p.top_k == 20
+    assert p.repetition_penalty == pytest.approx(1.1) and p.min_new_tokens == 2
+    assert list(p.stop) == ["END"] and p.seed == 2**64 - 1
+    # max_completion_tokens (the newer name) wins; temperature 0 is greedy and drops the sampling knobs.
+    p = chat(max_tokens=7, max_completion_tokens=3, temperature=0, top_p=0.5, stop=["a", "b"])[0].parameters
+    assert (
+        p.max_new_tokens == 3 and not p.do_sample and not p.HasField("top_p") and list(p.stop) == ["a", "b"]
+    )
+    # Nothing set: greedy, and the gateway's default length (0 here).
+    p = chat()[0].parameters
+    assert not p.do_sample and p.max_new_tokens == 0 and not p.HasField("seed")
+    assert chat(top_p=0.8)[0].parameters.do_sample
+
+
+def test_speech_output_and_video_options():
+    request, options = chat(
+        modalities=["text", "audio"],
+        audio={"voice": "ethan", "format": "pcm16"},
+        stream=True,
+        stream_options={"include_usage": True},
+        mm_processor_kwargs={"fps": 1, "use_audio_in_video": True},
+    )
+    assert request.generation_mode == gw.GENERATION_MODE_AUDIO and request.speaker == "ethan"
+    assert request.video.fps == 1 and request.video.load_audio_from_video
+    assert options == oc.ChatOptions(stream=True, include_usage=True, audio_format="pcm16", voice="ethan")
+    assert oc.pick_voice("ethan", ["Chelsie", "Ethan"]) == "Ethan"
+    assert oc.pick_voice("Nobody", ["Chelsie", "Ethan"]) == "Nobody"  # the worker refuses it, listing voices
+    assert oc.pick_voice(None, ["Chelsie"]) == ""
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        ({"messages": []}, "messages", "at least 1"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", "'user'"),
+        ({"messages": [{"role": "user", "content": [{"type": "file"}]}]}, "messages[0].content[0]", "'file'"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            "messages[0].content[0].image_url.url",
+            "required",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "input_audio", "input_audio": {"data": "!!", "format": "wav"}}],
+                    }
+                ]
+            },
+            "messages[0].content[0].input_audio.data",
+            "base64",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "midi"}}
+                        ],
+                    }
+                ]
+            },
+            "messages[0].content[0].input_audio.format",
+            "wav",
+        ),
+        ({"messages": [{"role": "user", "content": []}]}, "messages[0].content", "empty"),
+        (
+            {"messages": [{"role": "assistant", "audio": {"id": "audio_1"}}]},
+            "messages[0].audio",
+            "transcript",
+        ),
+        ({"messages": [{"role": "user", "content": "x"}], "frobnicate": 1}, "frobnicate", "Unrecognized"),
+        ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n", "n=1"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "temperature": 3},
+            "temperature",
+            "less than or equal",
+        ),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens", "greater than"),
+        ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs", "not supported"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "presence_penalty": 1},
+            "presence_penalty",
+            "repetition_penalty",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+            "tools",
+            "not supported",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+            "response_format",
+            "text",
+        ),
+        ({"messages": [{"role": "user", "content": "x"}], "modalities": ["text", "audio"]}, "audio", "voice"),
+        (
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "modalities": ["text", "audio"],
+                "audio": {"format": "mp3"},
+            },
+            "audio.format",
+            "wav, pcm16",
+        ),
+        ({"messages": [{"role": "user", "content": "x"}], "audio": {"format": "wav"}}, "modalities", "audio"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}},
+            "stream_options",
+            "stream",
+        ),
+    ],
+)
+def test_bad_requests_name_the_parameter(body, param, words):
+    error = invalid(body)
+    assert error.param == param
+    assert words in error.message
+    status = oc.http_error(error)
+    assert status.status == 400
+    assert status.body == {
+        "error": {
+            "message": error.message,
+            "type": "invalid_request_error",
+            "param": param,
+            "code": error.error_code,
+        }
+    }
+
+
+def test_ignored_parameters_are_accepted():
+    request, _ = chat(
+        user="u1",
+        metadata={"a": "b"},
+        store=False,
+        service_tier="auto",
+        parallel_tool_calls=False,
+        tool_choice="none",
+    )
+    assert request.messages[0].content[0].text == "Hi"
+
+
+def test_json_and_body_errors():
+    assert (
+        oc.validation_error(
+            [
+                {
+                    "type": "json_invalid",
+                    "loc": ("body", 3),
+                    "msg": "JSON decode error",
+                    "ctx": {"error": "Expecting value"},
+                }
+            ]
+        ).message
+        == "the request body is not valid JSON (Expecting value)"
+    )
+    assert (
+        "Content-Type: application/json"
+        in oc.validation_error([{"type": "missing", "loc": ("body",)}], json_body=False).message
+    )
+    assert (
+        "missing"
+        in oc.validation_error([{"type": "missing", "loc": ("body",), "msg": "Field required"}]).message
+    )
+
+
+# ---- errors --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "type_", "code"),
+    [
+        (InvalidInput("bad"), 400, "invalid_request_error", "invalid_argument"),
+        (Unauthenticated("who"), 401, "authentication_error", "invalid_api_key"),
+        (PermissionDenied("no"), 403, "permission_error", "permission_denied"),
+        (oc.NotFound("gone"), 404, "invalid_request_error", "model_not_found"),
+        (LimitExceeded("too big"), 413, "invalid_request_error", "request_too_large"),
+        (LimitExceeded("busy", retry_after_s=0.25), 429, "rate_limit_error", "rate_limit_exceeded"),
+        (Unavailable("later"), 503, "service_unavailable_error", "service_unavailable"),
+        (DeadlineExceeded("slow"), 504, "timeout_error", "deadline_exceeded"),
+        (InternalError("secret detail"), 500, "server_error", "internal_error"),
+        (KeyError("secret detail"), 500, "server_error", "internal_error"),
+    ],
+)
+def test_errors_map_to_openai_status_and_body(exc, status, type_, code):
+    error = oc.http_error(exc)
+    assert error.status == status
+    assert set(error.body) == {"error"} and set(error.body["error"]) == {"message", "type", "param", "code"}
+    assert (error.body["error"]["type"], error.body["error"]["code"]) == (type_, code)
+    if status == 500:
+        assert "secret" not in error.body["error"]["message"]
+    else:
+        assert error.body["error"]["message"] == str(exc)
+    if status == 429:
+        assert error.headers == {"Retry-After": "1", "retry-after-ms": "250"}
+    else:
+        assert "Retry-After" not in error.headers
+
+
+# ---- responses -----------------------------------------------------------------------------------
+
+
+def _events(text_parts, pcm_chunks=(), rate=24000, finish=gw.FINISH_REASON_LENGTH):
+    events = [gw.GenerateResponse(text=gw.TextDelta(text=t)) for t in text_parts]
+    for i, pcm in enumerate(pcm_chunks):
+        events.append(
+            gw.GenerateResponse(
+                audio=gw.AudioChunk(
+                    pcm=pcm, sample_rate=rate, channels=1, encoding=gw.AUDIO_ENCODING_PCM_S16LE, sequence=i
+                )
+            )
+        )
+    events.append(
+        gw.GenerateResponse(
+            summary=gw.Summary(finish_reason=finish, prompt_tokens=10, output_tokens=len(text_parts))
+        )
+    )
+    return events
+
+
+def _tone(n: int, offset: int = 0) -> bytes:
+    return (np.sin((np.arange(n) + offset) / 5.0) * 8000).astype("<i2").tobytes()
+
+
+def test_text_stream_chunks():
+    options = oc.ChatOptions(stream=True, include_usage=True, audio_format=None, voice=None)
+    stream = oc.ChatStream("chatcmpl-abc", 1700000000, "m", options)
+    chunks = [stream.start()] + [c for e in _events(["Hel", "", "lo"]) for c in stream.event(e)]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "", "refusal": None}
+    assert [c["choices"][0]["delta"].get("content") for c in chunks[1:3]] == [
+        "Hel",
+        "lo",
+    ]  # empty deltas dropped
+    assert chunks[3]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}
+    assert chunks[4]["choices"] == [] and chunks[4]["usage"] == {
+        "prompt_tokens": 10,
+        "completion_tokens": 3,
+        "total_tokens": 13,
+    }
+    assert all(c["id"] == "chatcmpl-abc" and c["object"] == "chat.completion.chunk" for c in chunks)
+    assert all(c["usage"] is None for c in chunks[:4])
+
+
+@pytest.mark.parametrize("fmt", ["wav", "pcm16"])
+def test_speech_stream_chunks_concatenate_to_the_audio(fmt):
+    options = oc.ChatOptions(stream=True, include_usage=False, audio_format=fmt, voice=None)
+    stream = oc.ChatStream("chatcmpl-abc", 1700000000, "m", options)
+    pcm = [_tone(1200), _tone(1200, 1200)]
+    chunks = [stream.start()] + [c for e in _events(["Hi", " there"], pcm) for c in stream.event(e)]
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert deltas[0] == {"role": "assistant", "content": None, "refusal": None}
+    assert "".join(d["audio"].get("transcript", "") for d in deltas if "audio" in d) == "Hi there"
+    assert all("content" not in d for d in deltas[1:])  # speech mode: the text is the audio's transcript
+    data = b"".join(base64.b64decode(d["audio"]["data"]) for d in deltas if "data" in d.get("audio", {}))
+    assert (
+        deltas[-2]["audio"]["expires_at"] > 1700000000
+        and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    )
+    assert {d["audio"]["id"] for d in deltas if "audio" in d} == {"audio_abc"}
+    if fmt == "pcm16":
+        assert data == b"".join(pcm)
+    else:
+        samples, rate = soundfile.read(io.BytesIO(data), dtype="int16")
+        assert rate == 24000 and samples.tobytes() == b"".join(pcm)
+
+
+def test_speech_stream_with_no_audio_still_gives_a_wav():
+    stream = oc.ChatStream("chatcmpl-x", 1, "m", oc.ChatOptions(True, False, "wav", None))
+    chunks = [c for e in _events([]) for c in stream.event(e)]
+    data = base64.b64decode(chunks[0]["choices"][0]["delta"]["audio"]["data"])
+    with wave.open(io.BytesIO(data)) as w:
+        assert w.getnframes() == 0 and w.getframerate() == 24000
+
+
+def test_non_streamed_completion():
+    text = oc.chat_completion(
+        "chatcmpl-1",
+        5,
+        "m",
+        oc.ChatOptions(False, False, None, None),
+        _events(["a", "b"], finish=gw.FINISH_REASON_STOP_SEQUENCE),
+    )
+    assert text["object"] == "chat.completion"
+    assert text["choices"][0]["message"] == {"role": "assistant", "content": "ab", "refusal": None}
+    assert text["choices"][0]["finish_reason"] == "stop"
+    assert text["usage"]["total_tokens"] == 12
+
+    pcm = [_tone(500), _tone(700, 500)]
+    speech = oc.chat_completion(
+        "chatcmpl-1", 5, "m", oc.ChatOptions(False, False, "wav", "Ethan"), _events(["a"], pcm, rate=16000)
+    )
+    message = speech["choices"][0]["message"]
+    assert (
+        message["content"] is None
+        and message["audio"]["transcript"] == "a"
+        and message["audio"]["id"] == "audio_1"
+    )
+    with wave.open(io.BytesIO(base64.b64decode(message["audio"]["data"]))) as w:
+        assert (w.getframerate(), w.getnchannels(), w.getsampwidth(), w.getnframes()) == (16000, 1, 2, 1200)
+        assert w.readframes(1200) == b"".join(pcm)
+
+
+def test_wav_header_sizes():
+    header = oc.wav_header(24000, 1, 100)
+    assert len(header) == 44 and header[:4] == b"RIFF" and header[8:16] == b"WAVEfmt "
+    assert int.from_bytes(header[4:8], "little") == 136 and int.from_bytes(header[40:44], "little") == 100
+    assert oc.wav_header(24000, 1, None)[40:44] == b"\xff\xff\xff\xff"
+
+
+# ---- images and models ---------------------------------------------------------------------------
+
+
+def test_image_requests():
+    request, fmt, size = oc.image_request(
+        oc.ImageGenerationRequest(prompt="A red square", size="64x32", output_format="jpeg")
+    )
+    assert request.generation_mode == gw.GENERATION_MODE_IMAGE
+    assert request.messages[0].content[0].text == "A red square"
+    assert (fmt, size) == ("jpeg", (64, 32))
+    assert oc.image_request(oc.ImageGenerationRequest(prompt="x", size="auto", response_format="b64_json"))[
+        1:
+    ] == ("png", None)
+    for body, param in [
+        ({"n": 2}, "n"),
+        ({"response_format": "url"}, "response_format"),
+        ({"size": "big"}, "size"),
+        ({"size": "99999x2"}, "size"),
+        ({"output_format": "svg"}, "output_format"),
+        ({"stream": True}, "stream"),
+    ]:
+        with pytest.raises(oc.InvalidParam) as err:
+            oc.image_request(oc.ImageGenerationRequest(prompt="x", **body))
+        assert err.value.param == param
+
+
+def test_image_result_converts_only_when_asked():
+    png = io.BytesIO()
+    PIL.Image.new("RGB", (16, 8), (200, 10, 10)).save(png, format="PNG")
+    image = gw.GeneratedImage(data=png.getvalue(), mime_type="image/png", width=16, height=8)
+    assert oc.image_result(image, "png", None) == (png.getvalue(), 16, 8)
+    data, w, h = oc.image_result(image, "webp", (32, 16))
+    assert (w, h) == (32, 16)
+    with PIL.Image.open(io.BytesIO(data)) as picture:
+        assert picture.format == "WEBP" and picture.size == (32, 16)
+
+
+def test_model_names():
+    assert oc.model_matches(None, "models/tiny-qwen2.5-omni")
+    assert oc.model_matches("models/tiny-qwen2.5-omni", "models/tiny-qwen2.5-omni")
+    assert oc.model_matches("tiny-qwen2.5-omni", "/abs/models/tiny-qwen2.5-omni")
+    assert oc.model_matches("Qwen2.5-Omni-3B", "Qwen/Qwen2.5-Omni-3B")
+    assert not oc.model_matches("gpt-4o", "Qwen/Qwen2.5-Omni-3B")
+    assert oc.model_object("m", 3) == {"id": "m", "object": "model", "created": 3, "owned_by": "omnigate"}

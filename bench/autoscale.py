@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
 import platform
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -67,7 +67,8 @@ class ScalingRules:
             stabilization_s=float(spec.get("stabilizationWindowSeconds", 0)),
             select_policy=spec.get("selectPolicy", "Max"),
             policies=tuple(
-                ScalingPolicy(p["type"], int(p["value"]), float(p["periodSeconds"])) for p in spec.get("policies", [])
+                ScalingPolicy(p["type"], int(p["value"]), float(p["periodSeconds"]))
+                for p in spec.get("policies", [])
             ),
         )
 
@@ -167,13 +168,23 @@ def hpa_decide(
 
     Returns the replica count it sets and its updated memory. Pure: same inputs, same decision."""
     if current > max_replicas:
-        return Decision(max_replicas, None, _record_event(history, now, current, max_replicas, behavior), "above max")
+        return Decision(
+            max_replicas, None, _record_event(history, now, current, max_replicas, behavior), "above max"
+        )
     if current < min_replicas:
-        return Decision(min_replicas, None, _record_event(history, now, current, min_replicas, behavior), "below min")
-    proposals = [replicas_for_metric(total, target, current, tolerance) for total, target in metrics if total is not None]
+        return Decision(
+            min_replicas, None, _record_event(history, now, current, min_replicas, behavior), "below min"
+        )
+    proposals = [
+        replicas_for_metric(total, target, current, tolerance)
+        for total, target in metrics
+        if total is not None
+    ]
     if not proposals:
         return Decision(current, None, history, "no metrics: no change")
     proposal = max(proposals)
+    if len(proposals) < len(metrics) and proposal < current:
+        return Decision(current, None, history, "some metrics missing: no scale-down")
 
     # Stabilization: the highest recommendation within the scale-down window caps a scale-down, the lowest
     # within the scale-up window caps a scale-up; this sync's raw recommendation is remembered.
@@ -214,7 +225,9 @@ def _record_event(history: History, now: float, current: int, desired: int, beha
         return replace(history, scale_up_events=events)
     if desired < current:
         keep = behavior.scale_down.longest_period_s()
-        events = tuple(e for e in history.scale_down_events if e[0] > now - keep) + ((now, current - desired),)
+        events = tuple(e for e in history.scale_down_events if e[0] > now - keep) + (
+            (now, current - desired),
+        )
         return replace(history, scale_down_events=events)
     return history
 
@@ -251,7 +264,9 @@ class AutoscalingSpec:
         return Behavior.from_spec(self.behavior_spec)
 
 
-def chart_autoscaling(time_scale: float = 1.0, namespace: str | None = None, worker_pods=None) -> AutoscalingSpec:
+def chart_autoscaling(
+    time_scale: float = 1.0, namespace: str | None = None, worker_pods=None
+) -> AutoscalingSpec:
     """Renders the chart with the worker HPA on (and the behavior time-scaled) and reads its autoscaling."""
     sys.path.insert(0, str(REPO / "tests"))
     import chart_queries
@@ -262,11 +277,16 @@ def chart_autoscaling(time_scale: float = 1.0, namespace: str | None = None, wor
     worker_pods = worker_pods or [f"{WORKER}-0"]
     set_values: dict = {"worker.autoscaling.enabled": "true"}
     if time_scale != 1:
-        defaults = yaml.safe_load((CHART_DIR / "values.yaml").read_text())["worker"]["autoscaling"]["behavior"]
+        defaults = yaml.safe_load((CHART_DIR / "values.yaml").read_text())["worker"]["autoscaling"][
+            "behavior"
+        ]
         set_values["worker.autoscaling.behavior"] = scaled_behavior(defaults, time_scale)
     rendered = render(set_values=set_values, namespace=namespace)
     hpa = chart_queries.hpa_spec(rendered, WORKER)
-    rules = {chart_queries.adapter_series_name(r): r for r in chart_queries.adapter_rules(CHART_DIR / "values.yaml")}
+    rules = {
+        chart_queries.adapter_series_name(r): r
+        for r in chart_queries.adapter_rules(CHART_DIR / "values.yaml")
+    }
     metrics = {
         name: (chart_queries.adapter_query(rules[name], namespace, worker_pods), target)
         for name, target in hpa["metrics"].items()
@@ -298,7 +318,9 @@ class Load:
         self.channel = grpc.aio.insecure_channel(target)
         self.stub = gateway_pb2_grpc.GatewayServiceStub(self.channel)
         self.request = pb.GenerateRequest(
-            messages=[pb.Message(role="user", content=[pb.ContentPart(text="Tell me a story about a lighthouse.")])],
+            messages=[
+                pb.Message(role="user", content=[pb.ContentPart(text="Tell me a story about a lighthouse.")])
+            ],
             parameters=pb.GenerationParameters(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens),
             generation_mode=pb.GENERATION_MODE_TEXT,
         )
@@ -342,58 +364,87 @@ async def _simulate(
     sync_period_s: float,
     max_new_tokens: int,
 ) -> dict:
+    """Two tasks on one clock: the phases switch the load at their times; the controller syncs every period."""
     load = Load(gateway_target, max_new_tokens)
     loop = asyncio.get_running_loop()
-    behavior = spec.behavior
-    history = History()
-    replicas = spec.min_replicas
-    samples: list[dict] = []
-    boundaries = []
     t0 = loop.time()
-    try:
+    boundaries: list[dict] = []
+    samples: list[dict] = []
+    settled = asyncio.Event()  # the last phase may end once the desired count is back at the minimum
+
+    async def drive() -> None:
         for phase in phases:
-            start = loop.time() - t0
-            boundaries.append({"phase": phase.name, "start_s": round(start, 3), "concurrency": phase.concurrency})
+            settled.clear()
+            boundaries.append(
+                {"phase": phase.name, "start_s": round(loop.time() - t0, 3), "concurrency": phase.concurrency}
+            )
             load.set_concurrency(phase.concurrency)
-            next_sync = loop.time()
-            while loop.time() - t0 < start + phase.seconds:
-                await asyncio.sleep(max(0.0, next_sync - loop.time()))
-                next_sync += sync_period_s
-                now = loop.time() - t0
-                totals = {}
-                for name, (query, _target) in spec.metrics.items():
-                    result = await asyncio.to_thread(prometheus.query, query)
-                    totals[name] = sum(r["value"] for r in result) if result else None
-                decision = hpa_decide(
-                    now,
-                    replicas,
-                    [(totals[name], target) for name, (_q, target) in spec.metrics.items()],
-                    spec.min_replicas,
-                    spec.max_replicas,
-                    behavior,
-                    history,
-                )
-                history, replicas = decision.history, decision.desired
-                samples.append(
-                    {
-                        "t": round(now, 3),
-                        "phase": phase.name,
-                        "clients": len(load.clients),
-                        "completed": load.completed,
-                        "metrics": totals,
-                        "proposal": decision.proposal,
-                        "desired": decision.desired,
-                        "reason": decision.reason,
-                    }
-                )
-                if phase.until_settled and replicas == spec.min_replicas and now - start > 2 * sync_period_s:
-                    settled = [s for s in samples if s["phase"] == phase.name and s["desired"] == spec.min_replicas]
-                    if len(settled) >= 3:
-                        break
+            if phase.until_settled:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(settled.wait(), phase.seconds)
+            else:
+                await asyncio.sleep(phase.seconds)
             boundaries[-1]["end_s"] = round(loop.time() - t0, 3)
+
+    async def control() -> None:
+        history, replicas = History(), spec.min_replicas
+        next_sync = loop.time()
+        while True:
+            await asyncio.sleep(max(0.0, next_sync - loop.time()))
+            next_sync += sync_period_s
+            now = loop.time() - t0
+            phase = phases[len(boundaries) - 1]
+            totals = {}
+            for name, (query, _target) in spec.metrics.items():
+                result = await asyncio.to_thread(prometheus.query, query)
+                totals[name] = sum(r["value"] for r in result) if result else None
+            decision = hpa_decide(
+                now,
+                replicas,
+                [(totals[name], target) for name, (_q, target) in spec.metrics.items()],
+                spec.min_replicas,
+                spec.max_replicas,
+                spec.behavior,
+                history,
+            )
+            history, replicas = decision.history, decision.desired
+            samples.append(
+                {
+                    "t": round(now, 3),
+                    "phase": phase.name,
+                    "clients": len(load.clients),
+                    "completed": load.completed,
+                    "metrics": totals,
+                    "proposal": decision.proposal,
+                    "desired": decision.desired,
+                    "reason": decision.reason,
+                }
+            )
+            in_phase = [x for x in samples if x["phase"] == phase.name]
+            at_min_in_phase = sum(1 for x in in_phase[-3:] if x["desired"] == spec.min_replicas)
+            if phase.until_settled and len(in_phase) >= 3 and at_min_in_phase == 3:
+                settled.set()
+
+    driver = loop.create_task(drive())
+    controller = loop.create_task(control())
+    try:
+        # The controller only ends by failing (a query error): then stop at once and raise it.
+        await asyncio.wait({driver, controller}, return_when=asyncio.FIRST_COMPLETED)
+        if controller.done():
+            controller.result()
+        await driver
     finally:
+        for task in (driver, controller):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await load.close()
-    return {"phases": boundaries, "samples": samples, "failed_requests": load.failed, "completed_requests": load.completed}
+    return {
+        "phases": boundaries,
+        "samples": samples,
+        "failed_requests": load.failed,
+        "completed_requests": load.completed,
+    }
 
 
 def simulate(
@@ -419,7 +470,9 @@ def simulate(
     ]
     with PrometheusServer(workdir / "prometheus", jobs) as prometheus:
         prometheus.wait_targets_up()
-        result = asyncio.run(_simulate(gateway_target, prometheus, spec, phases, sync_period_s, max_new_tokens))
+        result = asyncio.run(
+            _simulate(gateway_target, prometheus, spec, phases, sync_period_s, max_new_tokens)
+        )
     result.update(
         {
             "sync_period_s": sync_period_s,
@@ -429,7 +482,9 @@ def simulate(
                 "minReplicas": spec.min_replicas,
                 "maxReplicas": spec.max_replicas,
                 "behavior": spec.behavior_spec,
-                "metrics": {name: {"query": q, "target_average_value": t} for name, (q, t) in spec.metrics.items()},
+                "metrics": {
+                    name: {"query": q, "target_average_value": t} for name, (q, t) in spec.metrics.items()
+                },
             },
         }
     )
@@ -471,7 +526,9 @@ def write_results(result: dict, name: str = "autoscale") -> tuple[Path, Path]:
     rate = [0.0] + [(completed[i] - completed[i - 1]) / max(t[i] - t[i - 1], 1e-9) for i in range(1, len(t))]
     load_ax.step(t, [s["clients"] for s in samples], where="post", label="concurrent clients")
     load_ax.plot(t, rate, label="requests completed/s", alpha=0.7)
-    load_ax.set(ylabel="load", title="Load steps, the chart's autoscaling metrics and the HPA's desired workers")
+    load_ax.set(
+        ylabel="load", title="Load steps, the chart's autoscaling metrics and the HPA's desired workers"
+    )
     load_ax.legend(loc="upper right", fontsize=8)
     for name, metric in result["chart"]["metrics"].items():
         values = [s["metrics"].get(name) for s in samples]
@@ -479,17 +536,35 @@ def write_results(result: dict, name: str = "autoscale") -> tuple[Path, Path]:
         metric_ax.axhline(metric["target_average_value"], color=line.get_color(), linestyle=":", linewidth=1)
     metric_ax.set(ylabel="sum over worker pods")
     metric_ax.legend(loc="upper right", fontsize=8, title="dotted: target per pod", title_fontsize=8)
-    replicas_ax.step(t, [s["desired"] for s in samples], where="post", label="desired workers (HPA)", linewidth=2)
     replicas_ax.step(
-        t, [s["proposal"] if s["proposal"] is not None else float("nan") for s in samples], where="post",
-        label="metric proposal (before stabilization and policies)", linestyle="--", alpha=0.7,
+        t, [s["desired"] for s in samples], where="post", label="desired workers (HPA)", linewidth=2
+    )
+    replicas_ax.step(
+        t,
+        [s["proposal"] if s["proposal"] is not None else float("nan") for s in samples],
+        where="post",
+        label="metric proposal (before stabilization and policies)",
+        linestyle="--",
+        alpha=0.7,
     )
     replicas_ax.set(ylabel="replicas", xlabel="seconds")
-    replicas_ax.legend(loc="upper right", fontsize=8)
+    replicas_ax.yaxis.get_major_locator().set_params(integer=True)
+    stabilization = result["chart"]["behavior"]["scaleDown"].get("stabilizationWindowSeconds", 0)
     for phase in result["phases"]:
         for ax in (load_ax, metric_ax, replicas_ax):
             ax.axvline(phase["start_s"], color="gray", linewidth=0.5)
-        load_ax.text(phase["start_s"], load_ax.get_ylim()[1] * 0.9, f" {phase['phase']}", fontsize=8, color="gray")
+        load_ax.text(
+            phase["start_s"], load_ax.get_ylim()[1] * 0.9, f" {phase['phase']}", fontsize=8, color="gray"
+        )
+        if phase["phase"] == "high" and "end_s" in phase:
+            replicas_ax.axvspan(
+                phase["end_s"],
+                phase["end_s"] + stabilization,
+                color="gray",
+                alpha=0.15,
+                label=f"scale-down stabilization window ({stabilization} s)",
+            )
+    replicas_ax.legend(loc="center right", fontsize=8)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
@@ -498,12 +573,16 @@ def write_results(result: dict, name: str = "autoscale") -> tuple[Path, Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--time-scale", type=float, default=1.0, help="divide the behavior's durations by this")
+    parser.add_argument(
+        "--time-scale", type=float, default=1.0, help="divide the behavior's durations by this"
+    )
     parser.add_argument("--concurrency", type=int, default=24, help="clients in the high step")
     parser.add_argument("--idle-s", type=float, default=30.0, help="idle step before the load")
     parser.add_argument("--high-s", type=float, default=120.0, help="duration of the high step")
     parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--sync-period-s", type=float, default=0.0, help="0 = 15 s / time scale (at least 1 s)")
+    parser.add_argument(
+        "--sync-period-s", type=float, default=0.0, help="0 = 15 s / time scale (at least 1 s)"
+    )
     args = parser.parse_args()
 
     sys.path.insert(0, str(REPO / "tests"))
@@ -515,7 +594,9 @@ def main() -> None:
     spec = chart_autoscaling(args.time_scale)
     sync = args.sync_period_s or max(1.0, SYNC_PERIOD_S / args.time_scale)
     down = spec.behavior.scale_down
-    settle_s = down.stabilization_s + (spec.max_replicas - spec.min_replicas) * down.longest_period_s() + 10 * sync
+    settle_s = (
+        down.stabilization_s + (spec.max_replicas - spec.min_replicas) * down.longest_period_s() + 10 * sync
+    )
     phases = [
         Phase("idle", args.idle_s, 0),
         Phase("high", args.high_s, args.concurrency),
@@ -524,7 +605,9 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="omnigate-autoscale-"))
     stack = start_stack(MODELS_DIR / "tiny-qwen2.5-omni", workdir)
     try:
-        print(f"phases: {[(p.name, p.seconds, p.concurrency) for p in phases]}, sync every {sync} s", flush=True)
+        print(
+            f"phases: {[(p.name, p.seconds, p.concurrency) for p in phases]}, sync every {sync} s", flush=True
+        )
         result = simulate(
             stack.gateway.target,
             f"127.0.0.1:{stack.gateway.metrics_port}",

@@ -65,7 +65,7 @@ def adapter_query(rule: dict, namespace: str, pods: list[str]) -> str:
     """The PromQL prometheus-adapter runs for an HPA asking for this metric of these pods."""
     fill = {
         ".Series": adapter_series_name(rule),
-        ".LabelMatchers": f'namespace="{namespace}",pod=~"{"|".join(re.escape(p) for p in pods)}"',
+        ".LabelMatchers": f'namespace="{namespace}",pod=~"{"|".join(pods)}"',
         ".GroupBy": "pod",
     }
 

@@ -132,3 +132,135 @@ def start_stack(model: Path, workdir: Path, gateway_env: dict[str, str] | None =
         worker.stop()
         raise
     return Stack(worker, gateway)
+
+
+# ---- several workers behind one gateway (failover tests, bench/soak.py) ------------------------------
+
+
+def start_worker(
+    model: Path, workdir: Path, name: str, env: dict[str, str] | None = None, port: int | None = None
+) -> Service:
+    """Starts a worker process; ``port`` None = OS-chosen, else that port (to restart a worker in place)."""
+    return start_service(
+        name,
+        "omnigate_worker.main",
+        {
+            "OMNIGATE_WORKER_MODEL": str(model),
+            **({"OMNIGATE_WORKER_PORT": str(port)} if port is not None else {}),
+            **(env or {}),
+        },
+        workdir,
+    )
+
+
+def scrape_metrics(service: Service, timeout_s: float = 5.0) -> dict[tuple[str, tuple], float]:
+    """The service's Prometheus samples: {(name, sorted label items): value}."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = urllib.request.urlopen(
+        f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=timeout_s
+    ).read()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+    }
+
+
+def metric_sum(samples: dict[tuple[str, tuple], float], name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    return sum(
+        value
+        for (sample_name, items), value in samples.items()
+        if sample_name == name and all(dict(items).get(k) == v for k, v in labels.items())
+    )
+
+
+@dataclass
+class PoolStack:
+    """Several workers behind one gateway; workers can be killed, stopped and restarted on their port."""
+
+    workers: list[Service]
+    gateway: Service
+    model: Path
+    workdir: Path
+    worker_env: dict[str, str]
+    starts: int = 0
+
+    def restart_worker(self, index: int, wait: bool = True) -> Service:
+        """Starts worker ``index`` again on the same port (after it exited or was killed)."""
+        old = self.workers[index]
+        if old.process.poll() is None:
+            raise RuntimeError(f"{old.name} is still running")
+        self.starts += 1
+        new = start_worker(
+            self.model, self.workdir, f"worker{index}-{self.starts}", self.worker_env, port=old.grpc_port
+        )
+        self.workers[index] = new
+        if wait:
+            wait_serving(new)
+        return new
+
+    def gateway_workers(self) -> dict[str, float]:
+        """The gateway's omnigate_gateway_workers gauge by state."""
+        samples = scrape_metrics(self.gateway)
+        return {
+            dict(items)["state"]: value
+            for (name, items), value in samples.items()
+            if name == "omnigate_gateway_workers"
+        }
+
+    def wait_ready(self, ready: int, timeout_s: float = 60.0) -> None:
+        """Waits until the gateway counts ``ready`` ready workers."""
+        deadline = time.monotonic() + timeout_s
+        while (states := self.gateway_workers()).get("ready") != ready:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"gateway workers {states}, wanted {ready} ready:\n{self.gateway.log_tail()}"
+                )
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.gateway.stop()
+        for worker in self.workers:
+            if worker.process.poll() is None:
+                worker.process.send_signal(signal.SIGCONT)  # in case a test left it stopped
+            worker.stop()
+
+
+def start_pool_stack(
+    model: Path,
+    workdir: Path,
+    workers: int = 2,
+    gateway_env: dict[str, str] | None = None,
+    worker_env: dict[str, str] | None = None,
+) -> PoolStack:
+    """``workers`` workers and one gateway whose worker_target lists them all; returns once all serve."""
+    if not (model / "config.json").exists():
+        raise RuntimeError(f"{model} is missing: run `make models` (make test does it first)")
+    started: list[Service] = []
+    try:
+        for index in range(workers):
+            started.append(start_worker(model, workdir, f"worker{index}", worker_env))
+        gateway = start_service(
+            "gateway",
+            "omnigate_gateway.main",
+            {
+                "OMNIGATE_GATEWAY_WORKER_TARGET": ",".join(w.target for w in started),
+                "OMNIGATE_GATEWAY_WORKER_CHECK_INTERVAL_S": "0.5",
+                **(gateway_env or {}),
+            },
+            workdir,
+        )
+        started.append(gateway)
+        for service in started:
+            wait_serving(service)
+    except Exception:
+        for service in started:
+            service.stop()
+        raise
+    stack = PoolStack(started[:-1], gateway, model, workdir, dict(worker_env or {}))
+    stack.wait_ready(workers)
+    return stack

@@ -222,3 +222,22 @@ async def test_a_reloaded_override_applies_to_new_requests(tmp_path):
     clock.now += 10.0
     for _ in range(5):
         await _admit(auth, "s3cret-bob")
+
+
+class _StandInContext:
+    """A stand-in for grpc's ServicerContext: only what the gRPC front door reads to build a Call."""
+
+    def invocation_metadata(self):
+        return (("authorization", "Bearer key-one"), ("x-api-key", "key-two"), ("traceparent", "00-ab-cd-01"))
+
+    def time_remaining(self):
+        return None
+
+
+def test_grpc_front_door_takes_the_key_out_of_the_call_metadata():
+    from omnigate_gateway.server import GatewayServicer
+
+    built = GatewayServicer._call("Generate", _StandInContext())
+    assert built.api_key == "key-one"
+    assert "authorization" not in built.metadata and "x-api-key" not in built.metadata
+    assert built.metadata["traceparent"] == "00-ab-cd-01"

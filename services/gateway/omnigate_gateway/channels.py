@@ -39,8 +39,17 @@ def worker_channel(target: str, settings: GatewaySettings) -> grpc.aio.Channel:
         # is bounded by what the public port may send.
         ("grpc.max_send_message_length", max(4 * 1024 * 1024, 2 * settings.worker_chunk_bytes)),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
+        # Keepalive pings detect a hung worker (SIGSTOP, a dead node) while calls are in flight: its calls
+        # then fail with UNAVAILABLE instead of waiting for their deadline.
+        ("grpc.keepalive_time_ms", int(settings.worker_keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(settings.worker_keepalive_timeout_s * 1000)),
+        ("grpc.http2.max_pings_without_data", 0),  # a long silent prefill is no reason to stop pinging
+        # gRPC calls this the minimum reconnect backoff; it is the connect timeout (default 20 s), which
+        # bounds how long a call waits on a worker that accepts connections but does not answer.
+        ("grpc.min_reconnect_backoff_ms", int(settings.worker_connect_timeout_s * 1000)),
+        # A restarted worker is found again within this (gRPC's default backoff grows to 120 s).
+        ("grpc.initial_reconnect_backoff_ms", min(1000, int(settings.worker_reconnect_backoff_max_s * 1000))),
+        ("grpc.max_reconnect_backoff_ms", int(settings.worker_reconnect_backoff_max_s * 1000)),
     ]
     if not uses_tls(settings):
         return grpc.aio.insecure_channel(target, options=options)

@@ -27,7 +27,7 @@ from omnigate_gateway.auth import Authenticator
 from omnigate_gateway.ingest import MediaIngestor
 from omnigate_gateway.metrics import GatewayMetrics
 from omnigate_gateway.settings import GatewaySettings
-from omnigate_gateway.worker_client import WorkerClient
+from omnigate_gateway.worker_client import WorkerPool
 
 MODE_OUTPUT = {
     GenerationMode.TEXT: Modality.TEXT,
@@ -65,7 +65,7 @@ class GatewayCore:
     def __init__(
         self,
         settings: GatewaySettings,
-        worker: WorkerClient,
+        worker: WorkerPool,
         ingestor: MediaIngestor,
         metrics: GatewayMetrics,
         auth: Authenticator,
@@ -204,6 +204,8 @@ class GatewayCore:
                 worker_span = tracing.tracer(tracing.GATEWAY).start_span(
                     "gateway.worker", kind=tracing.SpanKind.CLIENT
                 )  # the worker's spans are its children: its context travels in the call's metadata
+                # The pool picks the least busy ready worker, and tries another one when an attempt fails
+                # retriably before any event reached the client (worker_client.py).
                 worker_call = self.worker.generate(
                     generation,
                     timeout,
@@ -227,7 +229,7 @@ class GatewayCore:
                 except grpc.RpcError as exc:
                     tracing.set_grpc_code(worker_span, exc.code().name, client=True)
                     self.metrics.upstream_errors.labels(exc.code().name).inc()
-                    raise status.from_rpc_error(exc, upstream=f"the worker at {self.worker.target}") from exc
+                    raise status.from_rpc_error(exc, upstream=f"the worker at {worker_call.target}") from exc
                 finally:
                     worker_call.cancel()  # no-op when finished; stops the worker when our client went away
                     worker_span.end()

@@ -22,7 +22,7 @@ from omnigate_gateway.metrics import GatewayMetrics
 from omnigate_gateway.resolver import Resolver
 from omnigate_gateway.server import SERVICE_NAME, GatewayServicer, build_server
 from omnigate_gateway.settings import GatewaySettings
-from omnigate_gateway.worker_client import WorkerClient
+from omnigate_gateway.worker_client import WorkerPool
 
 log = logging.getLogger("omnigate_gateway")
 
@@ -30,18 +30,17 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-async def watch_worker(worker: WorkerClient, health_servicer, interval_s: float) -> None:
-    """Keeps the gateway's health in step with its worker: SERVING only while the worker is."""
-    current = None
-    while True:
-        ready = await worker.refresh()
-        state = SERVING if ready else NOT_SERVING
-        if state != current:
-            for name in ("", SERVICE_NAME):
-                await health_servicer.set(name, state)
-            log.info("gateway %s (worker %s)", "SERVING" if ready else "NOT_SERVING", worker.target)
-            current = state
-        await asyncio.sleep(interval_s)
+async def watch_workers(workers: WorkerPool, health_servicer) -> None:
+    """Keeps the gateway's health in step with its workers: SERVING while at least one worker is ready."""
+    async for ready in workers.watch_ready():
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, SERVING if ready else NOT_SERVING)
+        log.info(
+            "gateway %s (workers %s: %s)",
+            "SERVING" if ready else "NOT_SERVING",
+            workers.target,
+            ", ".join(f"{n} {state}" for state, n in workers.counts().items() if n) or "none found",
+        )
 
 
 async def serve(settings: GatewaySettings, *, resolver: Resolver | None = None) -> None:
@@ -52,7 +51,8 @@ async def serve(settings: GatewaySettings, *, resolver: Resolver | None = None) 
 
     fetcher = MediaFetcher(settings.fetch_limits(), resolver=resolver)
     ingestor = MediaIngestor(fetcher, settings, metrics)
-    worker = WorkerClient(settings.worker_target, settings)
+    worker = WorkerPool(settings, metrics)
+    worker.start()
     health_servicer = health.aio.HealthServicer()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, NOT_SERVING)
@@ -78,7 +78,7 @@ async def serve(settings: GatewaySettings, *, resolver: Resolver | None = None) 
             http_port=http.port if http else None,
         )
     log.info("gateway gRPC listening on %s:%d, worker %s", settings.host, port, settings.worker_target)
-    watcher = asyncio.create_task(watch_worker(worker, health_servicer, settings.worker_check_interval_s))
+    watcher = asyncio.create_task(watch_workers(worker, health_servicer))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -86,7 +86,7 @@ async def serve(settings: GatewaySettings, *, resolver: Resolver | None = None) 
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
 
-    log.info("draining: NOT_SERVING, finishing in-flight requests")
+    log.info("draining: NOT_SERVING, finishing in-flight requests (up to %.0f s)", settings.grace_period_s)
     watcher.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await watcher

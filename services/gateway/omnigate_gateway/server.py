@@ -32,11 +32,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             for key, value in (context.invocation_metadata() or ())
             if isinstance(value, str)
         }
+        # The credential travels as Call.api_key only, never in metadata (which may be logged or passed on).
+        api_key = credential(metadata.pop("authorization", None), metadata.pop("x-api-key", None))
         return Call(
             rpc=rpc,
             request_id=request_id_from(metadata.get(tracing.REQUEST_ID_METADATA)),
             time_remaining_s=context.time_remaining(),
-            api_key=credential(metadata.get("authorization"), metadata.get("x-api-key")),
+            api_key=api_key,
             metadata=metadata,
             protocol="grpc",
         )

@@ -38,7 +38,9 @@ class GatewaySettings(BaseSettings):
         2.0, gt=0, description="Seconds between health checks of each worker."
     )
     worker_check_timeout_s: float = Field(
-        2.0, gt=0, description="Seconds a worker health check may take before the worker counts as unreachable."
+        2.0,
+        gt=0,
+        description="Seconds a worker health check may take before the worker counts as unreachable.",
     )
     worker_discovery_interval_s: float = Field(
         5.0, gt=0, description="Seconds between DNS resolutions of worker names."
@@ -64,6 +66,12 @@ class GatewaySettings(BaseSettings):
         gt=0,
         description="Seconds without a ping reply after which a worker connection is dead and its calls "
         "fail with UNAVAILABLE (a hung worker).",
+    )
+    worker_connect_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds to set up a connection to a worker (TCP and HTTP/2 handshake) before the "
+        "attempt fails.",
     )
     worker_reconnect_backoff_max_s: float = Field(
         5.0, gt=0, description="Longest wait between attempts to reconnect to an unreachable worker."

@@ -132,7 +132,9 @@ def parse_worker_target(value: str) -> list[TargetEntry]:
             raise ValueError(f"worker target {raw!r}: {host!r} is not an IPv6 address")
         entries.append(TargetEntry(host, int(port_text), resolve=not is_ip))
     if not entries:
-        raise ValueError("worker_target is empty: give host:port, a comma-separated list, or dns:///name:port")
+        raise ValueError(
+            "worker_target is empty: give host:port, a comma-separated list, or dns:///name:port"
+        )
     return entries
 
 

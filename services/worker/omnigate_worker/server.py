@@ -188,9 +188,13 @@ def build_server(
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
-        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.keepalive_permit_without_calls", 1),
+        # Gateways ping every OMNIGATE_GATEWAY_WORKER_KEEPALIVE_TIME_S to detect a hung worker, also while a
+        # call sends nothing (a long prefill): accept that instead of answering GOAWAY "too_many_pings".
+        ("grpc.http2.min_ping_interval_without_data_ms", int(settings.keepalive_min_ping_interval_s * 1000)),
     ]
     server = grpc.aio.server(options=options)
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)

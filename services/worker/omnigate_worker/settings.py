@@ -94,6 +94,18 @@ class WorkerSettings(BaseSettings):
     audio_chunk_seconds: float = Field(0.5, description="Seconds of speech per streamed audio chunk.")
     warmup: bool = Field(True, description="Run one tiny generation before reporting SERVING.")
     grace_period_s: float = Field(30.0, description="On SIGTERM, seconds to let in-flight requests finish.")
+    keepalive_time_s: float = Field(
+        30.0, gt=0, description="Seconds between keepalive pings to gateways (detects dead connections)."
+    )
+    keepalive_timeout_s: float = Field(
+        10.0, gt=0, description="Seconds without a ping reply after which a gateway connection is dropped."
+    )
+    keepalive_min_ping_interval_s: float = Field(
+        5.0,
+        gt=0,
+        description="Shortest interval between a gateway's keepalive pings that is accepted (faster pingers "
+        "are disconnected); keep it at or below OMNIGATE_GATEWAY_WORKER_KEEPALIVE_TIME_S.",
+    )
     ports_file: str | None = Field(
         None, description="Write the bound ports as JSON to this file once listening (for tests and scripts)."
     )

@@ -1,0 +1,468 @@
+"""WorkerPool: worker_target parsing, least-outstanding picks, retries (only before output), ejection,
+draining, model mismatch, DNS discovery and readiness.
+
+The workers here are FAKES: in-process gRPC servers on loopback that answer Generate as a test tells them
+to (succeed, fail before or after output, hold the stream open). These tests are about the gateway's
+routing decisions; tests/integration/test_failover.py runs the same paths against real workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
+
+from omnigate import status
+from omnigate.conversation import ContentPart, GenerationRequest, Message, Modality
+from omnigate.errors import LimitExceeded, Unavailable
+from omnigate.worker.v1 import worker_pb2 as wk
+from omnigate.worker.v1 import worker_pb2_grpc
+from omnigate_gateway.metrics import GatewayMetrics
+from omnigate_gateway.settings import GatewaySettings
+from omnigate_gateway.worker_client import (
+    WORKER_SERVICE,
+    TargetEntry,
+    WorkerPool,
+    address,
+    parse_worker_target,
+    resolve_with_loop,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class FakeWorker(worker_pb2_grpc.WorkerServiceServicer):
+    """A FAKE worker (no model): serves health, fixed model info, and Generate answers chosen by the test.
+
+    ``behaviour``: ``ok`` (a text delta naming the worker, then a summary), ``unavailable``, ``internal``,
+    ``invalid``, ``queue_full`` (RESOURCE_EXHAUSTED with a retry delay), ``too_big`` (RESOURCE_EXHAUSTED
+    without one), ``fail_after_output`` (a delta, then UNAVAILABLE), ``hold`` (a delta, then waits for
+    ``release``).
+    """
+
+    def __init__(self, name: str, model_id: str = "fake-model") -> None:
+        self.name = name
+        self.model_id = model_id
+        self.behaviour = "ok"
+        self.calls = 0
+        self.release = asyncio.Event()
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.host = "127.0.0.1"
+        self.port = 0
+
+    @property
+    def target(self) -> str:
+        return address(self.host, self.port)
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> FakeWorker:
+        self.server = grpc.aio.server()
+        worker_pb2_grpc.add_WorkerServiceServicer_to_server(self, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.host, self.port = host, self.server.add_insecure_port(f"{host}:{port}")
+        await self.server.start()
+        await self.serving(True)
+        return self
+
+    async def serving(self, serving: bool) -> None:
+        state = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self.health.set(WORKER_SERVICE, state)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop(None)
+
+    async def GetModelInfo(self, request, context):  # noqa: N802 - gRPC method name
+        return wk.GetModelInfoResponse(
+            model_id=self.model_id,
+            architecture="FakeForTests",
+            input_modalities=[wk.MODALITY_TEXT],
+            output_modalities=[wk.MODALITY_TEXT],
+            max_new_tokens=64,
+        )
+
+    async def Generate(self, request_iterator, context):  # noqa: N802 - gRPC method name
+        async for _ in request_iterator:
+            pass
+        self.calls += 1
+        b = self.behaviour
+        if b == "unavailable":
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.name} is shutting down")
+        if b == "internal":
+            await context.abort(grpc.StatusCode.INTERNAL, f"{self.name} is broken")
+        if b == "invalid":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad request")
+        if b == "queue_full":
+            await status.abort(context, LimitExceeded("the queue is full", retry_after_s=1.0))
+        if b == "too_big":
+            await status.abort(context, LimitExceeded("the prompt is too long"))
+        yield wk.GenerateResponse(text=wk.TextDelta(text=self.name))
+        if b == "fail_after_output":
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.name} died mid-stream")
+        if b == "hold":
+            await self.release.wait()
+        yield wk.GenerateResponse(
+            summary=wk.Summary(finish_reason=wk.FINISH_REASON_LENGTH, prompt_tokens=1, output_tokens=1)
+        )
+
+
+def request() -> GenerationRequest:
+    return GenerationRequest(messages=[Message("user", [ContentPart(Modality.TEXT, text="hi")])])
+
+
+def pool_settings(**overrides) -> GatewaySettings:
+    values = {
+        "worker_check_interval_s": 0.05,
+        "worker_check_timeout_s": 1.0,
+        "worker_discovery_interval_s": 0.05,
+        "worker_connect_timeout_s": 1.0,
+        "worker_reconnect_backoff_max_s": 0.2,
+        **overrides,
+    }
+    return GatewaySettings(**values)
+
+
+async def wait_until(predicate, timeout_s: float = 10.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def running_pool(target: str, ready: int, resolve=None, **overrides):
+    metrics = GatewayMetrics(CollectorRegistry())
+    pool = WorkerPool(pool_settings(worker_target=target, **overrides), metrics, resolve=resolve)
+    pool.start()
+    try:
+        await wait_until(lambda: pool.counts()["ready"] == ready, what=f"{ready} ready workers")
+        yield pool, metrics
+    finally:
+        await pool.close()
+
+
+@contextlib.asynccontextmanager
+async def fakes(*names: str, **kwargs):
+    workers = [await FakeWorker(name, **kwargs).start() for name in names]
+    try:
+        yield workers
+    finally:
+        for worker in workers:
+            worker.release.set()
+            await worker.stop()
+
+
+def targets(*workers: FakeWorker) -> str:
+    return ",".join(w.target for w in workers)
+
+
+async def generate(pool: WorkerPool, timeout_s: float = 10.0) -> list[str]:
+    call = pool.generate(request(), timeout_s)
+    try:
+        return [event.text.text async for event in call if event.HasField("text")]
+    finally:
+        call.cancel()
+
+
+@contextlib.contextmanager
+def first_choice(pool: WorkerPool, fake: FakeWorker):
+    """Makes ``fake`` the least busy worker (the others look busier) while the block runs."""
+    others = [w for w in pool.workers() if w.target != fake.target]
+    for w in others:
+        w.outstanding += 100
+    try:
+        yield
+    finally:
+        for w in others:
+            w.outstanding -= 100
+
+
+def sample(metrics: GatewayMetrics, name: str, **labels) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+# ---- worker_target --------------------------------------------------------------------------------
+
+
+def test_parse_worker_target():
+    assert parse_worker_target("10.0.0.7:50061") == [TargetEntry("10.0.0.7", 50061, resolve=False)]
+    assert parse_worker_target("[::1]:50061") == [TargetEntry("::1", 50061, resolve=False)]
+    assert parse_worker_target("dns:///omnigate-worker.ns.svc.cluster.local:50061") == [
+        TargetEntry("omnigate-worker.ns.svc.cluster.local", 50061, resolve=True)
+    ]
+    assert parse_worker_target("worker:50061, 10.0.0.1:2,") == [
+        TargetEntry("worker", 50061, resolve=True),
+        TargetEntry("10.0.0.1", 2, resolve=False),
+    ]
+    assert str(parse_worker_target("dns:10.0.0.1:7")[0]) == "10.0.0.1:7"  # an address needs no resolving
+    for bad in (
+        "",
+        " , ",
+        "worker",
+        "worker:0",
+        "worker:99999",
+        "worker:http",
+        "::1:50061",
+        "[::1]",
+        "dns://8.8.8.8/w:1",
+    ):
+        with pytest.raises(ValueError):
+            parse_worker_target(bad)
+    with pytest.raises(ValidationError, match="worker:http"):
+        GatewaySettings(worker_target="worker:http")
+
+
+async def test_resolve_with_loop_returns_every_address():
+    assert "127.0.0.1" in await resolve_with_loop("localhost", 50061)
+
+
+# ---- picking ----------------------------------------------------------------------------------------
+
+
+async def test_pick_prefers_the_least_outstanding_with_random_ties():
+    async with fakes("a", "b", "c") as (a, b, c), running_pool(targets(a, b, c), ready=3) as (pool, _):
+        by_target = {w.target: w for w in pool.workers()}
+        by_target[a.target].outstanding = 2
+        picked = {pool.pick().target for _ in range(200)}
+        assert picked == {b.target, c.target}  # both of the least busy, never the busier one
+        by_target[c.target].outstanding = 1
+        assert {pool.pick().target for _ in range(50)} == {b.target}
+        assert pool.pick(exclude={b.target}).target == c.target
+        for w in by_target.values():
+            w.outstanding = 0
+
+
+async def test_concurrent_streams_spread_evenly():
+    async with fakes("a", "b") as (a, b), running_pool(targets(a, b), ready=2) as (pool, _):
+        a.behaviour = b.behaviour = "hold"
+        calls = [pool.generate(request(), 10) for _ in range(6)]
+        for call in calls:
+            assert (await call.__anext__()).HasField("text")
+        assert (a.calls, b.calls) == (3, 3)
+        assert sorted(w.outstanding for w in pool.workers()) == [3, 3]
+        a.release.set()
+        b.release.set()
+        for call in calls:
+            assert [e async for e in call][-1].HasField("summary")
+        assert [w.outstanding for w in pool.workers()] == [0, 0]
+
+
+# ---- retries ---------------------------------------------------------------------------------------
+
+
+async def test_failure_before_output_is_retried_on_another_worker():
+    async with fakes("a", "b") as (a, b), running_pool(targets(a, b), ready=2) as (pool, metrics):
+        a.behaviour = "unavailable"
+        with first_choice(pool, a):
+            assert await generate(pool) == ["b"]
+        assert (a.calls, b.calls) == (1, 1)
+        assert sample(metrics, "omnigate_gateway_upstream_retries_total") == 1
+        assert sample(metrics, "omnigate_gateway_upstream_errors_total", code="UNAVAILABLE") == 1
+
+
+async def test_failure_after_output_is_not_retried():
+    async with fakes("a", "b") as (a, b), running_pool(targets(a, b), ready=2) as (pool, metrics):
+        a.behaviour = "fail_after_output"
+        texts = []
+        with first_choice(pool, a), pytest.raises(grpc.RpcError) as err:
+            async for event in pool.generate(request(), 10):
+                texts.append(event.text.text)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert texts == ["a"]  # what reached the caller is never sent again
+        assert b.calls == 0
+        assert sample(metrics, "omnigate_gateway_upstream_retries_total") == 0
+
+
+async def test_only_retriable_failures_are_retried():
+    async with fakes("a", "b") as (a, b), running_pool(targets(a, b), ready=2) as (pool, _):
+        a.behaviour = "queue_full"  # RESOURCE_EXHAUSTED with a retry delay: another worker may have room
+        with first_choice(pool, a):
+            assert await generate(pool) == ["b"]
+        for behaviour, code in (
+            ("too_big", grpc.StatusCode.RESOURCE_EXHAUSTED),  # no retry delay: retrying cannot help
+            ("invalid", grpc.StatusCode.INVALID_ARGUMENT),
+            ("internal", grpc.StatusCode.INTERNAL),
+        ):
+            a.behaviour, calls_b = behaviour, b.calls
+            with first_choice(pool, a), pytest.raises(grpc.RpcError) as err:
+                await generate(pool)
+            assert err.value.code() == code
+            assert b.calls == calls_b, behaviour
+
+
+async def test_retries_are_bounded():
+    async with (
+        fakes("a", "b", "c") as workers,
+        running_pool(targets(*workers), ready=3, worker_max_retries=1) as (pool, metrics),
+    ):
+        for w in workers:
+            w.behaviour = "unavailable"
+        with pytest.raises(grpc.RpcError) as err:
+            await generate(pool)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert sum(w.calls for w in workers) == 2  # the first attempt and one retry
+        assert sample(metrics, "omnigate_gateway_upstream_retries_total") == 1
+
+
+async def test_the_deadline_applies_to_the_worker_call():
+    async with fakes("a", "b") as (a, b), running_pool(targets(a, b), ready=2) as (pool, _):
+        a.behaviour = b.behaviour = "hold"
+        call = pool.generate(request(), 0.3)
+        with pytest.raises(grpc.RpcError) as err:
+            async for _ in call:
+                pass
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # the deadline reached the worker call
+        assert a.calls + b.calls == 1
+
+
+# ---- worker states --------------------------------------------------------------------------------
+
+
+async def test_failing_worker_is_ejected_for_a_while():
+    async with (
+        fakes("a", "b") as (a, b),
+        running_pool(targets(a, b), ready=2, worker_eject_after_failures=2, worker_ejection_s=0.5) as (
+            pool,
+            metrics,
+        ),
+    ):
+        a.behaviour = "internal"  # healthy by its health checks, failing its calls
+        for _ in range(2):
+            with first_choice(pool, a), pytest.raises(grpc.RpcError):
+                await generate(pool)
+        assert pool.counts()["ejected"] == 1
+        await wait_until(lambda: sample(metrics, "omnigate_gateway_workers", state="ejected") == 1)
+        with first_choice(pool, a):
+            for _ in range(5):
+                assert await generate(pool) == ["b"]
+        assert a.calls == 2
+        await wait_until(lambda: pool.counts()["ready"] == 2, what="the ejection to end")
+
+
+async def test_draining_worker_finishes_its_calls_and_gets_no_new_ones():
+    async with fakes("a", "b") as (a, b), running_pool(targets(a, b), ready=2) as (pool, metrics):
+        a.behaviour = "hold"
+        with first_choice(pool, a):
+            held = pool.generate(request(), 10)
+            assert (await held.__anext__()).text.text == "a"
+        await a.serving(False)  # what SIGTERM does to a worker
+        await wait_until(lambda: pool.counts()["draining"] == 1, what="draining")
+        assert sample(metrics, "omnigate_gateway_workers", state="draining") == 1
+        with first_choice(pool, a):
+            for _ in range(3):
+                assert await generate(pool) == ["b"]
+        a.release.set()
+        assert [e async for e in held][-1].HasField("summary")  # the call in flight completes
+        assert a.calls == 1
+
+
+async def test_worker_serving_another_model_gets_no_requests(caplog):
+    async with fakes("a") as (a,), fakes("odd", model_id="another-model") as (odd,):
+        with caplog.at_level(logging.ERROR, logger="omnigate_gateway.worker_client"):
+            async with running_pool(targets(a, odd), ready=1) as (pool, _):
+                await wait_until(lambda: pool.counts()["not_ready"] == 1)
+                with first_choice(pool, odd):
+                    for _ in range(3):
+                        assert await generate(pool) == ["a"]
+                assert pool.require_info().model_id == "fake-model"
+        assert odd.calls == 0
+        assert "serves another-model but the other workers serve fake-model" in caplog.text
+
+
+async def test_no_ready_worker_is_unavailable_with_a_clear_message():
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there
+    async with running_pool(f"127.0.0.1:{port}", ready=0) as (pool, metrics):
+        await wait_until(lambda: pool.counts()["not_ready"] == 1)
+        with pytest.raises(Unavailable, match="no worker is ready yet \\(1 not ready"):
+            await generate(pool)
+        with pytest.raises(Unavailable, match="no worker is ready"):
+            pool.require_info()
+        assert pool.info is None
+        assert sample(metrics, "omnigate_gateway_workers", state="not_ready") == 1
+
+
+async def test_readiness_follows_the_workers():
+    async with fakes("a") as (a,):
+        async with running_pool(a.target, ready=1) as (pool, _):
+            changes = pool.watch_ready()
+            assert await anext(changes) is True
+            await a.stop()
+            assert await asyncio.wait_for(anext(changes), 5) is False
+            await a.start(port=a.port)  # back on the same port (a restarted worker)
+            assert await asyncio.wait_for(anext(changes), 10) is True
+            assert await generate(pool) == ["a"]
+
+
+# ---- DNS discovery --------------------------------------------------------------------------------
+
+
+class FakeResolver:
+    """A FAKE DNS: answers each name from ``answers`` (a list of addresses, or an exception to raise)."""
+
+    def __init__(self) -> None:
+        self.answers: dict[str, list[str] | Exception] = {}
+
+    async def __call__(self, host: str, port: int) -> list[str]:
+        answer = self.answers[host]
+        if isinstance(answer, Exception):
+            raise answer
+        return list(answer)
+
+
+async def _same_port_fakes() -> tuple[FakeWorker, FakeWorker]:
+    """Two fake workers on 127.0.0.2 and 127.0.0.3 with one port, as pods behind a headless Service."""
+    for _ in range(20):
+        first = await FakeWorker("pod-2").start("127.0.0.2")
+        try:
+            return first, await FakeWorker("pod-3").start("127.0.0.3", first.port)
+        except RuntimeError:  # that port is taken on 127.0.0.3: try another
+            await first.stop()
+    raise RuntimeError("no port free on both 127.0.0.2 and 127.0.0.3")
+
+
+async def test_dns_discovery_follows_the_answers():
+    first, second = await _same_port_fakes()
+    dns = FakeResolver()
+    dns.answers["workers.test"] = ["127.0.0.2"]
+    try:
+        async with running_pool(f"dns:///workers.test:{first.port}", ready=1, resolve=dns) as (pool, _):
+            dns.answers["workers.test"] = ["127.0.0.2", "127.0.0.3"]  # a pod became ready
+            await wait_until(lambda: pool.counts()["ready"] == 2, what="the second pod")
+            first.behaviour = second.behaviour = "hold"
+            calls = [pool.generate(request(), 10) for _ in range(2)]
+            assert sorted([(await call.__anext__()).text.text for call in calls]) == ["pod-2", "pod-3"]
+
+            dns.answers["workers.test"] = ["127.0.0.2"]  # pod-3 is going away (preStop)
+            await wait_until(lambda: len(pool.workers()) == 1, what="pod-3 to leave")
+            first.release.set()
+            second.release.set()
+            for call in calls:  # its call in flight still completes
+                assert [e async for e in call][-1].HasField("summary")
+            first.behaviour = second.behaviour = "ok"
+            for _ in range(3):
+                assert await generate(pool) == ["pod-2"]
+
+            dns.answers["workers.test"] = socket.gaierror(socket.EAI_AGAIN, "temporary failure")
+            await asyncio.sleep(0.2)
+            assert pool.counts()["ready"] == 1  # a resolver hiccup keeps the workers we know
+            dns.answers["workers.test"] = socket.gaierror(socket.EAI_NONAME, "no such name")
+            await wait_until(lambda: not pool.workers(), what="the name to vanish")
+            with pytest.raises(Unavailable, match=f"none found at dns:///workers.test:{first.port}"):
+                await generate(pool)
+    finally:
+        await first.stop()
+        await second.stop()

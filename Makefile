@@ -13,6 +13,7 @@ GATEWAY_PORT ?= 50051
 WORKER_PORT ?= 50061
 GATEWAY_METRICS_PORT ?= 9400
 WORKER_METRICS_PORT ?= 9401
+HTTP_PORT ?= 8000
 MODEL ?= $(MODELS_DIR)/tiny-qwen2.5-omni
 
 .PHONY: help install protos models run demo-media serve-demo-media test bench bench-media lint format clean
@@ -26,6 +27,7 @@ help:
 	@echo "make test      run all tests"
 	@echo "make bench     engine benchmark: writes bench/results/engine.{json,md,png}"
 	@echo "make bench-media  media decoding vs transformers' loaders: writes bench/results/media.json"
+	@echo "make bench-autoscale  HPA simulation on load steps, real Prometheus: bench/results/autoscale.{json,png}"
 	@echo "make lint      ruff over services/ and tests/"
 	@echo "make chart-test  chart lint/render/schema/CRD/alert checks and the gateway image test (no cluster)"
 	@echo "make images    build the gateway and worker images with docker or podman"
@@ -52,10 +54,12 @@ models: $(STAMPS)/install protos
 run: install protos models
 	@echo "Omnigate local stack: gateway grpc 127.0.0.1:$(GATEWAY_PORT), worker grpc 127.0.0.1:$(WORKER_PORT)," \
 		"metrics http://127.0.0.1:$(GATEWAY_METRICS_PORT)/metrics and :$(WORKER_METRICS_PORT); Ctrl-C stops."
+	@echo "OpenAI-compatible HTTP API: http://127.0.0.1:$(HTTP_PORT)/v1"
 	@trap 'kill $$(jobs -p) 2>/dev/null; wait' EXIT INT TERM; \
 	OMNIGATE_WORKER_MODEL=$(MODEL) OMNIGATE_WORKER_PORT=$(WORKER_PORT) \
 		OMNIGATE_WORKER_METRICS_PORT=$(WORKER_METRICS_PORT) $(PY) -m omnigate_worker.main & \
 	OMNIGATE_GATEWAY_PORT=$(GATEWAY_PORT) OMNIGATE_GATEWAY_METRICS_PORT=$(GATEWAY_METRICS_PORT) \
+		OMNIGATE_GATEWAY_HTTP_HOST=127.0.0.1 OMNIGATE_GATEWAY_HTTP_PORT=$(HTTP_PORT) \
 		OMNIGATE_GATEWAY_WORKER_TARGET=127.0.0.1:$(WORKER_PORT) OMNIGATE_GATEWAY_ALLOW_PRIVATE_NETWORKS=true \
 		$(PY) -m omnigate_gateway.main & \
 	wait -n
@@ -77,6 +81,14 @@ bench: install protos models
 # Media decoding: the gateway's decoders vs transformers' loaders on the same files (bench/results/media.json).
 bench-media: install
 	$(PY) bench/media.py
+
+# Autoscaling simulation: load steps (idle, high, idle) against a real stack, the chart's HPA queries read from
+# a real Prometheus every sync period, the HPA algorithm applied (bench/results/autoscale.{json,png}). With the
+# chart's behavior it takes 15-30 min (600 s scale-down stabilization); AUTOSCALE_ARGS='--time-scale 30': ~2 min.
+AUTOSCALE_ARGS ?=
+.PHONY: bench-autoscale
+bench-autoscale: install protos models chart-tools
+	$(PY) bench/autoscale.py $(AUTOSCALE_ARGS)
 
 lint: install protos
 	$(PY) -m ruff check services tests

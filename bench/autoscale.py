@@ -232,6 +232,12 @@ def _record_event(history: History, now: float, current: int, desired: int, beha
     return history
 
 
+def _tests_on_path() -> None:
+    """The tests' helpers (chart rendering, Prometheus, the stack launcher) are shared with this bench."""
+    if str(REPO / "tests") not in sys.path:
+        sys.path.insert(0, str(REPO / "tests"))
+
+
 # ---- the chart's autoscaling --------------------------------------------------------------------------------
 
 
@@ -268,7 +274,7 @@ def chart_autoscaling(
     time_scale: float = 1.0, namespace: str | None = None, worker_pods=None
 ) -> AutoscalingSpec:
     """Renders the chart with the worker HPA on (and the behavior time-scaled) and reads its autoscaling."""
-    sys.path.insert(0, str(REPO / "tests"))
+    _tests_on_path()
     import chart_queries
     import yaml
     from charts.chart import CHART_DIR, NAMESPACE, WORKER, render
@@ -459,7 +465,7 @@ def simulate(
     namespace: str | None = None,
 ) -> dict:
     """Runs the phases against the stack while a Prometheus scrapes it, deciding every sync period."""
-    sys.path.insert(0, str(REPO / "tests"))
+    _tests_on_path()
     from charts.chart import GATEWAY, NAMESPACE, WORKER
     from prometheus_server import PrometheusServer, ScrapeJob, Target
 
@@ -585,7 +591,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    sys.path.insert(0, str(REPO / "tests"))
+    _tests_on_path()
     from prometheus_server import prometheus_binary
     from stack import MODELS_DIR, start_stack
 

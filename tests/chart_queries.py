@@ -78,10 +78,13 @@ def adapter_query(rule: dict, namespace: str, pods: list[str]) -> str:
 
 
 def hpa_spec(rendered, name: str) -> dict:
-    """The HPA's bounds, Pods metrics (name -> target average value) and behavior."""
+    """The HPA's bounds, Pods metrics (name -> target average value) and behavior (Resource metrics, such
+    as the gateway's CPU, come from the metrics server, not Prometheus: left out)."""
     hpa = rendered.one("HorizontalPodAutoscaler", name)["spec"]
     metrics = {}
     for metric in hpa["metrics"]:
+        if metric["type"] == "Resource":
+            continue
         assert metric["type"] == "Pods" and metric["pods"]["target"]["type"] == "AverageValue", metric
         metrics[metric["pods"]["metric"]["name"]] = float(metric["pods"]["target"]["averageValue"])
     return {
@@ -110,8 +113,7 @@ def alerts(groups: dict) -> list[Query]:
 
 def alert_inner(expr: str) -> str:
     """The alert's expression without its final threshold comparison."""
-    inner = _THRESHOLD.sub("", expr.strip())
-    return inner
+    return _THRESHOLD.sub("", expr.strip())
 
 
 # -- dashboard --------------------------------------------------------------------------------------------

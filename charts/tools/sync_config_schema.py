@@ -28,6 +28,8 @@ CHART_OWNED = {
         "port",
         "metrics_host",
         "metrics_port",
+        "http_host",
+        "http_port",
         "worker_target",
         "grace_period_s",
         "ports_file",

@@ -228,6 +228,8 @@ def test_gateway_service_exposes_grpc_and_http_ports():
     ports = {p["name"]: p for p in service["spec"]["ports"]}
     assert ports["grpc"]["port"] == 50051 and ports["grpc"]["appProtocol"] == "kubernetes.io/h2c"
     assert ports["http-metrics"]["port"] == 9400 and ports["http-metrics"]["appProtocol"] == "http"
+    # The OpenAI-compatible HTTP API.
+    assert ports["http"]["port"] == 8000 and ports["http"]["targetPort"] == "http"
     assert service["spec"].get("clusterIP") != "None"
 
 
@@ -243,6 +245,9 @@ def test_services_listen_on_all_interfaces_on_the_declared_ports(profile):
         assert e[f"{prefix}HOST"] == e[f"{prefix}METRICS_HOST"] == "0.0.0.0"
         assert int(e[f"{prefix}PORT"]) == ports["grpc"]
         assert int(e[f"{prefix}METRICS_PORT"]) == ports["http-metrics"]
+        if kind == "gateway":
+            assert e["OMNIGATE_GATEWAY_HTTP_HOST"] == "0.0.0.0"
+            assert int(e["OMNIGATE_GATEWAY_HTTP_PORT"]) == ports["http"]
 
 
 def test_config_values_become_settings_without_number_mangling():
@@ -399,6 +404,7 @@ def test_restricted_gateway_ingress_still_admits_the_helm_test_pod():
     test_labels = rendered.one("Pod", f"{RELEASE}-omnigate-test")["metadata"]["labels"]
     assert any("podSelector" in p and selects(p["podSelector"], test_labels) for p in grpc_rule["from"])
     assert {"namespaceSelector": {"matchLabels": {"team": "apps"}}} in grpc_rule["from"]
+    assert [p["port"] for p in grpc_rule["ports"]] == ["grpc", "http"]  # the HTTP API: same peers as gRPC
 
 
 def test_network_policy_can_be_turned_off():

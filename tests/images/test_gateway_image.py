@@ -100,6 +100,8 @@ def test_gateway_container_serves_health_and_generation_on_loopback(gateway_imag
             "-e", f"OMNIGATE_GATEWAY_PORT={grpc_port}",
             "-e", "OMNIGATE_GATEWAY_METRICS_HOST=127.0.0.1",
             "-e", f"OMNIGATE_GATEWAY_METRICS_PORT={metrics_port}",
+            "-e", "OMNIGATE_GATEWAY_HTTP_HOST=127.0.0.1",
+            "-e", f"OMNIGATE_GATEWAY_HTTP_PORT={_free_port()}",
             # gRPC's DNS resolver, as the chart sets it (dns:///<headless service>:<port>).
             "-e", f"OMNIGATE_GATEWAY_WORKER_TARGET=dns:///localhost:{worker.grpc_port}",
             "-e", "OMNIGATE_GATEWAY_WORKER_CHECK_INTERVAL_S=0.5",

@@ -5,14 +5,13 @@ applied with the chart's targets and behavior).
 The simulation computes the worker count the HPA would ask for; one worker really runs. The chart's
 scale-down stabilization is 600 s and its scale-down policy one pod per 120 s: the test renders the chart
 with every duration of the behavior divided by TIME_SCALE (stabilization 20 s, one pod per 4 s, scale-up
-periods 1 s) so that it ends in about a minute and a half, and syncs every 2 s instead of 15 s. It writes
+periods 1 s) so that it ends in about a minute, and syncs every 2 s instead of 15 s. It writes
 bench/results/autoscale-test.{json,png}; `make bench-autoscale` runs the chart's own durations.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import math
 import sys
 
 import pytest
@@ -175,7 +174,7 @@ def test_desired_workers_rise_under_load_and_fall_back_after_the_stabilization_w
     down_period = spec.behavior.scale_down.longest_period_s()
     phases = [
         autoscale.Phase("idle", 8, 0),
-        autoscale.Phase("high", 30, CONCURRENCY),
+        autoscale.Phase("high", 20, CONCURRENCY),
         autoscale.Phase("idle after", 70, 0, until_settled=True),
     ]
     result = autoscale.simulate(
@@ -207,7 +206,11 @@ def test_desired_workers_rise_under_load_and_fall_back_after_the_stabilization_w
     rise = result["summary"]["rise_after_load_start_s"]
     assert rise is not None and rise <= 15, result["summary"]
     peak = result["summary"]["peak_desired"]
-    assert 2 <= peak <= math.ceil(CONCURRENCY / spec.metrics[in_flight][1]), peak
+    assert 2 <= peak <= spec.max_replicas, peak
+    # The HPA never asks for more than the metrics have asked for (queue spikes may ask for more than the
+    # in-flight count alone would).
+    proposals = [s["proposal"] for s in samples if s["proposal"] is not None]
+    assert peak <= max(proposals), (peak, max(proposals))
     # After the load: the stabilization window holds the count, then it falls back to minReplicas.
     after = [s for s in samples if s["t"] >= high["end_s"]]
     held = [s for s in after if s["t"] <= high["end_s"] + stabilization - 2 * SYNC_PERIOD_S]

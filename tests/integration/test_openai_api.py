@@ -12,6 +12,7 @@ import io
 import json
 import signal
 import socket
+import ssl
 import time
 import wave
 
@@ -22,6 +23,8 @@ import openai
 import PIL.Image
 import pytest
 import soundfile
+from certs import Authority
+from cryptography import x509
 from stack import Service, start_service, wait_serving
 
 from omnigate_client import OmnigateClient
@@ -227,6 +230,42 @@ def test_models_health_and_request_id(omni_stack, sdk, model):
         _assert_openai_error(http.get("/v1/nothing-here"), 404, "not_found")
 
 
+def _metric(port: int, name: str, **labels: str) -> float:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    for line in text.splitlines():
+        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_hangs_up_stops_its_generation(omni_stack, stream):
+    gateway, worker = omni_stack.gateway, omni_stack.worker
+    cancelled = {"rpc": "Generate", "code": "CANCELLED", "mode": "text"}
+    before = _metric(gateway.metrics_port, "omnigate_gateway_requests_total", **cancelled)
+    # 4000 tokens take the tiny model far longer than this test waits.
+    body = {"messages": _user(_text("Count")), "max_tokens": 4000, "min_tokens": 4000, "stream": stream}
+    with _http(gateway) as http:
+        if stream:
+            with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                assert response.status_code == 200
+                next(
+                    line
+                    for line in response.iter_lines()
+                    if '"content":"' in line and '"content":""' not in line
+                )
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                http.post("/v1/chat/completions", json=body, timeout=2)
+    deadline = time.monotonic() + 15
+    while _metric(gateway.metrics_port, "omnigate_gateway_requests_total", **cancelled) <= before:
+        assert time.monotonic() < deadline, "the gateway did not see the client go"
+        time.sleep(0.2)
+    while _metric(worker.metrics_port, "omnigate_worker_in_flight_requests") > 0:
+        assert time.monotonic() < deadline, "the worker is still generating for a client that left"
+        time.sleep(0.2)
+
+
 # ---- errors: each code the gateway can produce ------------------------------------------------------
 
 
@@ -252,6 +291,8 @@ def test_models_health_and_request_id(omni_stack, sdk, model):
     ],
 )
 def test_bad_requests_are_400(omni_stack, body, param):
+    counted = {"rpc": "Generate", "code": "INVALID_ARGUMENT", "mode": "unknown"}
+    before = _metric(omni_stack.gateway.metrics_port, "omnigate_gateway_requests_total", **counted)
     with _http(omni_stack.gateway) as http:
         if isinstance(body, str):
             response = http.post(
@@ -261,6 +302,10 @@ def test_bad_requests_are_400(omni_stack, body, param):
             response = http.post("/v1/chat/completions", json=body)
     error = _assert_openai_error(response, 400)
     assert error["type"] == "invalid_request_error" and error["param"] == param
+    # Refused before the core, and still counted like any other request.
+    assert (
+        _metric(omni_stack.gateway.metrics_port, "omnigate_gateway_requests_total", **counted) == before + 1
+    )
 
 
 def test_core_refusals_are_400_with_the_core_message(sdk, model, media_server):
@@ -315,6 +360,25 @@ def test_deadline_is_504_and_bad_timeouts_are_400(omni_stack, media_server):
             model="", messages=body["messages"], max_tokens=3, extra_headers={"X-Request-Timeout": "1"}
         )
     assert err.value.status_code == 504
+
+
+def test_an_error_after_the_first_chunk_ends_the_stream_with_an_error_event(omni_stack, sdk, model):
+    # The deadline passes while the answer streams: the status line is long sent, so the error is an event.
+    stream = sdk.chat.completions.create(
+        model=model,
+        messages=_user(_text("Count")),
+        max_tokens=4000,
+        stream=True,
+        extra_body={"min_tokens": 4000},
+        extra_headers={"X-Request-Timeout": "2"},
+    )
+    text = ""
+    with pytest.raises(openai.APIError) as err:
+        for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+    assert text, "some text arrived before the error"
+    assert err.value.body["code"] == "deadline_exceeded" and err.value.body["type"] == "timeout_error"
 
 
 @pytest.fixture(scope="module")
@@ -381,6 +445,16 @@ def test_size_limits_are_413(guarded_gateway):
             )
             assert words in error["message"]
             assert "retry-after" not in http.post("/v1/chat/completions", json=body, headers=headers).headers
+        # Without a Content-Length (chunked), the body is counted as it arrives.
+        payload = json.dumps(
+            {"messages": _user({"type": "input_audio", "input_audio": {"data": big_wav, "format": "wav"}})}
+        ).encode()
+        chunks = (payload[i : i + 65536] for i in range(0, len(payload), 65536))
+        response = http.post(
+            "/v1/chat/completions", content=chunks, headers={**headers, "Content-Type": "application/json"}
+        )
+        assert "content-length" not in response.request.headers
+        assert "200000 bytes" in _assert_openai_error(response, 413, "request_too_large")["message"]
 
 
 def test_rate_limit_is_429_with_retry_after(guarded_gateway, model):
@@ -470,6 +544,53 @@ def test_sigterm_lets_a_streamed_answer_finish(omni_stack, tmp_path, model):
             httpx.get(f"http://127.0.0.1:{gateway.http_port}/health", timeout=5)
     finally:
         gateway.stop()
+
+
+def test_with_tls_the_api_is_https_only_and_follows_renewed_certificates(omni_stack, tmp_path, model):
+    ca = Authority("openai-test-ca")
+    ca_file = ca.write_ca(tmp_path / "ca.crt")
+    cert_file, key_file = ca.issue("gateway", ips=("127.0.0.1",)).write(tmp_path, "tls")
+    gateway = start_service(
+        "gateway-tls",
+        "omnigate_gateway.main",
+        {
+            "OMNIGATE_GATEWAY_WORKER_TARGET": omni_stack.worker.target,
+            "OMNIGATE_GATEWAY_WORKER_CHECK_INTERVAL_S": "0.5",
+            "OMNIGATE_GATEWAY_TLS_CERT_FILE": str(cert_file),
+            "OMNIGATE_GATEWAY_TLS_KEY_FILE": str(key_file),
+        },
+        tmp_path,
+    )
+    base = f"https://127.0.0.1:{gateway.http_port}"
+    verify = ssl.create_default_context(cafile=str(ca_file))
+    try:
+        with httpx.Client(base_url=base, verify=verify, timeout=30) as https:
+            deadline = time.monotonic() + 60
+            while https.get("/health").status_code != 200:
+                assert time.monotonic() < deadline, gateway.log_tail()
+                time.sleep(0.2)
+            client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, http_client=https)
+            assert client.chat.completions.create(
+                model=model, messages=_user(_text("Hi")), max_tokens=2
+            ).choices
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{gateway.http_port}/health", timeout=10)
+
+        def served_serial() -> int:
+            pem = ssl.get_server_certificate(("127.0.0.1", gateway.http_port))  # no SNI: an IP address
+            return x509.load_pem_x509_certificate(pem.encode()).serial_number
+
+        assert served_serial() == x509.load_pem_x509_certificate(cert_file.read_bytes()).serial_number
+        renewed = ca.issue("gateway", ips=("127.0.0.1",))
+        renewed.write(tmp_path, "tls")
+        deadline = time.monotonic() + 15
+        while served_serial() != renewed.certificate.serial_number:
+            assert time.monotonic() < deadline, "the renewed certificate was not picked up"
+            time.sleep(0.3)
+        assert httpx.get(f"{base}/health", verify=verify, timeout=10).status_code == 200
+        assert "HTTP API TLS certificate reloaded" in gateway.log_tail(200)
+    finally:
+        assert gateway.stop() == 0, gateway.log_tail()
 
 
 # ---- images ------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from omnigate_worker import tiny_models  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-OMNI, JANUS, QWEN2_AUDIO = "omni", "janus", "qwen2-audio"
+OMNI, JANUS, QWEN2_AUDIO, GEMMA3N = "omni", "janus", "qwen2-audio", "gemma3n"
 AUDIO_RATE_IN = 16000  # what the Qwen feature extractors expect
 OMNI_AUDIO_RATE_OUT = 24000  # what Qwen2.5-Omni's token2wav produces
 MAX_NEW = 5  # generation limit used throughout
@@ -42,7 +42,7 @@ SMALL_VIDEO = {"videos_kwargs": {"size": {"shortest_edge": 56 * 56, "longest_edg
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
-    """All three families, built once for the session."""
+    """All families, built once for the session."""
     out = tmp_path_factory.mktemp("tiny-models")
     tiny_models.build(out, list(tiny_models.FAMILIES))
     return out
@@ -220,6 +220,34 @@ def test_qwen2_audio_prompt_format(loaded):
     )
 
 
+def test_gemma3n_prompt_format(loaded):
+    _, processor = loaded(GEMMA3N)
+    messages = [
+        {"role": "system", "content": [_text("Be brief.")]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": _image()},
+                {"type": "audio", "audio": _audio()},
+                _text("What is this?"),
+            ],
+        },
+    ]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert prompt == (
+        "<bos><start_of_turn>user\nBe brief.\n\n<image_soft_token><audio_soft_token>What is this?<end_of_turn>\n"
+        "<start_of_turn>model\n"
+    )
+    # Each soft token expands to its fixed number of tokens between begin/end markers, and the ids of the
+    # multimodal blocks follow the text vocabulary as in the real model.
+    inputs = _inputs(processor, messages)
+    ids = inputs["input_ids"][0].tolist()
+    tokenizer = processor.tokenizer
+    assert ids.count(tokenizer.image_token_id) == processor.image_seq_length
+    assert ids.count(tokenizer.audio_token_id) == processor.audio_seq_length
+    assert min(tokenizer.image_token_id, tokenizer.audio_token_id) >= tiny_models._GEMMA3N_TEXT_VOCAB
+
+
 def test_janus_prompt_format(loaded):
     _, processor = loaded(JANUS)
     messages = _user(_text("Describe it."), {"type": "image", "image": _image()})
@@ -248,6 +276,9 @@ _CASES = [
     (JANUS, "image"),
     (QWEN2_AUDIO, None),
     (QWEN2_AUDIO, "audio"),
+    (GEMMA3N, None),
+    (GEMMA3N, "image"),
+    (GEMMA3N, "audio"),
 ]
 _MEDIA = {
     "image": lambda: {"type": "image", "image": _image()},
@@ -271,7 +302,7 @@ def test_generate_text(loaded, family, modality):
     assert isinstance(processor.batch_decode(sequences, skip_special_tokens=True)[0], str)
 
 
-@pytest.mark.parametrize("family", [OMNI, JANUS, QWEN2_AUDIO])
+@pytest.mark.parametrize("family", [OMNI, JANUS, QWEN2_AUDIO, GEMMA3N])
 def test_any_to_any_pipeline_text(models_dir, family):
     pipe = pipeline("any-to-any", model=str(_path(models_dir, family)))
     messages = _user(_text("Hello, how are you?"))

@@ -9,7 +9,8 @@ server-sent events. Routes:
 - ``GET /v1/models``, ``GET /v1/models/{id}``;
 - ``GET /health``: 200 while the gateway is SERVING (its gRPC health), 503 otherwise.
 
-Credentials: ``Authorization: Bearer <key>`` becomes ``Call.api_key``. Deadline: the ``X-Request-Timeout``
+Credentials: ``Authorization: Bearer <key>`` (or ``x-api-key``) becomes ``Call.api_key``. With the gateway's
+TLS certificate configured the API is HTTPS only (``ReloadingTlsContext``). Deadline: the ``X-Request-Timeout``
 header (seconds); without it, a non-streamed request takes the openai SDK's own timeout
 (``X-Stainless-Read-Timeout``, which for a non-streamed call bounds the whole answer), else the gateway's
 default. Every response carries ``X-Request-ID`` (the client's, when it sent a sane one).
@@ -25,6 +26,8 @@ import logging
 import math
 import re
 import socket
+import ssl
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -36,6 +39,7 @@ from grpc_health.v1 import health_pb2
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from omnigate import tls
 from omnigate.errors import InternalError, OmnigateError
 from omnigate.gateway.v1 import gateway_pb2 as gw
 from omnigate_gateway import openai_convert as oc
@@ -45,11 +49,11 @@ from omnigate_gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 
-REQUEST_ID_HEADER = "x-request-id"
 TIMEOUT_HEADER = "x-request-timeout"
 SDK_TIMEOUT_HEADER = "x-stainless-read-timeout"  # what the openai SDK sends: its read timeout, in seconds
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # Headers that are not call metadata (the credential travels as Call.api_key).
+GENERATE_PATHS = ("/v1/chat/completions", "/v1/images/generations")  # the rest maps onto GetModelInfo
 _NOT_METADATA = {"authorization", "x-api-key", "cookie", "content-length", "content-type", "host"}
 
 HealthProbe = Callable[[], Awaitable[bool]]
@@ -104,6 +108,11 @@ def create_app(core: GatewayCore, settings: GatewaySettings, health: HealthProbe
 
     # ---- errors in OpenAI's shape -----------------------------------------------------------------
 
+    def count_refusal(path: str, code: str) -> None:
+        """A Generate request refused here, before the core (which counts everything it sees)."""
+        if path in GENERATE_PATHS:
+            core.metrics.requests.labels("Generate", code, "unknown").inc()
+
     def error_response(request: Request, exc: BaseException) -> JSONResponse:
         error = oc.http_error(exc)
         if (error.status >= 500 and not isinstance(exc, OmnigateError)) or isinstance(exc, InternalError):
@@ -112,6 +121,10 @@ def create_app(core: GatewayCore, settings: GatewaySettings, health: HealthProbe
 
     @app.exception_handler(OmnigateError)
     async def _omnigate_error(request: Request, exc: OmnigateError):
+        if isinstance(exc, oc.InvalidParam | oc.NotFound):  # raised by this module, not the core
+            count_refusal(
+                request.url.path, "NOT_FOUND" if isinstance(exc, oc.NotFound) else "INVALID_ARGUMENT"
+            )
         return error_response(request, exc)
 
     @app.exception_handler(RequestValidationError)
@@ -119,16 +132,14 @@ def create_app(core: GatewayCore, settings: GatewaySettings, health: HealthProbe
         json_body = (
             request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json"
         )
+        count_refusal(request.url.path, "INVALID_ARGUMENT")
         return error_response(request, oc.validation_error(list(exc.errors()), json_body=json_body))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         if exc.status_code == 413:
-            message = (
-                f"the request body is larger than {settings.max_http_body_bytes} bytes "
-                "(OMNIGATE_GATEWAY_MAX_HTTP_BODY_BYTES); send large media by URL"
-            )
-            body = oc.error_body(message, "invalid_request_error", "request_too_large")
+            count_refusal(request.url.path, "RESOURCE_EXHAUSTED")
+            body = body_too_large(settings.max_http_body_bytes)
         elif exc.status_code == 404:
             body = oc.error_body(
                 f"Unknown route {request.method} {request.url.path}", "invalid_request_error", "not_found"
@@ -217,7 +228,7 @@ def create_app(core: GatewayCore, settings: GatewaySettings, health: HealthProbe
             "size": f"{width}x{height}",
         }
 
-    return RequestIdMiddleware(app)
+    return RequestIdMiddleware(app, settings.max_http_body_bytes, count_refusal)
 
 
 def _timeout(headers, streamed: bool) -> float | None:
@@ -291,34 +302,51 @@ async def _sse(
 
 class RequestIdMiddleware:
     """Outermost ASGI layer: gives each request its id (the client's X-Request-ID when sane) and returns it
-    on every response, errors included."""
+    on every response, errors included; refuses a declared Content-Length over the body limit with an
+    OpenAI-shaped 413 before anything is read (a body without one is counted as it arrives, by FastAPI's
+    ``max_body_size``)."""
 
-    def __init__(self, app: FastAPI) -> None:
+    def __init__(self, app: FastAPI, max_body_bytes: int, count_refusal: Callable[[str, str], None]) -> None:
         self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.count_refusal = count_refusal
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         request_id = None
+        declared = None
         for name, value in scope.get("headers", ()):
-            if name == REQUEST_ID_HEADER.encode():
-                candidate = value.decode("latin-1")
-                if _REQUEST_ID.match(candidate):
-                    request_id = candidate
+            if name == b"x-request-id" and _REQUEST_ID.match(value.decode("latin-1")):
+                request_id = value.decode("latin-1")
+            elif name == b"content-length" and value.isdigit():
+                declared = int(value)
         request_id = request_id or new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
 
         async def send_with_id(message) -> None:
             if message["type"] == "http.response.start":
-                headers = [
-                    (k, v) for k, v in message.get("headers", []) if k.lower() != REQUEST_ID_HEADER.encode()
-                ]
-                headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                headers.append((b"x-request-id", request_id.encode()))
                 message = {**message, "headers": headers}
             await send(message)
 
+        if declared is not None and declared > self.max_body_bytes:
+            self.count_refusal(scope.get("path", ""), "RESOURCE_EXHAUSTED")
+            response = JSONResponse(body_too_large(self.max_body_bytes), status_code=413)
+            await response(scope, receive, send_with_id)
+            return
         await self.app(scope, receive, send_with_id)
+
+
+def body_too_large(limit: int) -> dict:
+    return oc.error_body(
+        f"the request body is larger than {limit} bytes (OMNIGATE_GATEWAY_MAX_HTTP_BODY_BYTES); send large "
+        "media by URL",
+        "invalid_request_error",
+        "request_too_large",
+    )
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -343,6 +371,80 @@ class _Server(uvicorn.Server):
         yield
 
 
+class ReloadingTlsContext:
+    """The HTTP API's TLS context, following the certificate, key and client CA files as they change.
+
+    OpenSSL calls the context's server-name callback on every handshake (with or without SNI); the callback
+    looks at the files at most once per ``check_interval_s`` and, when they changed and load, hands the
+    handshake a context built from the new ones, as the gRPC port does (``omnigate.tls``). Files that do not
+    load are logged and the previous certificate stays in use. With a client CA, clients must present a
+    certificate it signed.
+    """
+
+    def __init__(
+        self,
+        cert_file: str | None,
+        key_file: str | None,
+        client_ca_file: str | None = None,
+        *,
+        check_interval_s: float = tls.CHECK_INTERVAL_S,
+    ) -> None:
+        if not (cert_file and key_file):
+            raise tls.TlsConfigError("TLS needs both a certificate file and a key file")
+        self._cert_file, self._key_file, self._client_ca_file = cert_file, key_file, client_ca_file
+        self._paths = (cert_file, key_file, client_ca_file)
+        self._check_interval_s = check_interval_s
+        self._lock = threading.Lock()
+        self._version = tls.files_version(self._paths)
+        self._refused: tls.FileVersion | None = None
+        self.context = self._build()  # fails start-up on unusable files
+        self.context.sni_callback = self._select
+        self._current = self.context
+        self._next_check = time.monotonic() + check_interval_s
+        self.reloads = 0
+
+    def _build(self) -> ssl.SSLContext:
+        tls.load_key_pair(self._cert_file, self._key_file)  # a clear error when they do not belong together
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(self._cert_file, self._key_file)
+        except (OSError, ssl.SSLError) as e:
+            raise tls.TlsConfigError(f"cannot load {self._cert_file} and {self._key_file}: {e}") from None
+        if self._client_ca_file:
+            context.load_verify_locations(cadata=tls.load_ca(self._client_ca_file).decode())
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    def _select(self, connection, server_name, context) -> None:
+        try:
+            with self._lock:
+                now = time.monotonic()
+                if now >= self._next_check:
+                    self._next_check = now + self._check_interval_s
+                    version = tls.files_version(self._paths)
+                    if version not in (self._version, self._refused):
+                        try:
+                            fresh = self._build()
+                        except (tls.TlsConfigError, OSError, ssl.SSLError) as e:
+                            self._refused = version
+                            log.error(
+                                "HTTP API TLS files changed but cannot be used (%s); keeping the previous certificate",
+                                e,
+                            )
+                        else:
+                            fresh.sni_callback = self._select
+                            self._current, self._version = fresh, version
+                            self.reloads += 1
+                            log.info("HTTP API TLS certificate reloaded from %s", self._cert_file)
+                current = self._current
+            if connection.context is not current:
+                connection.context = current
+        except Exception:  # noqa: BLE001 - an exception here would fail the handshake
+            log.exception("HTTP API TLS certificate check failed; keeping the previous certificate")
+        return None
+
+
 class HttpApiServer:
     """The HTTP API's socket and uvicorn server, run as a task on the gateway's event loop."""
 
@@ -364,13 +466,21 @@ class HttpApiServer:
             server_header=False,
             timeout_graceful_shutdown=max(1, math.ceil(settings.grace_period_s)),
         )
+        config.load()
+        # The public gRPC port's certificate serves the HTTP API too: with TLS configured, it is HTTPS only.
+        self.tls = None
+        if settings.tls_cert_file or settings.tls_key_file:
+            self.tls = ReloadingTlsContext(
+                settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+            )
+            config.ssl = self.tls.context
         self._server = _Server(config)
         self._task: asyncio.Task | None = None
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._server.serve(sockets=[self._socket]), name="http-api")
@@ -379,9 +489,18 @@ class HttpApiServer:
                 self._task.result()  # raises what stopped it
                 raise RuntimeError("the HTTP API stopped during start-up")
             await asyncio.sleep(0.01)
+        self._task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task) -> None:
+        if not self._server.should_exit:
+            error = None if task.cancelled() else task.exception()
+            log.error("the HTTP API stopped unexpectedly; gRPC goes on serving", exc_info=error)
 
     async def stop(self) -> None:
         """Stops accepting connections and lets in-flight responses finish (up to the grace period)."""
         self._server.should_exit = True
         if self._task is not None:
-            await self._task
+            try:
+                await self._task
+            except Exception:  # noqa: BLE001 - the rest of the gateway's shutdown must still run
+                log.exception("the HTTP API failed while stopping")

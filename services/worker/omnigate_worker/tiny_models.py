@@ -5,7 +5,7 @@ The worker keeps the real loading path (``AutoModelForMultimodalLM.from_pretrain
 any download: real architectures and real prompt formats, random weights, a byte-level BPE tokenizer
 trained on a fixed in-code corpus.
 
-    python -m omnigate_worker.tiny_models --out models [--family omni|janus|qwen2-audio|all] [--force]
+    python -m omnigate_worker.tiny_models --out models [--family omni|janus|qwen2-audio|gemma3n|all] [--force]
 
 Each family lands in its own folder under ``--out``:
 
@@ -13,6 +13,13 @@ Each family lands in its own folder under ``--out``:
   image, video, audio and text in, text and 24 kHz speech out. The project's default model.
 - ``tiny-janus``         JanusForConditionalGeneration; image and text in, text or a 64x64 image out.
 - ``tiny-qwen2-audio``   Qwen2AudioForConditionalGeneration; audio and text in, text out.
+- ``tiny-gemma3n``       Gemma3nForConditionalGeneration (MobileNetV5 vision encoder from timm, conformer audio
+  encoder, AltUp/LAuReL text model with KV sharing); image, audio and text in, text out.
+
+Voxtral is not built. ``VoxtralProcessor`` has no tokenizer of the ``tokenizers`` library: it needs
+mistral-common's ``MistralCommonBackend`` (the ``mistral-common`` package, not a dependency here, and a
+``tekken.json`` vocabulary in its own format), whose chat-request code also places the audio tokens; and its
+``__call__`` refuses audio, so the worker's ``processor(text=..., audio=...)`` path cannot feed it either.
 
 A build is byte-for-byte deterministic (fixed seed, fixed corpus). It happens in a temporary folder next
 to the target that is renamed into place at the end, so an interrupted build never leaves a half folder.
@@ -677,6 +684,187 @@ def build_qwen2_audio(out: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------
+# Gemma 3n
+# --------------------------------------------------------------------------------------------------------
+
+# The real Gemma 3 / 3n prompt format: BOS, a system message folded into the first user turn, roles that
+# alternate user/model, each media part as its soft token (the processor expands it to
+# ``\n\n<start_of_image><image_soft_token>*n<end_of_image>\n\n``, and the same for audio).
+GEMMA3N_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- if messages[0]['content'] is string -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}"
+    "{%- endif -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = '' -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}{%- set role = 'model' -%}"
+    "{%- else -%}{%- set role = message['role'] -%}{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{%- if message['content'] is string -%}"
+    "{{ message['content'] | trim }}"
+    "{%- else -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'audio' -%}{{ '<audio_soft_token>' }}"
+    "{%- elif item['type'] == 'image' -%}{{ '<image_soft_token>' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] | trim }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
+_GEMMA_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>")
+# Gemma 3n's id layout, scaled down: text tokens below _GEMMA3N_TEXT_VOCAB (the per-layer embedding's
+# size; unused slots filled as the real vocabulary does), then a block of vision ids (end-of-image, image
+# soft token, spare) and a block of audio ids, each embedded by its own multimodal embedder.
+_GEMMA3N_TEXT_VOCAB = 1024
+_GEMMA3N_MM_VOCAB = 8  # ids per multimodal block (the real model has 128)
+_GEMMA3N_VISION_TOKENS = ("<end_of_image>", "<image_soft_token>")
+_GEMMA3N_AUDIO_TOKENS = ("<end_of_audio>", "<audio_soft_token>")
+_GEMMA3N_NAMED_TOKENS = {
+    "image_token": "<image_soft_token>",
+    "boi_token": "<start_of_image>",
+    "eoi_token": "<end_of_image>",
+    "audio_token": "<audio_soft_token>",
+    "boa_token": "<start_of_audio>",
+    "eoa_token": "<end_of_audio>",
+}
+_GEMMA3N_IMAGE_SIZE = 64  # pixels; the encoder's fusion adapter pools to 2x2 = 4 soft tokens per image
+_GEMMA3N_IMAGE_TOKENS = 4
+_GEMMA3N_AUDIO_TOKENS_PER_CLIP = 8  # soft tokens per audio clip (the real model has 188)
+
+
+def build_gemma3n_tokenizer():
+    """Gemma's tokenizer: a BPE over ``▁``-marked words with byte fallback, and Gemma 3n's special ids.
+
+    Trained on the fixed corpus (words split at ``▁``, as sentencepiece splits at whitespace), then wrapped
+    in transformers' ``GemmaTokenizer(vocab=..., merges=...)``.
+    """
+    from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import GemmaTokenizer
+
+    backend = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    backend.pre_tokenizer = pre_tokenizers.Split(pattern="▁", behavior="merged_with_next", invert=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=_BPE_VOCAB_SIZE + 256,
+        special_tokens=[*_GEMMA_SPECIALS, *(f"<0x{i:02X}>" for i in range(256))],
+        show_progress=False,
+    )
+    backend.train_from_iterator(_CORPUS, trainer)
+    model = json.loads(backend.to_str())["model"]
+    vocab, merges = dict(model["vocab"]), [tuple(pair) for pair in model["merges"]]
+    vocab = _with_specials(vocab, ("<start_of_image>", "<start_of_audio>"))
+    vocab = _with_specials(vocab, [f"<unused{i}>" for i in range(len(vocab), _GEMMA3N_TEXT_VOCAB)])
+    for block in (_GEMMA3N_VISION_TOKENS, _GEMMA3N_AUDIO_TOKENS):
+        start = len(vocab) + len(block)
+        spare = [f"<unused{i}>" for i in range(start, len(vocab) + _GEMMA3N_MM_VOCAB)]
+        vocab = _with_specials(vocab, [*block, *spare])
+    tokenizer = GemmaTokenizer(vocab=vocab, merges=merges, extra_special_tokens=dict(_GEMMA3N_NAMED_TOKENS))
+    tokenizer.add_tokens([AddedToken(token, special=True) for token in ("<start_of_turn>", "<end_of_turn>")])
+    return tokenizer
+
+
+def build_gemma3n(out: Path) -> None:
+    """Gemma 3n: MobileNetV5 vision encoder (timm), USM-style conformer audio encoder, and the Gemma 3n
+    text model (AltUp, LAuReL, per-layer inputs, KV sharing, sliding + full attention), all tiny."""
+    from transformers import (
+        Gemma3nAudioFeatureExtractor,
+        Gemma3nConfig,
+        Gemma3nForConditionalGeneration,
+        Gemma3nProcessor,
+        GenerationConfig,
+        SiglipImageProcessor,
+    )
+
+    tokenizer = build_gemma3n_tokenizer()
+    tid = tokenizer.convert_tokens_to_ids
+    eos_ids = [tid("<eos>"), tid("<end_of_turn>")]
+    config = Gemma3nConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "vocab_size_per_layer_input": _GEMMA3N_TEXT_VOCAB,
+            "hidden_size": 64,
+            "hidden_size_per_layer_input": 8,
+            "intermediate_size": 128,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 32,
+            "sliding_window": 64,
+            "layer_types": ["sliding_attention", "full_attention"] * 2,
+            "num_kv_shared_layers": 2,  # the last two layers reuse the first two's keys and values
+            "laurel_rank": 8,
+            "altup_num_inputs": 2,
+            "activation_sparsity_pattern": [0.95, 0.0, 0.0, 0.0],
+            "max_position_embeddings": 8192,
+            "pad_token_id": tid("<pad>"),
+            "eos_token_id": eos_ids,
+            "bos_token_id": tid("<bos>"),
+        },
+        vision_config={
+            "architecture": "mobilenetv5_300m_enc",
+            # The real encoder at 1/16 of its width; its fusion adapter always outputs 2048 channels.
+            "model_args": {"channel_multiplier": 0.0625, "msfa_output_resolution": 2},
+            "hidden_size": 2048,
+            "vocab_size": _GEMMA3N_MM_VOCAB,
+            "vocab_offset": _GEMMA3N_TEXT_VOCAB,
+        },
+        audio_config={
+            "vocab_size": _GEMMA3N_MM_VOCAB,
+            "vocab_offset": _GEMMA3N_TEXT_VOCAB + _GEMMA3N_MM_VOCAB,
+            "input_feat_size": 128,
+            "hidden_size": 32,
+            "conf_num_attention_heads": 2,
+            "conf_num_hidden_layers": 2,
+            "sscp_conv_channel_size": [8, 8],
+        },
+        audio_soft_tokens_per_image=_GEMMA3N_AUDIO_TOKENS_PER_CLIP,
+        vision_soft_tokens_per_image=_GEMMA3N_IMAGE_TOKENS,
+        boi_token_id=tid("<start_of_image>"),
+        eoi_token_id=tid("<end_of_image>"),
+        image_token_id=tid("<image_soft_token>"),
+        boa_token_id=tid("<start_of_audio>"),
+        eoa_token_id=tid("<end_of_audio>"),
+        audio_token_id=tid("<audio_soft_token>"),
+    )
+
+    _seed()
+    model = Gemma3nForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=tid("<bos>"), eos_token_id=eos_ids, pad_token_id=tid("<pad>")
+    )
+    model.save_pretrained(out)
+
+    image_processor = SiglipImageProcessor(
+        size={"height": _GEMMA3N_IMAGE_SIZE, "width": _GEMMA3N_IMAGE_SIZE},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    processor = Gemma3nProcessor(
+        feature_extractor=Gemma3nAudioFeatureExtractor(),  # the real values: 128 mel bins at 16 kHz
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=GEMMA3N_CHAT_TEMPLATE,
+        audio_seq_length=_GEMMA3N_AUDIO_TOKENS_PER_CLIP,
+        image_seq_length=_GEMMA3N_IMAGE_TOKENS,
+    )
+    processor.save_pretrained(out)
+
+
+# --------------------------------------------------------------------------------------------------------
 # Build orchestration: stamp, temporary folder, atomic rename
 # --------------------------------------------------------------------------------------------------------
 
@@ -696,6 +884,7 @@ FAMILIES: dict[str, Family] = {
         Family("omni", "tiny-qwen2.5-omni", build_qwen2_5_omni),
         Family("janus", "tiny-janus", build_janus),
         Family("qwen2-audio", "tiny-qwen2-audio", build_qwen2_audio),
+        Family("gemma3n", "tiny-gemma3n", build_gemma3n),
     )
 }
 

@@ -56,10 +56,12 @@ def _busy(port: int) -> bool:
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:
+    # A user's shell: no settings or make state inherited from the test run (`make test` runs this test).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMNIGATE_", "MAKE", "MFLAGS"))}
     with open(log, "wb") as out:
         # Its own process group: `make` starts children (worker, gateway, http.server); all are stopped.
         return subprocess.Popen(
-            args, cwd=REPO_DIR, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            args, cwd=REPO_DIR, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
 
 

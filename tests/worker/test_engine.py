@@ -81,6 +81,27 @@ def test_cancelled_request_stops_without_summary(engine):
     assert len(events) < 20
 
 
+def test_cancelled_speech_request_stops_the_talker_too(engine):
+    """A speech request cancelled (client gone, deadline) must not keep the talker running to its limit."""
+    talker_steps = []
+    hook = engine._model.talker.register_forward_hook(lambda *_: talker_steps.append(1))
+    cancelled = threading.Event()
+    events = []
+
+    def emit(event):
+        events.append(event)
+        cancelled.set()  # cancel as soon as the first output arrives
+
+    try:
+        request = _request(mode=GenerationMode.AUDIO, max_new_tokens=64, min_new_tokens=64)
+        engine.generate(request, emit, cancelled)
+    finally:
+        hook.remove()
+    assert not any(isinstance(e, Summary) for e in events)
+    # Without a talker stopping criterion the talker would run up to 64 * 8 codes.
+    assert len(talker_steps) <= 3, len(talker_steps)
+
+
 def test_speech_output(engine):
     events = _run(engine, _request(mode=GenerationMode.AUDIO, max_new_tokens=4))
     chunks = [e for e in events if isinstance(e, AudioChunk)]

@@ -236,7 +236,11 @@ class TransformersEngine(Engine):
             speech = None
             if request.mode is GenerationMode.AUDIO and self._settings.stream_speech:
                 speech = _SpeechStart(self, emit, cancelled)
-            sequences, waveform = self._generate_text_or_speech(inputs, request, streamer, criteria, speech)
+            # The talker stops on cancellation (client gone, deadline) only: a stop string ends the thinker.
+            talker_criteria = StoppingCriteriaList([_CancelCriteria(cancelled, threading.Event())])
+            sequences, waveform = self._generate_text_or_speech(
+                inputs, request, streamer, criteria, speech, talker_criteria
+            )
             text.flush()
             if cancelled.is_set():
                 return
@@ -386,7 +390,7 @@ class TransformersEngine(Engine):
             kwargs["min_new_tokens"] = p.min_new_tokens
         return kwargs
 
-    def _generate_text_or_speech(self, inputs, request, streamer, criteria, speech=None):
+    def _generate_text_or_speech(self, inputs, request, streamer, criteria, speech=None, talker_criteria=None):
         """Returns (sequences including the prompt, waveform tensor or None)."""
         p = request.params
         sampling = self._sampling_kwargs(request)
@@ -429,6 +433,7 @@ class TransformersEngine(Engine):
                 generation_mode="audio",
                 speaker=speaker,
                 talker_max_new_tokens=talker_tokens,
+                talker_stopping_criteria=talker_criteria,
                 **kwargs,
             )
         except RuntimeError as exc:

@@ -85,7 +85,7 @@ async def in_process(engine) -> AsyncIterator[InProcess]:
     from omnigate_gateway.server import GatewayServicer
     from omnigate_gateway.server import build_server as build_gateway
     from omnigate_gateway.settings import GatewaySettings
-    from omnigate_gateway.worker_client import WorkerClient
+    from omnigate_gateway.worker_client import WorkerPool
     from omnigate_worker.metrics import WorkerMetrics
     from omnigate_worker.scheduler import Scheduler
     from omnigate_worker.server import WorkerServicer
@@ -114,8 +114,12 @@ async def in_process(engine) -> AsyncIterator[InProcess]:
     metrics = GatewayMetrics(CollectorRegistry())
     fetcher = MediaFetcher(settings.fetch_limits())
     ingestor = MediaIngestor(fetcher, settings, metrics)
-    worker = WorkerClient(settings.worker_target, settings)
-    assert await worker.refresh(), "the in-process worker is not SERVING"
+    worker = WorkerPool(settings, metrics)
+    worker.start()
+    deadline = time.monotonic() + 30
+    while worker.info is None:
+        assert time.monotonic() < deadline, "the in-process worker is not ready"
+        await asyncio.sleep(0.02)
     core = GatewayCore(settings, worker, ingestor, metrics, Authenticator(settings, metrics))
     gateway_server, gateway_port = build_gateway(GatewayServicer(core), settings, health.aio.HealthServicer())
     await gateway_server.start()

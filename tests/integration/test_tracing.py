@@ -9,6 +9,7 @@ real processes (``omni_stack``) and read their JSON log files.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 import grpc
 import media_factory
 import pytest
-from grpc_health.v1 import health
+from grpc_health.v1 import health, health_pb2
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, format_span_id, format_trace_id
@@ -88,6 +89,7 @@ async def in_process(engine) -> AsyncIterator[InProcess]:
     from omnigate_gateway.worker_client import WorkerPool
     from omnigate_worker.metrics import WorkerMetrics
     from omnigate_worker.scheduler import Scheduler
+    from omnigate_worker.server import SERVICE_NAME as WORKER_SERVICE
     from omnigate_worker.server import WorkerServicer
     from omnigate_worker.server import build_server as build_worker
     from omnigate_worker.settings import WorkerSettings
@@ -95,45 +97,48 @@ async def in_process(engine) -> AsyncIterator[InProcess]:
     exporter = InMemorySpanExporter()
     tracing.configure(tracing.GATEWAY, exporter=exporter)
     tracing.configure(tracing.WORKER, exporter=exporter)
+    async with contextlib.AsyncExitStack() as stack:
+        stack.callback(tracing.shutdown, tracing.WORKER)
+        stack.callback(tracing.shutdown, tracing.GATEWAY)
 
-    worker_settings = WorkerSettings(model=str(OMNI), port=0, metrics_port=-1)
-    worker_metrics = WorkerMetrics(CollectorRegistry())
-    scheduler = Scheduler(engine, worker_settings, worker_metrics)
-    scheduler.start()
-    worker_servicer = WorkerServicer(worker_settings, worker_metrics)
-    worker_servicer.attach(engine, scheduler)
-    worker_server, worker_port = build_worker(worker_servicer, worker_settings, health.aio.HealthServicer())
-    await worker_server.start()
+        worker_settings = WorkerSettings(model=str(OMNI), port=0, metrics_port=-1)
+        worker_metrics = WorkerMetrics(CollectorRegistry())
+        scheduler = Scheduler(engine, worker_settings, worker_metrics)
+        scheduler.start()
+        stack.callback(scheduler.shutdown)
+        worker_servicer = WorkerServicer(worker_settings, worker_metrics)
+        worker_servicer.attach(engine, scheduler)
+        worker_health = health.aio.HealthServicer()
+        await worker_health.set(WORKER_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        worker_server, worker_port = build_worker(worker_servicer, worker_settings, worker_health)
+        await worker_server.start()
+        stack.push_async_callback(worker_server.stop, None)
 
-    settings = GatewaySettings(
-        port=0,
-        metrics_port=-1,
-        worker_target=f"127.0.0.1:{worker_port}",
-        allow_private_networks=True,  # the media server is on loopback
-    )
-    metrics = GatewayMetrics(CollectorRegistry())
-    fetcher = MediaFetcher(settings.fetch_limits())
-    ingestor = MediaIngestor(fetcher, settings, metrics)
-    worker = WorkerPool(settings, metrics)
-    worker.start()
-    deadline = time.monotonic() + 30
-    while worker.info is None:
-        assert time.monotonic() < deadline, "the in-process worker is not ready"
-        await asyncio.sleep(0.02)
-    core = GatewayCore(settings, worker, ingestor, metrics, Authenticator(settings, metrics))
-    gateway_server, gateway_port = build_gateway(GatewayServicer(core), settings, health.aio.HealthServicer())
-    await gateway_server.start()
-    try:
+        settings = GatewaySettings(
+            port=0,
+            metrics_port=-1,
+            worker_target=f"127.0.0.1:{worker_port}",
+            allow_private_networks=True,  # the media server is on loopback
+        )
+        metrics = GatewayMetrics(CollectorRegistry())
+        fetcher = MediaFetcher(settings.fetch_limits())
+        stack.push_async_callback(fetcher.aclose)
+        ingestor = MediaIngestor(fetcher, settings, metrics)
+        stack.callback(ingestor.close)
+        workers = WorkerPool(settings, metrics)
+        workers.start()
+        stack.push_async_callback(workers.close)
+        deadline = time.monotonic() + 30
+        while workers.info is None:
+            assert time.monotonic() < deadline, "the in-process worker is not ready"
+            await asyncio.sleep(0.02)
+        core = GatewayCore(settings, workers, ingestor, metrics, Authenticator(settings, metrics))
+        gateway_server, gateway_port = build_gateway(
+            GatewayServicer(core), settings, health.aio.HealthServicer()
+        )
+        await gateway_server.start()
+        stack.push_async_callback(gateway_server.stop, None)
         yield InProcess(f"127.0.0.1:{gateway_port}", exporter)
-    finally:
-        await gateway_server.stop(None)
-        await worker.close()
-        await fetcher.aclose()
-        ingestor.close()
-        await worker_server.stop(None)
-        scheduler.shutdown()
-        tracing.shutdown(tracing.GATEWAY)
-        tracing.shutdown(tracing.WORKER)
 
 
 async def _generate(target: str, request: pb.GenerateRequest, metadata=()) -> tuple[list, dict[str, str]]:

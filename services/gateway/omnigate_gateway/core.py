@@ -131,8 +131,9 @@ class GatewayCore:
                             stream_span = tracer.start_span("gateway.stream")  # first output to the end
                         yield event
             except (asyncio.CancelledError, GeneratorExit):
-                expired = (
-                    call.time_remaining_s is not None and time.monotonic() - started >= call.time_remaining_s
+                expired = (  # as in _generate: the client's timer started a little before ours
+                    call.time_remaining_s is not None
+                    and time.monotonic() - started >= call.time_remaining_s - 0.1
                 )
                 code = "DEADLINE_EXCEEDED" if expired else "CANCELLED"
                 raise

@@ -245,11 +245,11 @@ class WorkerPool:
         self._tasks.append(asyncio.create_task(self._discover(), name="worker-discovery"))
 
     async def close(self) -> None:
-        for task in self._tasks + [w.watcher for w in self._workers.values() if w.watcher]:
+        tasks = self._tasks + [w.watcher for w in self._workers.values() if w.watcher]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks + [w.watcher for w in self._workers.values() if w.watcher]:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
         closing = list(self._closing.values())
         for task in list(self._closing):
             task.cancel()
@@ -442,8 +442,9 @@ class WorkerPool:
             self._publish()
             if not any(entry.resolve for entry in self._entries):
                 self._check_credentials()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(worker.recheck.wait(), s.worker_check_interval_s)
+            with contextlib.suppress(TimeoutError):  # (asyncio.wait_for could swallow a cancellation)
+                async with asyncio.timeout(s.worker_check_interval_s):
+                    await worker.recheck.wait()
 
     def _adopt_model(self, worker: WorkerClient, fresh: bool) -> None:
         """The pool serves one model: the first one seen, until no ready worker serves it any more."""

@@ -206,8 +206,19 @@ def activate(
         if id_token is not None:
             with contextlib.suppress(ValueError):  # finalized in another context
                 _request_id.reset(id_token)
-        if otel_token is not None and otel_context.get_current() is context:
-            otel_context.detach(otel_token)
+        if otel_token is not None:
+            _detach(otel_token)
+
+
+def _detach(token) -> None:
+    """``opentelemetry.context.detach``, quiet when the token belongs to another context (its runtime
+    context is contextvars-based: a token there is a ``contextvars.Token``)."""
+    var = getattr(token, "var", None)
+    if isinstance(var, contextvars.ContextVar):
+        with contextlib.suppress(ValueError, RuntimeError):
+            var.reset(token)
+    else:
+        otel_context.detach(token)
 
 
 # ---- spans -------------------------------------------------------------------------------------------

@@ -81,13 +81,14 @@ class Job:
             tracing.WORKER, "worker.queue", self.trace_context, self.enqueued_at, self.started_at
         )
 
-    def describe(self, span) -> None:
-        """Adds the outcome (tokens, finish reason) to a span of this request."""
-        span.set_attribute("omnigate.cancelled", self.cancelled.is_set())
+    def outcome(self) -> dict:
+        """Span attributes for how the request ended (tokens, finish reason)."""
+        attributes = {"omnigate.cancelled": self.cancelled.is_set()}
         if self.summary is not None:
-            span.set_attribute("omnigate.prompt_tokens", self.summary.prompt_tokens)
-            span.set_attribute("omnigate.output_tokens", self.summary.output_tokens)
-            span.set_attribute("omnigate.finish_reason", self.summary.finish_reason or "")
+            attributes["omnigate.prompt_tokens"] = self.summary.prompt_tokens
+            attributes["omnigate.output_tokens"] = self.summary.output_tokens
+            attributes["omnigate.finish_reason"] = self.summary.finish_reason or ""
+        return attributes
 
     def _trace_finished(self, error: BaseException | None) -> None:
         now = time.monotonic()
@@ -96,10 +97,15 @@ class Job:
                 tracing.WORKER, "worker.queue", self.trace_context, self.enqueued_at, now, error=error
             )
         elif self.prefilled_at is not None:  # a batch row: its time in the decode loop, shared with others
-            span = tracing.record_span(
-                tracing.WORKER, "worker.decode", self.trace_context, self.prefilled_at, now, error=error
+            tracing.record_span(
+                tracing.WORKER,
+                "worker.decode",
+                self.trace_context,
+                self.prefilled_at,
+                now,
+                self.outcome(),
+                error,
             )
-            self.describe(span)
 
     def expired(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
@@ -336,7 +342,7 @@ class Scheduler:
                 tracing.tracer(tracing.WORKER).start_as_current_span("worker.decode") as span,
             ):
                 self._engine.run(job.prepared, job.emit, job.cancelled)
-                job.describe(span)
+                span.set_attributes(job.outcome())
                 if job.summary is not None and job.summary.timings.prefill_s:
                     tracing.record_span(
                         tracing.WORKER,

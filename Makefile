@@ -28,6 +28,7 @@ help:
 	@echo "make bench     engine benchmark: writes bench/results/engine.{json,md,png}"
 	@echo "make bench-media  media decoding vs transformers' loaders: writes bench/results/media.json"
 	@echo "make bench-autoscale  HPA simulation on load steps, real Prometheus: bench/results/autoscale.{json,png}"
+	@echo "make soak      2 workers, concurrency 32, a worker killed and restarted every 60 s (SOAK_SECONDS=600): bench/results/soak.json"
 	@echo "make lint      ruff over services/ and tests/"
 	@echo "make chart-test  chart lint/render/schema/CRD/alert checks and the gateway image test (no cluster)"
 	@echo "make images    build the gateway and worker images with docker or podman"
@@ -89,6 +90,15 @@ AUTOSCALE_ARGS ?=
 .PHONY: bench-autoscale
 bench-autoscale: install protos models chart-tools
 	$(PY) bench/autoscale.py $(AUTOSCALE_ARGS)
+
+# Soak: concurrency 32 across two workers for SOAK_SECONDS, worker 0 killed (SIGKILL) and restarted every
+# SOAK_KILL_EVERY s; statuses, latencies and memory in bench/results/soak.json; fails when a target is missed.
+# `make test` runs a 60 s version (tests/integration/test_failover.py).
+SOAK_SECONDS ?= 600
+SOAK_KILL_EVERY ?= 60
+.PHONY: soak
+soak: install protos models
+	$(PY) bench/soak.py --seconds $(SOAK_SECONDS) --kill-every $(SOAK_KILL_EVERY)
 
 lint: install protos
 	$(PY) -m ruff check services tests

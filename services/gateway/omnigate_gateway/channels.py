@@ -43,6 +43,8 @@ def worker_channel(target: str, settings: GatewaySettings) -> grpc.aio.Channel:
         # then fail with UNAVAILABLE instead of waiting for their deadline.
         ("grpc.keepalive_time_ms", int(settings.worker_keepalive_time_s * 1000)),
         ("grpc.keepalive_timeout_ms", int(settings.worker_keepalive_timeout_s * 1000)),
+        # gRPC 1.85 waits for a ping's reply this long (default 60 s) whatever keepalive_timeout_ms says.
+        ("grpc.http2.ping_timeout_ms", int(settings.worker_keepalive_timeout_s * 1000)),
         ("grpc.http2.max_pings_without_data", 0),  # a long silent prefill is no reason to stop pinging
         # gRPC calls this the minimum reconnect backoff; it is the connect timeout (default 20 s), which
         # bounds how long a call waits on a worker that accepts connections but does not answer.

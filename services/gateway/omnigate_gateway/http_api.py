@@ -24,7 +24,6 @@ import contextlib
 import json
 import logging
 import math
-import re
 import socket
 import ssl
 import threading
@@ -44,14 +43,13 @@ from omnigate.errors import InternalError, OmnigateError
 from omnigate.gateway.v1 import gateway_pb2 as gw
 from omnigate_gateway import openai_convert as oc
 from omnigate_gateway.auth import credential
-from omnigate_gateway.core import Call, GatewayCore, new_request_id
+from omnigate_gateway.core import Call, GatewayCore, request_id_from
 from omnigate_gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 
 TIMEOUT_HEADER = "x-request-timeout"
 SDK_TIMEOUT_HEADER = "x-stainless-read-timeout"  # what the openai SDK sends: its read timeout, in seconds
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # Headers that are not call metadata (the credential travels as Call.api_key).
 GENERATE_PATHS = ("/v1/chat/completions", "/v1/images/generations")  # the rest maps onto GetModelInfo
 _NOT_METADATA = {"authorization", "x-api-key", "cookie", "content-length", "content-type", "host"}
@@ -318,11 +316,11 @@ class RequestIdMiddleware:
         request_id = None
         declared = None
         for name, value in scope.get("headers", ()):
-            if name == b"x-request-id" and _REQUEST_ID.match(value.decode("latin-1")):
+            if name == b"x-request-id":
                 request_id = value.decode("latin-1")
             elif name == b"content-length" and value.isdigit():
                 declared = int(value)
-        request_id = request_id or new_request_id()
+        request_id = request_id_from(request_id)  # one rule for every front door
         scope.setdefault("state", {})["request_id"] = request_id
 
         async def send_with_id(message) -> None:

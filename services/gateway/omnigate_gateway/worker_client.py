@@ -32,6 +32,7 @@ import logging
 import random
 import socket
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -237,6 +238,8 @@ class WorkerPool:
         self._closing: dict[asyncio.Task, grpc.aio.Channel] = {}  # old channels closing once idle
         self._changed: asyncio.Future | None = None
         self._credentials = credentials_version(settings)
+        for state in STATES:
+            metrics.workers.labels(state).set(0)
 
     # -- lifecycle --
 
@@ -447,22 +450,33 @@ class WorkerPool:
                     await worker.recheck.wait()
 
     def _adopt_model(self, worker: WorkerClient, fresh: bool) -> None:
-        """The pool serves one model: the first one seen, until no ready worker serves it any more."""
-        if not worker.serving or worker.info is None or worker.info.model_id == self._model_id:
-            return
-        if self._model_id is None or not self._ready():
-            if self._model_id is not None:
-                log.warning(
-                    "no ready worker serves %s any more: now serving %s", self._model_id, worker.info.model_id
-                )
-            self._model_id = worker.info.model_id
-        elif fresh:
-            log.error(
-                "worker %s serves %s but the other workers serve %s: no requests go to it",
-                worker.target,
-                worker.info.model_id,
-                self._model_id,
-            )
+        """The pool serves one model: the one most serving workers serve (on a tie, the one it had).
+
+        Workers serving another model get no requests, and say so in the log. When the last worker of the
+        pool's model goes (a rollout to a new model), the pool follows the remaining ones.
+        """
+        serving = [w for w in self._workers.values() if not w.removed and w.serving and w.info is not None]
+        counts = Counter(w.info.model_id for w in serving)
+        if counts:
+            best, n = counts.most_common(1)[0]
+            if self._model_id is None or counts[self._model_id] < n:
+                if self._model_id is not None:
+                    log.warning("most workers now serve %s (was %s): serving %s", best, self._model_id, best)
+                self._model_id = best
+                for other in serving:
+                    if other.info.model_id != best:
+                        self._log_mismatch(other)
+                return
+        if fresh and worker.serving and worker.info is not None and worker.info.model_id != self._model_id:
+            self._log_mismatch(worker)
+
+    def _log_mismatch(self, worker: WorkerClient) -> None:
+        log.error(
+            "worker %s serves %s but the other workers serve %s: no requests go to it",
+            worker.target,
+            worker.info.model_id,
+            self._model_id,
+        )
 
     def _publish(self) -> None:
         for state, n in self.counts().items():

@@ -118,7 +118,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                             event.timings.generate_s / event.audio_seconds
                         )
                 yield convert.event_to_proto(event)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: cancelled while at a yield
             remaining = context.time_remaining()
             expired = remaining is not None and remaining <= 0.1  # the caller's timer runs a little ahead
             code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
@@ -190,6 +190,7 @@ def build_server(
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * 1000)),
         ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
+        ("grpc.http2.ping_timeout_ms", int(settings.keepalive_timeout_s * 1000)),  # what gRPC 1.85 applies
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.keepalive_permit_without_calls", 1),
         # Gateways ping every OMNIGATE_GATEWAY_WORKER_KEEPALIVE_TIME_S to detect a hung worker, also while a

@@ -55,6 +55,12 @@ log = logging.getLogger(__name__)
 
 WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
 STATES = ("ready", "not_ready", "ejected", "draining")
+_STATE_WORDS = {
+    "ready": "ready",
+    "not_ready": "not ready (unreachable, loading its model, or serving another model)",
+    "ejected": "ejected after failed calls",
+    "draining": "draining",
+}
 
 # Failures that count against a worker (toward ejection); the others are the request's own doing.
 _WORKER_FAULTS = {
@@ -332,8 +338,8 @@ class WorkerPool:
         if not known:
             where = ", ".join(str(e) for e in self._entries)
             return f"no worker is ready: none found at {where}; retry shortly"
-        states = ", ".join(f"{n} {state.replace('_', ' ')}" for state, n in known.items())
-        return f"no worker is ready yet ({states}; the model may still be loading); retry shortly"
+        states = ", ".join(f"{n} {_STATE_WORDS[state]}" for state, n in known.items())
+        return f"no worker is ready yet: {states}; retry shortly"
 
     def attempt_done(self, worker: WorkerClient, code: grpc.StatusCode | None) -> None:
         """Books the end of one call on ``worker`` (``code`` None: cancelled by the gateway)."""

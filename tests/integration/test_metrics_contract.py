@@ -172,10 +172,14 @@ def _wait_for(check, timeout_s: float = 30.0):
 def scrapes(omni_stack, media_server) -> Scrapes:
     gw_port, wk_port = omni_stack.gateway.metrics_port, omni_stack.worker.metrics_port
     gateway_before, worker_before = scrape(gw_port), scrape(wk_port)
-    png = media_server.serve("/metrics-contract.png", media_factory.make_png(64, 48))
-    wav = media_server.serve("/metrics-contract.wav", media_factory.make_wav(seconds=1.0, rate=22050))
+    # Content no other test uses: the shared stack's media cache (keyed by content hash) would otherwise
+    # answer from an earlier test's decode and no decode would be observed here.
+    png = media_server.serve("/metrics-contract.png", media_factory.make_png(61, 47))
+    wav = media_server.serve(
+        "/metrics-contract.wav", media_factory.make_wav(seconds=1.0, rate=22050, freq=523.0)
+    )
     mp4 = media_server.serve(
-        "/metrics-contract.mp4", media_factory.make_mp4(seconds=2.0, fps=10, w=64, h=48, with_audio=True)
+        "/metrics-contract.mp4", media_factory.make_mp4(seconds=2.0, fps=10, w=62, h=46, with_audio=True)
     )
     with omni_stack.client() as client:
         client.model_info()

@@ -390,7 +390,9 @@ class TransformersEngine(Engine):
             kwargs["min_new_tokens"] = p.min_new_tokens
         return kwargs
 
-    def _generate_text_or_speech(self, inputs, request, streamer, criteria, speech=None, talker_criteria=None):
+    def _generate_text_or_speech(
+        self, inputs, request, streamer, criteria, speech=None, talker_criteria=None
+    ):
         """Returns (sequences including the prompt, waveform tensor or None)."""
         p = request.params
         sampling = self._sampling_kwargs(request)

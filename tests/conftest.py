@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,3 +26,21 @@ def media_server() -> Iterator[MediaServer]:
         yield server
     finally:
         server.stop()
+
+
+def pytest_collection_finish(session) -> None:
+    _check_scheduling_policy("collecting the tests")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item) -> None:
+    _check_scheduling_policy(item.nodeid)
+
+
+def _check_scheduling_policy(where: str) -> None:
+    """Every process the tests start inherits the test run's scheduling policy: a real-time one (SVT-AV1
+    sets SCHED_FIFO when run as root, see media_factory) makes helm, Prometheus and the services starve the
+    machine and time out. Fail at the step that changed it rather than far away."""
+    if os.sched_getscheduler(0) != os.SCHED_OTHER:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+        pytest.fail(f"the test run's scheduling policy was changed to real-time by {where}", pytrace=False)

@@ -7,6 +7,7 @@ test can tell which source frame a sampled frame came from.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from fractions import Fraction
@@ -251,6 +252,59 @@ def make_video(
         seconds = frame_times[-1] + 1.0 / fps
     else:
         time_base, pts = Fraction(1, fps), list(range(int(round(seconds * fps))))
+    with _keep_scheduling_policy():
+        return _encode_video(
+            fmt,
+            encoder,
+            options,
+            audio_codec,
+            audio_rate,
+            seconds,
+            fps,
+            w,
+            h,
+            with_audio,
+            freq,
+            rotation,
+            frame_times,
+            time_base,
+            pts,
+        )
+
+
+@contextlib.contextmanager
+def _keep_scheduling_policy():
+    """Restores the calling thread's scheduling policy after encoding.
+
+    SVT-AV1 (PyAV's AV1 encoder), when run as root, switches the thread that opens it to SCHED_FIFO
+    priority 99. Left alone, that real-time policy is inherited by every process the test run starts
+    afterwards (helm, prometheus, workers), which then starve the machine; so it is put back here.
+    """
+    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+    try:
+        yield
+    finally:
+        if os.sched_getscheduler(0) != policy:
+            os.sched_setscheduler(0, policy, param)
+
+
+def _encode_video(
+    fmt,
+    encoder,
+    options,
+    audio_codec,
+    audio_rate,
+    seconds,
+    fps,
+    w,
+    h,
+    with_audio,
+    freq,
+    rotation,
+    frame_times,
+    time_base,
+    pts,
+) -> bytes:
     buf = io.BytesIO()
     with av.open(buf, mode="w", format=fmt) as out:
         vstream = out.add_stream(encoder, rate=fps, options=options)

@@ -252,61 +252,8 @@ def make_video(
         seconds = frame_times[-1] + 1.0 / fps
     else:
         time_base, pts = Fraction(1, fps), list(range(int(round(seconds * fps))))
-    with _keep_scheduling_policy():
-        return _encode_video(
-            fmt,
-            encoder,
-            options,
-            audio_codec,
-            audio_rate,
-            seconds,
-            fps,
-            w,
-            h,
-            with_audio,
-            freq,
-            rotation,
-            frame_times,
-            time_base,
-            pts,
-        )
-
-
-@contextlib.contextmanager
-def _keep_scheduling_policy():
-    """Restores the calling thread's scheduling policy after encoding.
-
-    SVT-AV1 (PyAV's AV1 encoder), when run as root, switches the thread that opens it to SCHED_FIFO
-    priority 99. Left alone, that real-time policy is inherited by every process the test run starts
-    afterwards (helm, prometheus, workers), which then starve the machine; so it is put back here.
-    """
-    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
-    try:
-        yield
-    finally:
-        if os.sched_getscheduler(0) != policy:
-            os.sched_setscheduler(0, policy, param)
-
-
-def _encode_video(
-    fmt,
-    encoder,
-    options,
-    audio_codec,
-    audio_rate,
-    seconds,
-    fps,
-    w,
-    h,
-    with_audio,
-    freq,
-    rotation,
-    frame_times,
-    time_base,
-    pts,
-) -> bytes:
     buf = io.BytesIO()
-    with av.open(buf, mode="w", format=fmt) as out:
+    with _keep_scheduling_policy(), av.open(buf, mode="w", format=fmt) as out:
         vstream = out.add_stream(encoder, rate=fps, options=options)
         vstream.width, vstream.height, vstream.pix_fmt = w, h, "yuv420p"
         if frame_times is not None:
@@ -328,6 +275,22 @@ def _encode_video(
         if astream is not None:
             _encode_tone(out, astream, seconds, audio_rate, 2, freq)
     return buf.getvalue()
+
+
+@contextlib.contextmanager
+def _keep_scheduling_policy():
+    """Restores the calling thread's scheduling policy after encoding.
+
+    SVT-AV1 (PyAV's AV1 encoder), when run as root, switches the thread that opens it to SCHED_FIFO
+    priority 99. Left alone, that real-time policy is inherited by every process the test run starts
+    afterwards (helm, prometheus, workers), which then starve the machine; so it is put back here.
+    """
+    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+    try:
+        yield
+    finally:
+        if os.sched_getscheduler(0) != policy:
+            os.sched_setscheduler(0, policy, param)
 
 
 def make_mkv(seconds: float = 2.0, fps: int = 10, w: int = 64, h: int = 48, with_audio: bool = True) -> bytes:

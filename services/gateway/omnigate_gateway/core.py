@@ -131,11 +131,7 @@ class GatewayCore:
                             stream_span = tracer.start_span("gateway.stream")  # first output to the end
                         yield event
             except (asyncio.CancelledError, GeneratorExit):
-                expired = (  # as in _generate: the client's timer started a little before ours
-                    call.time_remaining_s is not None
-                    and time.monotonic() - started >= call.time_remaining_s - 0.1
-                )
-                code = "DEADLINE_EXCEEDED" if expired else "CANCELLED"
+                code = _cancelled_code(call, started).name
                 raise
             except Exception as exc:
                 code = status.to_status(exc).code.name
@@ -235,12 +231,7 @@ class GatewayCore:
                     worker_call.cancel()  # no-op when finished; stops the worker when our client went away
                     worker_span.end()
         except (asyncio.CancelledError, GeneratorExit):
-            # A client whose deadline passed cancels; its timer started a little before ours (slack 0.1 s).
-            expired = (
-                call.time_remaining_s is not None
-                and time.monotonic() - started >= call.time_remaining_s - 0.1
-            )
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            code = _cancelled_code(call, started)
             raise
         except Exception as exc:
             code = status.to_status(exc).code
@@ -251,3 +242,10 @@ class GatewayCore:
             self.metrics.in_flight.dec()
             self.metrics.requests.labels(call.rpc, code.name, mode).inc()
             self.metrics.request_latency.labels(mode).observe(time.monotonic() - started)
+
+
+def _cancelled_code(call: Call, started: float) -> grpc.StatusCode:
+    """The status of a request that ended by cancellation: DEADLINE_EXCEEDED when the caller's deadline
+    passed (its timer started a little before ours: 0.1 s of slack), else CANCELLED (the caller left)."""
+    expired = call.time_remaining_s is not None and time.monotonic() - started >= call.time_remaining_s - 0.1
+    return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED

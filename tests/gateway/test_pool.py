@@ -100,6 +100,8 @@ class FakeWorker(worker_pb2_grpc.WorkerServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.name} is shutting down")
         if b == "internal":
             await context.abort(grpc.StatusCode.INTERNAL, f"{self.name} is broken")
+        if b == "connection_lost":  # the status grpcio's client gives a call whose connection broke
+            await context.abort(grpc.StatusCode.INTERNAL, "Internal error from Core")
         if b == "invalid":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad request")
         if b == "queue_full":
@@ -287,6 +289,9 @@ async def test_failure_after_output_is_not_retried():
 async def test_only_retriable_failures_are_retried():
     async with fakes("a", "b") as (a, b), running_pool(targets(a, b), ready=2) as (pool, _):
         a.behaviour = "queue_full"  # RESOURCE_EXHAUSTED with a retry delay: another worker may have room
+        with first_choice(pool, a):
+            assert await generate(pool) == ["b"]
+        a.behaviour = "connection_lost"  # the worker went away while the request was being sent
         with first_choice(pool, a):
             assert await generate(pool) == ["b"]
         for behaviour, code in (

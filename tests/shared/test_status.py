@@ -96,3 +96,15 @@ def test_upstream_retry_delay_survives():
         upstream="the worker",
     )
     assert "the worker is unavailable" in unreachable.message
+
+
+def test_a_connection_lost_under_the_call_is_unavailable_not_internal():
+    """grpcio's asyncio client fails a call whose connection broke (a killed worker) with a local INTERNAL
+    "Internal error from Core"; a peer's own INTERNAL stays internal."""
+    lost = _FakeRpcError(grpc.StatusCode.INTERNAL, "Internal error from Core")
+    assert status.is_connection_lost(lost)
+    error = status.from_rpc_error(lost, upstream="the worker at 127.0.0.1:1")
+    assert isinstance(error, errors.Unavailable) and "connection lost" in error.message
+    answered = _FakeRpcError(grpc.StatusCode.INTERNAL, status.INTERNAL_MESSAGE)
+    assert not status.is_connection_lost(answered)
+    assert isinstance(status.from_rpc_error(answered, upstream="the worker"), errors.InternalError)

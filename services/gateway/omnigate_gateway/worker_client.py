@@ -528,7 +528,8 @@ class PoolCall:
             try:
                 event = await self._call.read()
             except grpc.RpcError as exc:
-                self._end(exc.code())
+                # A connection lost under the call is the worker going away: book it as UNAVAILABLE.
+                self._end(grpc.StatusCode.UNAVAILABLE if status.is_connection_lost(exc) else exc.code())
                 if not self._retry(exc):
                     raise
                 continue
@@ -569,8 +570,10 @@ class PoolCall:
     def _retry(self, exc: grpc.RpcError) -> bool:
         """Whether to try another worker after ``exc`` (counts the failed attempt when so)."""
         code = exc.code()
-        retriable = code is grpc.StatusCode.UNAVAILABLE or (
-            code is grpc.StatusCode.RESOURCE_EXHAUSTED and status.retry_after_s(exc) is not None
+        retriable = (
+            code is grpc.StatusCode.UNAVAILABLE
+            or status.is_connection_lost(exc)  # the worker died while we were sending it the request
+            or (code is grpc.StatusCode.RESOURCE_EXHAUSTED and status.retry_after_s(exc) is not None)
         )
         s = self._pool._settings
         if self._started or not retriable or self._retries >= s.worker_max_retries:

@@ -106,6 +106,17 @@ _KINDS_BY_CODE = {
 }
 
 
+# What grpcio's asyncio client reports when one of its own operations fails on a connection that broke
+# under it (e.g. sending the request stream to a worker that was just killed): status INTERNAL from the
+# local transport, not from the peer. A peer's INTERNAL carries its own message (INTERNAL_MESSAGE here).
+_LOCAL_TRANSPORT_FAILURE = "Internal error from Core"
+
+
+def is_connection_lost(error: grpc.RpcError) -> bool:
+    """Whether a failed call broke on a lost connection (the peer went away) rather than being answered."""
+    return error.code() is grpc.StatusCode.INTERNAL and (error.details() or "") == _LOCAL_TRANSPORT_FAILURE
+
+
 def from_rpc_error(error: grpc.RpcError, *, upstream: str) -> OmnigateError:
     """A failed upstream call as a domain error, keeping its message and retry delay.
 
@@ -116,6 +127,8 @@ def from_rpc_error(error: grpc.RpcError, *, upstream: str) -> OmnigateError:
 
     code = error.code()
     details = error.details() or ""
+    if is_connection_lost(error):
+        return errors.Unavailable(f"{upstream} went away mid-call (connection lost); retry shortly")
     if code is grpc.StatusCode.UNAVAILABLE and ("connect" in details.lower() or "socket" in details.lower()):
         return errors.Unavailable(f"{upstream} is unavailable ({details}); retry shortly")
     kind = _KINDS_BY_CODE.get(code)

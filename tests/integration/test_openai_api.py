@@ -164,7 +164,14 @@ def test_streamed_chat_with_video_url_and_its_audio_track(sdk, model, media_serv
 
 def test_speech_output_streamed_and_not(sdk, model):
     messages = _user(_text("Say hello."))
-    speech = {"modalities": ["text", "audio"], "audio": {"voice": "ethan", "format": "wav"}, "max_tokens": 6}
+    # The talker samples its speech codes (Qwen2.5-Omni's default), so the random tiny talker may end its
+    # speech after a few codes: a seed makes the length reproducible (and long enough for the checks).
+    speech = {
+        "modalities": ["text", "audio"],
+        "audio": {"voice": "ethan", "format": "wav"},
+        "max_tokens": 6,
+        "seed": 7,
+    }
     text, transcript, audio, finish, usage, _ = _stream(sdk, model, messages, **speech)
     assert text == "" and transcript, "speech mode carries the text as the audio's transcript, as OpenAI does"
     assert finish in {"stop", "length"} and usage.completion_tokens >= 1

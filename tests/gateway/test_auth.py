@@ -111,6 +111,17 @@ def test_no_key_wrong_key_and_valid_key(tmp_path):
     assert _rejected(metrics, "unauthenticated") == 3
 
 
+def test_missing_key_message_speaks_the_callers_protocol(tmp_path):
+    auth, _, _ = _auth(tmp_path, "alice:s3cret-alice\n")
+    with pytest.raises(Unauthenticated) as grpc_error:
+        auth.authenticate(Call(rpc="Generate", protocol="grpc"))
+    with pytest.raises(Unauthenticated) as http_error:
+        auth.authenticate(Call(rpc="Generate", protocol="http"))
+    assert "metadata 'authorization: Bearer <key>'" in grpc_error.value.message
+    assert "header 'Authorization: Bearer <key>'" in http_error.value.message
+    assert "metadata" not in http_error.value.message
+
+
 def test_no_keys_file_admits_everyone():
     auth = Authenticator(GatewaySettings(), GatewayMetrics(CollectorRegistry()))
     assert not auth.enabled

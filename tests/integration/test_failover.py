@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +36,7 @@ from stack import (
 
 from omnigate.gateway.v1 import gateway_pb2 as pb
 from omnigate.gateway.v1 import gateway_pb2_grpc
+from omnigate.worker.v1 import worker_pb2, worker_pb2_grpc
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -228,6 +230,7 @@ def test_sigterm_drains_a_worker_and_new_requests_go_to_the_other(pool):
     in_flight = [metric_sum(scrape_metrics(w), "omnigate_worker_in_flight_requests") for w in (victim, other)]
     assert sum(in_flight) == 32 and in_flight[0] > 0, in_flight
     victim.process.send_signal(signal.SIGTERM)
+    _assert_refuses_before_reading(victim)
     after = run_requests(pool.gateway, 8)
     assert [s.code for s in after] == [grpc.StatusCode.OK] * 8, _describe(after)
 
@@ -238,6 +241,41 @@ def test_sigterm_drains_a_worker_and_new_requests_go_to_the_other(pool):
     assert "worker stopped" in victim.log_tail(200)
     # The other worker served its own share of the 32 and all 8 new requests.
     assert ok_count(other) - other_ok == in_flight[1] + 8
+
+
+def _assert_refuses_before_reading(worker: Service) -> None:
+    """Once a draining worker reports NOT_SERVING it refuses a call before reading its request: the
+    request stream here sends its spec and then nothing, so a worker that read it first would hang."""
+    with grpc.insecure_channel(worker.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        deadline = time.monotonic() + 20
+        while (
+            health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+            == health_pb2.HealthCheckResponse.SERVING
+        ):
+            assert time.monotonic() < deadline, "the worker still reports SERVING after SIGTERM"
+            time.sleep(0.05)
+        release = threading.Event()
+
+        def requests():
+            yield worker_pb2.GenerateRequest(
+                spec=worker_pb2.GenerateSpec(
+                    messages=[worker_pb2.Message(role="user", content=[worker_pb2.ContentPart(text="Hi")])],
+                    parameters=worker_pb2.GenerationParameters(max_new_tokens=4),
+                    generation_mode=worker_pb2.GENERATION_MODE_TEXT,
+                )
+            )
+            release.wait(30)  # the stream stays open: its end never comes while the worker is asked
+
+        started = time.monotonic()
+        try:
+            with pytest.raises(grpc.RpcError) as err:
+                list(worker_pb2_grpc.WorkerServiceStub(channel).Generate(requests(), timeout=20))
+        finally:
+            release.set()
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+    assert "shutting down" in err.value.details()
+    assert time.monotonic() - started < 10, "refused at once, not when the request stream ended"
 
 
 def test_sigterm_drains_the_gateway(pool):

@@ -424,6 +424,8 @@ def test_api_keys_401(guarded_gateway, model):
             )
         error = _assert_openai_error(response, 401, "invalid_api_key")
         assert error["type"] == "authentication_error"
+        if key is None:  # the hint names HTTP's header, not gRPC metadata
+            assert "header 'Authorization: Bearer <key>'" in error["message"]
         assert KEY not in response.text
     with pytest.raises(openai.AuthenticationError):
         _sdk(guarded_gateway, "wrong-key").models.list()

@@ -310,6 +310,23 @@ async def test_errors_end_the_trace_with_their_code(in_process, media_server):
     assert "gateway.worker" not in named and "worker.generate" not in named
 
 
+async def test_get_model_info_has_its_own_server_span(in_process):
+    """GetModelInfo is a traced call too: one server span, continuing the caller's trace."""
+    async with grpc.aio.insecure_channel(in_process.target) as channel:
+        call = gateway_pb2_grpc.GatewayServiceStub(channel).GetModelInfo(
+            pb.GetModelInfoRequest(),
+            metadata=[("x-request-id", "info-1"), ("traceparent", CALLER_TRACEPARENT)],
+            timeout=30,
+        )
+        info = await call
+        assert info.model_id and dict(await call.initial_metadata())["x-request-id"] == "info-1"
+    spans = await _finished_spans(in_process.spans, {"gateway.get_model_info"})
+    span = _one(_by_name(spans), "gateway.get_model_info")
+    assert span.kind is SpanKind.SERVER and format_trace_id(span.context.trace_id) == CALLER_TRACE_ID
+    assert span.attributes["omnigate.request_id"] == "info-1"
+    assert span.attributes["rpc.grpc.status_code"] == "OK"
+
+
 # ---- request ids and JSON logs of the real processes ---------------------------------------------------
 
 
@@ -414,3 +431,22 @@ def test_errors_carry_the_request_id(omni_stack):
             break
         time.sleep(0.1)
     assert len(lines) == 1 and lines[0]["code"] == "INVALID_ARGUMENT", omni_stack.gateway.log_tail()
+
+
+def test_get_model_info_writes_an_access_line(omni_stack):
+    with grpc.insecure_channel(omni_stack.gateway.target) as channel:
+        gateway_pb2_grpc.GatewayServiceStub(channel).GetModelInfo(
+            pb.GetModelInfoRequest(), metadata=[("x-request-id", "info-access-1")], timeout=30
+        )
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        lines = [
+            line
+            for line in _json_lines(omni_stack.gateway.log_path)
+            if line.get("request_id") == "info-access-1" and line["logger"] == "omnigate_gateway.access"
+        ]
+        if lines:
+            break
+        time.sleep(0.1)
+    assert len(lines) == 1, omni_stack.gateway.log_tail()
+    assert lines[0]["rpc"] == "GetModelInfo" and lines[0]["code"] == "OK" and lines[0]["mode"] == "none"

@@ -45,9 +45,12 @@ log = logging.getLogger(__name__)
 # A refused stream cannot know when a slot frees: this is the delay suggested in its RetryInfo.
 CONCURRENCY_RETRY_AFTER_S = 1.0
 
-NO_KEY_MESSAGE = (
-    "this gateway needs an API key: send the metadata 'authorization: Bearer <key>' (or 'x-api-key')"
-)
+# How to send a key, in the words of each front door (gRPC metadata, HTTP headers).
+NO_KEY_MESSAGES = {
+    "grpc": "this gateway needs an API key: send the metadata 'authorization: Bearer <key>' (or 'x-api-key')",
+    "http": "this gateway needs an API key: send the header 'Authorization: Bearer <key>' (or 'X-API-Key')",
+}
+NO_KEY_MESSAGE = NO_KEY_MESSAGES["grpc"]
 BAD_KEY_MESSAGE = "the API key is not valid (unknown or revoked)"
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
@@ -253,7 +256,7 @@ class Authenticator:
             key = self._store.lookup(call.api_key) if call.api_key else None
         if call.api_key is None:
             self._reject("unauthenticated")
-            raise Unauthenticated(NO_KEY_MESSAGE)
+            raise Unauthenticated(NO_KEY_MESSAGES.get(call.protocol, NO_KEY_MESSAGE))
         if key is None:
             self._reject("unauthenticated")
             raise Unauthenticated(BAD_KEY_MESSAGE)

@@ -81,28 +81,42 @@ class GatewayCore:
         return self.worker.require_info()
 
     def public_model_info(self, call: Call) -> gateway_pb2.GetModelInfoResponse:
+        """Serves one GetModelInfo call, inside its own span and with one access line, like Generate."""
+        started = time.monotonic()
+        span = tracing.tracer(tracing.GATEWAY).start_span(
+            "gateway.get_model_info",
+            context=tracing.extract(call.metadata),
+            kind=tracing.SpanKind.SERVER,
+            attributes={"omnigate.request_id": call.request_id, "omnigate.protocol": call.protocol},
+        )
         code = grpc.StatusCode.OK
-        try:
-            self.auth.authenticate(call)
-            info = self.worker.require_info()
-            s = self.settings
-            max_new_tokens = min(info.max_new_tokens or s.default_max_new_tokens, 2**31)
-            limits = gateway_pb2.Limits(
-                max_new_tokens=max_new_tokens,
-                max_media_items=s.max_media_items,
-                max_media_bytes=s.max_media_bytes,
-                max_audio_seconds=s.max_audio_duration_s,
-                max_video_seconds=s.max_video_duration_s,
-                max_video_frames=s.max_video_frames,
-                max_image_pixels=s.max_image_pixels,
-                default_video_fps=s.default_video_fps,
-            )
-            return convert.model_info_to_public(info, limits)
-        except Exception as exc:
-            code = status.to_status(exc).code
-            raise
-        finally:
-            self.metrics.requests.labels(call.rpc, code.name, "none").inc()
+        with tracing.activate(span, request_id=call.request_id):
+            try:
+                return self._public_model_info(call)
+            except Exception as exc:
+                code = status.to_status(exc).code
+                raise
+            finally:
+                self.metrics.requests.labels(call.rpc, code.name, "none").inc()
+                _log_access(call, code.name, "none", time.monotonic() - started, 0)
+                tracing.end_span(span, code.name)
+
+    def _public_model_info(self, call: Call) -> gateway_pb2.GetModelInfoResponse:
+        self.auth.authenticate(call)
+        info = self.worker.require_info()
+        s = self.settings
+        max_new_tokens = min(info.max_new_tokens or s.default_max_new_tokens, 2**31)
+        limits = gateway_pb2.Limits(
+            max_new_tokens=max_new_tokens,
+            max_media_items=s.max_media_items,
+            max_media_bytes=s.max_media_bytes,
+            max_audio_seconds=s.max_audio_duration_s,
+            max_video_seconds=s.max_video_duration_s,
+            max_video_frames=s.max_video_frames,
+            max_image_pixels=s.max_image_pixels,
+            default_video_fps=s.default_video_fps,
+        )
+        return convert.model_info_to_public(info, limits)
 
     async def generate(
         self, request: gateway_pb2.GenerateRequest, call: Call
@@ -141,24 +155,7 @@ class GatewayCore:
                     stream_span.end()
                 mode = convert.PUBLIC_MODES.get(request.generation_mode)
                 mode = mode.value if mode is not None else "unknown"
-                duration_s = time.monotonic() - started
-                access_log.info(
-                    "%s %s %s mode=%s duration_s=%.3f output_tokens=%d",
-                    call.rpc,
-                    code,
-                    call.protocol,
-                    mode,
-                    duration_s,
-                    output_tokens,
-                    extra={
-                        "rpc": call.rpc,
-                        "code": code,
-                        "protocol": call.protocol,
-                        "mode": mode,
-                        "duration_s": round(duration_s, 6),
-                        "output_tokens": output_tokens,
-                    },
-                )
+                _log_access(call, code, mode, time.monotonic() - started, output_tokens)
                 span.set_attribute("omnigate.mode", mode)
                 tracing.end_span(span, code)
 
@@ -249,3 +246,24 @@ def _cancelled_code(call: Call, started: float) -> grpc.StatusCode:
     passed (its timer started a little before ours: 0.1 s of slack), else CANCELLED (the caller left)."""
     expired = call.time_remaining_s is not None and time.monotonic() - started >= call.time_remaining_s - 0.1
     return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+
+
+def _log_access(call: Call, code: str, mode: str, duration_s: float, output_tokens: int) -> None:
+    """The one access line of a call (both RPCs, every front door)."""
+    access_log.info(
+        "%s %s %s mode=%s duration_s=%.3f output_tokens=%d",
+        call.rpc,
+        code,
+        call.protocol,
+        mode,
+        duration_s,
+        output_tokens,
+        extra={
+            "rpc": call.rpc,
+            "code": code,
+            "protocol": call.protocol,
+            "mode": mode,
+            "duration_s": round(duration_s, 6),
+            "output_tokens": output_tokens,
+        },
+    )

@@ -62,8 +62,8 @@ async def serve(settings: WorkerSettings) -> None:
     await stop.wait()
 
     log.info("draining: NOT_SERVING, finishing in-flight requests (up to %.0f s)", settings.grace_period_s)
+    scheduler.stop_accepting()  # first: once health says NOT_SERVING, every new call is refused
     await health_servicer.enter_graceful_shutdown()
-    scheduler.stop_accepting()
     deadline = time.monotonic() + settings.grace_period_s
     while scheduler.busy() and time.monotonic() < deadline:
         await asyncio.sleep(0.1)

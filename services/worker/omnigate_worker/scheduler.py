@@ -168,10 +168,7 @@ class Scheduler:
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
         job = Job(request, asyncio.get_running_loop(), deadline)
         with self._cond:
-            if not self._accepting:
-                raise Unavailable(
-                    "the worker is shutting down and takes no new requests; retry on another worker"
-                )
+            self._check_accepting()
             if self._waiting >= self._settings.max_queue:
                 raise LimitExceeded(
                     f"the worker's queue is full ({self._settings.max_queue} requests waiting); retry later",
@@ -181,6 +178,17 @@ class Scheduler:
             self._metrics.queue_depth.set(self._waiting)
         self._preprocess.submit(self._prepare, job)
         return job
+
+    def check_accepting(self) -> None:
+        """Raises Unavailable when draining: lets a call be refused before its media is read."""
+        with self._cond:
+            self._check_accepting()
+
+    def _check_accepting(self) -> None:
+        if not self._accepting:
+            raise Unavailable(
+                "the worker is shutting down and takes no new requests; retry on another worker"
+            )
 
     def busy(self) -> bool:
         with self._cond:

@@ -87,6 +87,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         summary = stream_span = None
         try:
             engine, scheduler = self._ready()
+            stage = "queue"
+            scheduler.check_accepting()  # a draining worker refuses before reading the request's media
             stage = "request"
             with tracer.start_as_current_span("worker.receive"):  # the spec and the media chunks
                 request = await convert.read_request(request_iterator, self._settings.max_request_media_bytes)

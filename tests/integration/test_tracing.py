@@ -360,6 +360,20 @@ def _access_lines(stack: Stack, request_id: str) -> tuple[list[dict], list[dict]
         time.sleep(0.1)
 
 
+def _gateway_access_lines(stack: Stack, request_id: str) -> list[dict]:
+    """The gateway's access lines for ``request_id`` (waits up to 15 s for the first)."""
+    deadline = time.monotonic() + 15
+    while True:
+        lines = [
+            line
+            for line in _json_lines(stack.gateway.log_path)
+            if line.get("request_id") == request_id and line["logger"] == "omnigate_gateway.access"
+        ]
+        if lines or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.1)
+
+
 def _call(stack: Stack, request: pb.GenerateRequest, metadata=()) -> tuple[list, dict[str, str]]:
     with grpc.insecure_channel(stack.gateway.target) as channel:
         call = gateway_pb2_grpc.GatewayServiceStub(channel).Generate(request, metadata=metadata, timeout=120)
@@ -420,16 +434,7 @@ def test_errors_carry_the_request_id(omni_stack):
             list(call)
     assert error.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert dict(error.value.initial_metadata())["x-request-id"] == "refused-1"
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        lines = [
-            line
-            for line in _json_lines(omni_stack.gateway.log_path)
-            if line.get("request_id") == "refused-1" and line["logger"] == "omnigate_gateway.access"
-        ]
-        if lines:
-            break
-        time.sleep(0.1)
+    lines = _gateway_access_lines(omni_stack, "refused-1")
     assert len(lines) == 1 and lines[0]["code"] == "INVALID_ARGUMENT", omni_stack.gateway.log_tail()
 
 
@@ -438,15 +443,6 @@ def test_get_model_info_writes_an_access_line(omni_stack):
         gateway_pb2_grpc.GatewayServiceStub(channel).GetModelInfo(
             pb.GetModelInfoRequest(), metadata=[("x-request-id", "info-access-1")], timeout=30
         )
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        lines = [
-            line
-            for line in _json_lines(omni_stack.gateway.log_path)
-            if line.get("request_id") == "info-access-1" and line["logger"] == "omnigate_gateway.access"
-        ]
-        if lines:
-            break
-        time.sleep(0.1)
+    lines = _gateway_access_lines(omni_stack, "info-access-1")
     assert len(lines) == 1, omni_stack.gateway.log_tail()
     assert lines[0]["rpc"] == "GetModelInfo" and lines[0]["code"] == "OK" and lines[0]["mode"] == "none"

@@ -21,18 +21,11 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from omnigate.gateway.v1 import gateway_pb2 as pb
 from omnigate.gateway.v1 import gateway_pb2_grpc
-from omnigate_client.client import _UNSET, _Deadline, _policy
-from omnigate_client.connection import (
-    DEFAULT_TIMEOUT_S,
-    TLSConfig,
-    call_metadata,
-    channel_options,
-    resolve_tls,
-)
+from omnigate_client.client import _UNSET, _ClientBase, _Deadline, _policy
 from omnigate_client.errors import REQUEST_ID_KEY, OmnigateClientError, metadata_value
 from omnigate_client.protocol import build_request, event_from_proto, model_info_from_proto
 from omnigate_client.retry import RetryPolicy
@@ -128,38 +121,10 @@ class AsyncGenerationStream:
                     call.cancel()
 
 
-class AsyncOmnigateClient:
+class AsyncOmnigateClient(_ClientBase):
     """Asyncio client; the constructor's arguments are those of ``OmnigateClient``."""
 
-    def __init__(
-        self,
-        target: str = "127.0.0.1:50051",
-        *,
-        timeout_s: float | None = DEFAULT_TIMEOUT_S,
-        api_key: str | None = None,
-        retries: int | None = None,
-        retry_policy: RetryPolicy | None = None,
-        tls: bool | TLSConfig | None = None,
-        root_certificates: bytes | str | None = None,
-        certificate_chain: bytes | str | None = None,
-        private_key: bytes | str | None = None,
-        server_name: str | None = None,
-        metadata: dict[str, str] | None = None,
-        options: list[tuple] | None = None,
-    ) -> None:
-        self.target = target
-        self.timeout_s = timeout_s
-        self.retry_policy = _policy(retry_policy, retries)
-        self._api_key = api_key
-        self._metadata = dict(metadata or {})
-        tls_config = resolve_tls(tls, root_certificates, certificate_chain, private_key, server_name)
-        opts = channel_options(tls_config, options)
-        if tls_config is None:
-            self._channel = grpc.aio.insecure_channel(target, options=opts)
-        else:
-            self._channel = grpc.aio.secure_channel(target, tls_config.credentials(), options=opts)
-        self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+    _grpc = grpc.aio
 
     async def __aenter__(self) -> AsyncOmnigateClient:
         return self
@@ -169,9 +134,6 @@ class AsyncOmnigateClient:
 
     async def close(self) -> None:
         await self._channel.close()
-
-    def _call_metadata(self, metadata: dict | None, request_id: str | None) -> tuple:
-        return call_metadata(self._api_key, {**self._metadata, **(metadata or {})}, request_id)
 
     async def health(self, timeout_s: float = 5.0, service: str = "") -> str:
         try:

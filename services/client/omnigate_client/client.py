@@ -173,15 +173,12 @@ class GenerationStream(Iterator[Event]):
                     call.cancel()  # the consumer stopped early: free the gateway's work
 
 
-class OmnigateClient:
-    """A blocking client; one channel per instance (use as a context manager or call ``close()``).
+class _ClientBase:
+    """What the sync and async clients share: the channel (plaintext or TLS), the stubs, the defaults
+    and the metadata sent with every call. ``_grpc`` is ``grpc`` or ``grpc.aio``: both make channels the
+    same way."""
 
-    ``timeout_s`` is the default deadline of ``generate`` calls (None = none); ``api_key`` is sent as
-    ``authorization: Bearer <key>``; ``retries`` (or a full ``retry_policy``) bounds retries of calls that
-    failed before any output. TLS: ``tls=True`` (system roots) or any of ``root_certificates``,
-    ``certificate_chain`` + ``private_key`` (a client certificate), ``server_name``; each certificate is
-    PEM bytes or a file path. ``metadata`` is sent with every call.
-    """
+    _grpc = grpc
 
     def __init__(
         self,
@@ -207,11 +204,25 @@ class OmnigateClient:
         tls_config = resolve_tls(tls, root_certificates, certificate_chain, private_key, server_name)
         opts = channel_options(tls_config, options)
         if tls_config is None:
-            self._channel = grpc.insecure_channel(target, options=opts)
+            self._channel = self._grpc.insecure_channel(target, options=opts)
         else:
-            self._channel = grpc.secure_channel(target, tls_config.credentials(), options=opts)
+            self._channel = self._grpc.secure_channel(target, tls_config.credentials(), options=opts)
         self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def _call_metadata(self, metadata: dict | None, request_id: str | None) -> tuple:
+        return call_metadata(self._api_key, {**self._metadata, **(metadata or {})}, request_id)
+
+
+class OmnigateClient(_ClientBase):
+    """A blocking client; one channel per instance (use as a context manager or call ``close()``).
+
+    ``timeout_s`` is the default deadline of ``generate`` calls (None = none); ``api_key`` is sent as
+    ``authorization: Bearer <key>``; ``retries`` (or a full ``retry_policy``) bounds retries of calls that
+    failed before any output. TLS: ``tls=True`` (system roots) or any of ``root_certificates``,
+    ``certificate_chain`` + ``private_key`` (a client certificate), ``server_name``; each certificate is
+    PEM bytes or a file path. ``metadata`` is sent with every call.
+    """
 
     def __enter__(self) -> OmnigateClient:
         return self
@@ -221,9 +232,6 @@ class OmnigateClient:
 
     def close(self) -> None:
         self._channel.close()
-
-    def _call_metadata(self, metadata: dict | None, request_id: str | None) -> tuple:
-        return call_metadata(self._api_key, {**self._metadata, **(metadata or {})}, request_id)
 
     def health(self, timeout_s: float = 5.0, service: str = "") -> str:
         """The gateway's ``grpc.health.v1`` status name ("SERVING", "NOT_SERVING", ...); not retried."""

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from omnigate import tracing
 from omnigate.grpc_server import start_health_server
-from omnigate.lifecycle import configure_logging, start_metrics_server, write_ports_file
+from omnigate.lifecycle import run_service, start_metrics_server, write_ports_file
 from omnigate_gateway.auth import Authenticator
 from omnigate_gateway.core import GatewayCore
 from omnigate_gateway.fetch import MediaFetcher
@@ -101,15 +101,7 @@ async def serve(settings: GatewaySettings, *, resolver: Resolver | None = None) 
 
 
 def main() -> None:
-    settings = GatewaySettings(_cli_parse_args=True)
-    configure_logging(settings.log_level, settings.log_format, tracing.GATEWAY)
-    tracing.configure(
-        tracing.GATEWAY, otlp_endpoint=settings.otlp_endpoint, sample_ratio=settings.trace_sample_ratio
-    )
-    try:
-        asyncio.run(serve(settings))
-    finally:
-        tracing.shutdown(tracing.GATEWAY)  # exports the spans still batched
+    run_service(tracing.GATEWAY, GatewaySettings(_cli_parse_args=True), serve)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import logging
 import os
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
+from omnigate import tracing
 from omnigate.tracing import LogContextFilter
 
 LOG_FORMATS = ("json", "text")
@@ -86,3 +90,14 @@ def start_metrics_server(host: str, port: int, registry) -> int | None:
     server, _ = start_http_server(port, addr=host, registry=registry)
     logging.getLogger(__name__).info("metrics on http://%s:%d/metrics", host, server.server_port)
     return server.server_port
+
+
+def run_service(service: str, settings, serve: Callable[[Any], Awaitable[None]]) -> None:
+    """Runs ``serve(settings)`` with the service's logging and tracing set up; the spans still batched are
+    exported on the way out, however it ends."""
+    configure_logging(settings.log_level, settings.log_format, service)
+    tracing.configure(service, otlp_endpoint=settings.otlp_endpoint, sample_ratio=settings.trace_sample_ratio)
+    try:
+        asyncio.run(serve(settings))
+    finally:
+        tracing.shutdown(service)

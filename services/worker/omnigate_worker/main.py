@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from omnigate import tracing
 from omnigate.grpc_server import start_health_server
-from omnigate.lifecycle import configure_logging, start_metrics_server, write_ports_file
+from omnigate.lifecycle import run_service, start_metrics_server, write_ports_file
 from omnigate_worker.metrics import WorkerMetrics
 from omnigate_worker.scheduler import Scheduler
 from omnigate_worker.server import SERVICE_NAME, WorkerServicer, build_server
@@ -91,15 +91,7 @@ def _load_engine(settings: WorkerSettings, metrics: WorkerMetrics):
 
 
 def main() -> None:
-    settings = WorkerSettings(_cli_parse_args=True)
-    configure_logging(settings.log_level, settings.log_format, tracing.WORKER)
-    tracing.configure(
-        tracing.WORKER, otlp_endpoint=settings.otlp_endpoint, sample_ratio=settings.trace_sample_ratio
-    )
-    try:
-        asyncio.run(serve(settings))
-    finally:
-        tracing.shutdown(tracing.WORKER)  # exports the spans still batched
+    run_service(tracing.WORKER, WorkerSettings(_cli_parse_args=True), serve)
 
 
 if __name__ == "__main__":

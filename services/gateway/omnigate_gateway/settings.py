@@ -5,13 +5,14 @@ from __future__ import annotations
 import ipaddress
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from omnigate.media import DecodeLimits
+from omnigate.service_settings import ServiceSettings
 from omnigate_gateway.fetch import FetchLimits
 
 
-class GatewaySettings(BaseSettings):
+class GatewaySettings(ServiceSettings):
     """Everything the gateway can be told. Built once in ``main()`` and passed down."""
 
     model_config = SettingsConfigDict(env_prefix="OMNIGATE_GATEWAY_", extra="ignore", cli_kebab_case=True)
@@ -192,28 +193,6 @@ class GatewaySettings(BaseSettings):
         0, description="Generate streams one API key may have open at once; 0 = no limit."
     )
     grace_period_s: float = Field(30.0, description="On SIGTERM, seconds to let in-flight requests finish.")
-    ports_file: str | None = Field(
-        None, description="Write the bound ports as JSON to this file once listening (for tests and scripts)."
-    )
-    log_level: str = Field("INFO", description="Python log level.")
-    log_format: str = Field(
-        "json",
-        pattern="^(json|text)$",
-        description="Log lines as 'json' (one object per line: time, level, logger, message, service, "
-        "request_id, trace_id, span_id) or 'text'.",
-    )
-    otlp_endpoint: str | None = Field(
-        None,
-        pattern="^(https?://.+)?$",
-        description="OTLP/gRPC endpoint receiving traces (http://host:4317 plaintext, https://host:4317 "
-        "TLS); unset or empty = traces are not exported.",
-    )
-    trace_sample_ratio: float = Field(
-        1.0,
-        ge=0.0,
-        le=1.0,
-        description="Share of new traces sampled when exporting (a caller's sampling decision is followed).",
-    )
 
     @field_validator("worker_target")
     @classmethod

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
+
+from omnigate.service_settings import ServiceSettings
 
 DEFAULT_MODEL = "models/tiny-qwen2.5-omni"
 
 
-class WorkerSettings(BaseSettings):
+class WorkerSettings(ServiceSettings):
     """Everything the worker can be told. Built once in ``main()`` and passed down."""
 
     model_config = SettingsConfigDict(env_prefix="OMNIGATE_WORKER_", extra="ignore", cli_kebab_case=True)
@@ -105,26 +107,4 @@ class WorkerSettings(BaseSettings):
         gt=0,
         description="Shortest interval between a gateway's keepalive pings that is accepted (faster pingers "
         "are disconnected); keep it at or below OMNIGATE_GATEWAY_WORKER_KEEPALIVE_TIME_S.",
-    )
-    ports_file: str | None = Field(
-        None, description="Write the bound ports as JSON to this file once listening (for tests and scripts)."
-    )
-    log_level: str = Field("INFO", description="Python log level.")
-    log_format: str = Field(
-        "json",
-        pattern="^(json|text)$",
-        description="Log lines as 'json' (one object per line: time, level, logger, message, service, "
-        "request_id, trace_id, span_id) or 'text'.",
-    )
-    otlp_endpoint: str | None = Field(
-        None,
-        pattern="^(https?://.+)?$",
-        description="OTLP/gRPC endpoint receiving traces (http://host:4317 plaintext, https://host:4317 "
-        "TLS); unset or empty = traces are not exported.",
-    )
-    trace_sample_ratio: float = Field(
-        1.0,
-        ge=0.0,
-        le=1.0,
-        description="Share of new traces sampled when exporting (a caller's sampling decision is followed).",
     )

@@ -118,16 +118,21 @@ def _change_in_period(events: tuple[tuple[float, int], ...], now: float, period_
     return sum(change for t, change in events if t > now - period_s)
 
 
+def _replicas_at_period_start(current: int, now: float, history: History, period_s: float) -> int:
+    """The replica count a policy's period started from: today's count minus the changes made within it."""
+    return (
+        current
+        - _change_in_period(history.scale_up_events, now, period_s)
+        + _change_in_period(history.scale_down_events, now, period_s)
+    )
+
+
 def _scale_up_limit(current: int, now: float, history: History, rules: ScalingRules) -> int:
     if rules.select_policy == "Disabled":
         return current
     pick, result = (min, math.inf) if rules.select_policy == "Min" else (max, -math.inf)
     for policy in rules.policies:
-        start = (
-            current
-            - _change_in_period(history.scale_up_events, now, policy.period_s)
-            + _change_in_period(history.scale_down_events, now, policy.period_s)
-        )
+        start = _replicas_at_period_start(current, now, history, policy.period_s)
         if policy.type == "Pods":
             proposed = start + policy.value
         else:
@@ -141,11 +146,7 @@ def _scale_down_limit(current: int, now: float, history: History, rules: Scaling
         return current
     pick, result = (max, -math.inf) if rules.select_policy == "Min" else (min, math.inf)
     for policy in rules.policies:
-        start = (
-            current
-            - _change_in_period(history.scale_up_events, now, policy.period_s)
-            + _change_in_period(history.scale_down_events, now, policy.period_s)
-        )
+        start = _replicas_at_period_start(current, now, history, policy.period_s)
         if policy.type == "Pods":
             proposed = start - policy.value
         else:

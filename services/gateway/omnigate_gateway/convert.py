@@ -132,9 +132,12 @@ def parse_request(
         messages.append(Message(role=msg.role, content=parts))
 
     p = message.parameters
+    max_new_tokens = p.max_new_tokens or default_max_new_tokens
     params = GenerationParams(
-        max_new_tokens=p.max_new_tokens or default_max_new_tokens,
-        min_new_tokens=p.min_new_tokens,
+        max_new_tokens=max_new_tokens,
+        # ignore_eos: the end-of-sequence token is suppressed until the last token (transformers'
+        # min_new_tokens processor), so the answer has exactly max_new_tokens tokens.
+        min_new_tokens=max_new_tokens if p.ignore_eos else p.min_new_tokens,
         do_sample=p.do_sample,
         temperature=p.temperature if p.HasField("temperature") else None,
         top_p=p.top_p if p.HasField("top_p") else None,

@@ -12,6 +12,18 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import ClassVar
 
+QUOTE_LIMIT = 64  # characters of user input an error message repeats at most
+
+
+def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """``value`` for an error message or a log line: its repr, cut to ``limit`` characters with the total
+    length noted, so a refusal never repeats a megabyte of input (gRPC caps a status's size: a longer
+    message would turn the refusal into RESOURCE_EXHAUSTED "metadata size exceeds hard limit")."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
 
 class ErrorCode(StrEnum):
     """The kinds of failure a caller can see (each maps to one gRPC status code)."""

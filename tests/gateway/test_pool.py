@@ -287,7 +287,13 @@ async def test_failure_after_output_is_not_retried():
 
 
 async def test_only_retriable_failures_are_retried():
-    async with fakes("a", "b") as (a, b), running_pool(targets(a, b), ready=2) as (pool, _):
+    async with (
+        fakes("a", "b") as (a, b),
+        running_pool(targets(a, b), ready=2, worker_eject_after_failures=100) as (
+            pool,
+            _,
+        ),  # no ejection here
+    ):
         a.behaviour = "queue_full"  # RESOURCE_EXHAUSTED with a retry delay: another worker may have room
         with first_choice(pool, a):
             assert await generate(pool) == ["b"]
@@ -334,7 +340,9 @@ async def test_the_deadline_applies_to_the_worker_call():
 # ---- worker states --------------------------------------------------------------------------------
 
 
-async def test_failing_worker_is_ejected_for_a_while():
+@pytest.mark.parametrize("behaviour", ["connection_lost", "unavailable", "queue_full"])
+async def test_failing_worker_is_ejected_for_a_while(behaviour):
+    """Faults of the worker (gone, refusing work, out of room) count toward ejection."""
     async with (
         fakes("a", "b") as (a, b),
         running_pool(targets(a, b), ready=2, worker_eject_after_failures=2, worker_ejection_s=0.5) as (
@@ -342,17 +350,56 @@ async def test_failing_worker_is_ejected_for_a_while():
             metrics,
         ),
     ):
-        a.behaviour = "internal"  # healthy by its health checks, failing its calls
+        a.behaviour = behaviour
         for _ in range(2):
-            with first_choice(pool, a), pytest.raises(grpc.RpcError):
-                await generate(pool)
+            with first_choice(pool, a):
+                with contextlib.suppress(grpc.RpcError):  # retried on b when retriable
+                    await generate(pool)
+        assert a.calls == 2
         assert pool.counts()["ejected"] == 1
         await wait_until(lambda: sample(metrics, "omnigate_gateway_workers", state="ejected") == 1)
+        a.behaviour = "ok"
         with first_choice(pool, a):
             for _ in range(5):
                 assert await generate(pool) == ["b"]
         assert a.calls == 2
         await wait_until(lambda: pool.counts()["ready"] == 2, what="the ejection to end")
+
+
+@pytest.mark.parametrize("behaviour", ["internal", "invalid", "too_big"])
+async def test_answers_to_one_request_never_eject_a_worker(behaviour):
+    """An error answer (bad input, a prompt over the limit, even a bug hit by one request's content) is the
+    request's outcome: a client sending bad requests cannot take a worker out of service."""
+    async with (
+        fakes("a", "b") as (a, b),
+        running_pool(targets(a, b), ready=2, worker_eject_after_failures=2, worker_ejection_s=30) as (
+            pool,
+            _,
+        ),
+    ):
+        a.behaviour = behaviour
+        for _ in range(10):
+            with first_choice(pool, a), pytest.raises(grpc.RpcError):
+                await generate(pool)
+        assert pool.counts() == {**pool.counts(), "ready": 2, "ejected": 0}
+        a.behaviour = "ok"
+        with first_choice(pool, a):
+            assert await generate(pool) == ["a"]
+
+
+async def test_the_last_ready_worker_is_never_ejected():
+    """Ejection would only turn a degraded service into no service when no other worker is ready."""
+    async with (
+        fakes("a") as (a,),
+        running_pool(targets(a), ready=1, worker_eject_after_failures=1) as (pool, _),
+    ):
+        a.behaviour = "queue_full"
+        for _ in range(3):
+            with pytest.raises(grpc.RpcError):
+                await generate(pool)
+        assert pool.counts()["ejected"] == 0
+        a.behaviour = "ok"
+        assert await generate(pool) == ["a"]
 
 
 async def test_draining_worker_finishes_its_calls_and_gets_no_new_ones():

@@ -35,9 +35,11 @@ def credentials_version(settings: GatewaySettings) -> tls.FileVersion:
 def worker_channel(target: str, settings: GatewaySettings) -> grpc.aio.Channel:
     """Opens a channel to one worker (TLS when configured; raises TlsConfigError for unusable files)."""
     options = [
-        # Requests go out as a spec and 1 MiB media chunks; what comes back is forwarded to clients, so it
-        # is bounded by what the public port may send.
-        ("grpc.max_send_message_length", max(4 * 1024 * 1024, 2 * settings.worker_chunk_bytes)),
+        # Requests go out as a spec and 1 MiB media chunks. The spec carries the request's text, which the
+        # public port accepted up to max_message_bytes: the channel must carry as much, so that a long prompt
+        # reaches the worker's prompt-budget check instead of failing here ("Sent message larger than max").
+        # What comes back is forwarded to clients, so it is bounded by what the public port may send.
+        ("grpc.max_send_message_length", max(settings.max_message_bytes, 2 * settings.worker_chunk_bytes)),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         # Keepalive pings detect a hung worker (SIGSTOP, a dead node) while calls are in flight: its calls
         # then fail with UNAVAILABLE instead of waiting for their deadline.

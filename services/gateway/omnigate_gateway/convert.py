@@ -5,6 +5,7 @@ The only gateway module that touches ``*_pb2`` besides the servicer and the work
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from omnigate.conversation import (
 from omnigate.errors import InvalidInput
 from omnigate.gateway.v1 import gateway_pb2 as gw
 from omnigate.media import Audio
+from omnigate.validation import RequestLimits, check_counts, check_request
 from omnigate.worker.v1 import worker_pb2 as wk
 
 PUBLIC_MODES = {
@@ -79,11 +81,18 @@ class IncomingRequest:
 
 
 def parse_request(
-    message: gw.GenerateRequest, default_max_new_tokens: int, default_fps: float
+    message: gw.GenerateRequest,
+    default_max_new_tokens: int,
+    default_fps: float,
+    limits: RequestLimits | None = None,
+    max_new_tokens_limit: int | None = None,
 ) -> IncomingRequest:
-    """Checks the request's shape and turns it into plain objects (no I/O)."""
+    """Checks the request (shape, then every parameter against its domain: ``omnigate.validation``) and
+    turns it into plain objects (no I/O)."""
     if not message.messages:
         raise InvalidInput("the conversation is empty; send at least one message")
+    if limits is not None:  # before anything is built from an oversized conversation
+        check_counts(len(message.messages), sum(len(m.content) for m in message.messages), limits)
     if message.generation_mode not in PUBLIC_MODES:
         if message.generation_mode == gw.GENERATION_MODE_UNSPECIFIED:
             raise InvalidInput(
@@ -94,14 +103,12 @@ def parse_request(
             "GENERATION_MODE_AUDIO or GENERATION_MODE_IMAGE"
         )
     fps = message.video.fps if message.HasField("video") and message.video.fps else default_fps
-    if not fps > 0:
-        raise InvalidInput(f"video fps must be > 0; got {fps}")
+    if not (math.isfinite(fps) and fps > 0):
+        raise InvalidInput(f"video fps is {fps!r}; it must be a number greater than 0")
 
     media: list[tuple[ContentPart, MediaRef]] = []
     messages = []
     for i, msg in enumerate(message.messages):
-        if not msg.role:
-            raise InvalidInput(f"message {i} has no role; use system, user or assistant")
         parts = []
         for j, part in enumerate(msg.content):
             kind = part.WhichOneof("part")
@@ -156,6 +163,8 @@ def parse_request(
         use_audio_in_video=load_audio and any(ref.modality is Modality.VIDEO for _, ref in media),
         speaker=message.speaker or None,
     )
+    if limits is not None:
+        check_request(request, limits, max_new_tokens_limit)
     return IncomingRequest(request=request, media=media, load_audio_from_video=load_audio, video_fps=fps)
 
 

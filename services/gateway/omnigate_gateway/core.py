@@ -22,6 +22,8 @@ from omnigate import status, tracing
 from omnigate.conversation import GenerationMode, Modality, ModelInfo
 from omnigate.errors import InvalidInput
 from omnigate.gateway.v1 import gateway_pb2
+from omnigate.grpc_server import Undecodable
+from omnigate.validation import RequestLimits
 from omnigate_gateway import convert
 from omnigate_gateway.auth import Authenticator
 from omnigate_gateway.ingest import MediaIngestor
@@ -75,6 +77,7 @@ class GatewayCore:
         self.worker = worker
         self.ingestor = ingestor
         self.metrics = metrics
+        self.request_limits = RequestLimits(settings.max_messages, settings.max_content_parts)
 
     def model_info(self) -> ModelInfo:
         """The served model's info; Unavailable when no worker is ready."""
@@ -119,7 +122,7 @@ class GatewayCore:
         return convert.model_info_to_public(info, limits)
 
     async def generate(
-        self, request: gateway_pb2.GenerateRequest, call: Call
+        self, request: gateway_pb2.GenerateRequest | Undecodable, call: Call
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         """Serves one Generate request; raises an OmnigateError (or another exception = internal).
 
@@ -153,14 +156,14 @@ class GatewayCore:
             finally:
                 if stream_span is not None:
                     stream_span.end()
-                mode = convert.PUBLIC_MODES.get(request.generation_mode)
+                mode = convert.PUBLIC_MODES.get(getattr(request, "generation_mode", None))
                 mode = mode.value if mode is not None else "unknown"
                 _log_access(call, code, mode, time.monotonic() - started, output_tokens)
                 span.set_attribute("omnigate.mode", mode)
                 tracing.end_span(span, code)
 
     async def _generate(
-        self, request: gateway_pb2.GenerateRequest, call: Call
+        self, request: gateway_pb2.GenerateRequest | Undecodable, call: Call
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         started = time.monotonic()
         mode = "unknown"
@@ -172,15 +175,21 @@ class GatewayCore:
         try:
             async with self.auth.admit(call):
                 admitted = True
+                if isinstance(request, Undecodable):
+                    raise InvalidInput(request.message)
                 incoming = convert.parse_request(
-                    request, self.settings.default_max_new_tokens, self.settings.default_video_fps
+                    request,
+                    self.settings.default_max_new_tokens,
+                    self.settings.default_video_fps,
+                    self.request_limits,
                 )
                 generation = incoming.request
                 mode = generation.mode.value
                 info = self.worker.require_info()
                 if info.max_new_tokens and generation.params.max_new_tokens > info.max_new_tokens:
                     raise InvalidInput(
-                        f"max_new_tokens is {generation.params.max_new_tokens}; the limit is {info.max_new_tokens}"
+                        f"max_new_tokens is {generation.params.max_new_tokens}; it must be between 1 and "
+                        f"{info.max_new_tokens}"
                     )
                 if MODE_OUTPUT[generation.mode] not in info.output_modalities:
                     raise InvalidInput(

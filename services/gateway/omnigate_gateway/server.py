@@ -9,7 +9,7 @@ from grpc_health.v1 import health
 
 from omnigate import status, tls, tracing
 from omnigate.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from omnigate.grpc_server import finish_server
+from omnigate.grpc_server import add_service, finish_server
 from omnigate_gateway.auth import credential
 from omnigate_gateway.core import Call, GatewayCore, request_id_from
 from omnigate_gateway.settings import GatewaySettings
@@ -78,7 +78,7 @@ def build_server(
             ("grpc.max_send_message_length", settings.max_message_bytes),
         ]
     )
-    gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, server)
+    add_service(server, servicer, gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"])
     port = finish_server(
         server,
         SERVICE_NAME,

@@ -81,6 +81,10 @@ class GatewaySettings(ServiceSettings):
     default_video_fps: float = Field(2.0, description="Video sampling rate used when a request sets none.")
     default_timeout_s: float = Field(600.0, description="Deadline for a request whose client set none.")
     max_media_items: int = Field(16, description="Media parts (images, audio, videos) per request.")
+    max_messages: int = Field(1024, ge=1, description="Messages in one request's conversation.")
+    max_content_parts: int = Field(
+        4096, ge=1, description="Content parts (text and media) in one request, all messages together."
+    )
     max_media_bytes: int = Field(
         100 * 1024 * 1024,
         description="Encoded bytes of one media item of any kind (the caps below may be lower).",

@@ -62,22 +62,21 @@ _STATE_WORDS = {
     "draining": "draining",
 }
 
-# Failures that count against a worker (toward ejection); the others are the request's own doing.
-_WORKER_FAULTS = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.INTERNAL,
-    grpc.StatusCode.UNKNOWN,
-    grpc.StatusCode.DATA_LOSS,
-}
-# Answers that show the worker works (a refused request is still a working worker).
-_WORKER_ANSWERS = {
-    grpc.StatusCode.OK,
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.PERMISSION_DENIED,
-    grpc.StatusCode.UNAUTHENTICATED,
-    grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.OUT_OF_RANGE,
-}
+# Failures that count against a worker (toward ejection): the worker is gone, refuses work (draining, not
+# ready), or reports it is out of a resource (a full queue, out of memory: RESOURCE_EXHAUSTED with a retry
+# delay). Everything else is the worker's answer to one request (its input was bad, too long, or hit a bug),
+# which says nothing about the next request: counting INTERNAL let a handful of bad requests eject the only
+# worker and turn the gateway NOT_SERVING. A worker that is broken for every request says so through its
+# health (the watch marks it not ready).
+_WORKER_FAULTS = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS}
+
+
+def is_worker_fault(code: grpc.StatusCode | None, retry_after_s: float | None = None) -> bool:
+    """Whether a call ending with ``code`` counts against the worker (see ``_WORKER_FAULTS``)."""
+    return code in _WORKER_FAULTS or (
+        code is grpc.StatusCode.RESOURCE_EXHAUSTED and retry_after_s is not None
+    )
+
 
 Resolve = Callable[[str, int], Awaitable[list[str]]]
 
@@ -341,26 +340,40 @@ class WorkerPool:
         states = ", ".join(f"{n} {_STATE_WORDS[state]}" for state, n in known.items())
         return f"no worker is ready yet: {states}; retry shortly"
 
-    def attempt_done(self, worker: WorkerClient, code: grpc.StatusCode | None) -> None:
-        """Books the end of one call on ``worker`` (``code`` None: cancelled by the gateway)."""
+    def attempt_done(self, worker: WorkerClient, code: grpc.StatusCode | None, fault: bool = False) -> None:
+        """Books the end of one call on ``worker`` (``code`` None: cancelled by the gateway; ``fault``: the
+        call failed for a reason of the worker's, ``is_worker_fault``).
+
+        Ejection never takes the last ready worker out (Envoy's outlier detection keeps a share of hosts
+        for the same reason): with nowhere else to go, an ejection would only turn a degraded service into
+        no service. A worker that is really gone is marked unavailable by the health watch instead.
+        """
         worker.outstanding -= 1
-        if code in _WORKER_ANSWERS:
-            worker.failures = 0
-        elif code in _WORKER_FAULTS:
+        if fault:
             worker.failures += 1
             if code is grpc.StatusCode.UNAVAILABLE:
                 worker.suspect = True  # until a health check says otherwise
                 worker.recheck.set()
             if worker.failures >= self._settings.worker_eject_after_failures:
                 worker.failures = 0
-                worker.ejected_until = time.monotonic() + self._settings.worker_ejection_s
-                log.warning(
-                    "worker %s ejected for %.0f s after %d failed calls in a row",
-                    worker.target,
-                    self._settings.worker_ejection_s,
-                    self._settings.worker_eject_after_failures,
-                )
+                others = [w for w in self._ready() if w is not worker]
+                if others:
+                    worker.ejected_until = time.monotonic() + self._settings.worker_ejection_s
+                    log.warning(
+                        "worker %s ejected for %.0f s after %d failed calls in a row",
+                        worker.target,
+                        self._settings.worker_ejection_s,
+                        self._settings.worker_eject_after_failures,
+                    )
+                else:
+                    log.warning(
+                        "worker %s failed %d calls in a row; not ejected: it is the only ready worker",
+                        worker.target,
+                        self._settings.worker_eject_after_failures,
+                    )
             self._publish()
+        elif code is not None:
+            worker.failures = 0  # it answered
         if worker.removed and worker.outstanding == 0:
             self._retire(worker)
 
@@ -529,7 +542,8 @@ class PoolCall:
                 event = await self._call.read()
             except grpc.RpcError as exc:
                 # A connection lost under the call is the worker going away: book it as UNAVAILABLE.
-                self._end(grpc.StatusCode.UNAVAILABLE if status.is_connection_lost(exc) else exc.code())
+                code = grpc.StatusCode.UNAVAILABLE if status.is_connection_lost(exc) else exc.code()
+                self._end(code, is_worker_fault(code, status.retry_after_s(exc)))
                 if not self._retry(exc):
                     raise
                 continue
@@ -561,9 +575,9 @@ class PoolCall:
         stream = convert.worker_stream(self._request, self._pool._settings.worker_chunk_bytes)
         self._call = worker.stub.Generate(stream, timeout=timeout, metadata=self._metadata)
 
-    def _end(self, code: grpc.StatusCode | None) -> None:
+    def _end(self, code: grpc.StatusCode | None, fault: bool = False) -> None:
         if self._worker is not None:
-            self._pool.attempt_done(self._worker, code)
+            self._pool.attempt_done(self._worker, code, fault)
         self._worker = None
         self._call = None
 

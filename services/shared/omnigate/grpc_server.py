@@ -3,10 +3,61 @@
 from __future__ import annotations
 
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+class Undecodable:
+    """Stands for a request message whose bytes did not parse (or held invalid UTF-8 in a string field).
+
+    grpcio ends a call whose request fails to deserialize with UNKNOWN ("Unexpected <DecodeError>"), a
+    code outside the documented ones; ``add_service`` hands the servicer this object instead, and the
+    servicer refuses it with INVALID_ARGUMENT like any other malformed request.
+    """
+
+    def __init__(self, type_name: str, error: Exception) -> None:
+        self.message = (
+            f"the request is not a valid {type_name} message ({type(error).__name__}: "
+            f"{str(error)[:120]}); send a serialized {type_name}, with strings in valid UTF-8"
+        )
+
+
+def _deserializer(message_class):
+    type_name = message_class.DESCRIPTOR.full_name
+
+    def deserialize(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except (DecodeError, UnicodeDecodeError, ValueError) as exc:
+            return Undecodable(type_name, exc)
+
+    return deserialize
+
+
+def add_service(server: grpc.aio.Server, servicer, service: ServiceDescriptor) -> None:
+    """Registers ``servicer``'s methods for ``service`` as the generated ``add_*Servicer_to_server`` does,
+    with deserializers that turn an unparsable request message into ``Undecodable`` (see there)."""
+    handlers = {}
+    for method in service.methods:
+        request_class = message_factory.GetMessageClass(method.input_type)
+        response_class = message_factory.GetMessageClass(method.output_type)
+        make = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=_deserializer(request_class),
+            response_serializer=response_class.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 
 def finish_server(

@@ -22,7 +22,9 @@ from omnigate.conversation import (
     TextDelta,
 )
 from omnigate.errors import InvalidInput, LimitExceeded
+from omnigate.grpc_server import Undecodable
 from omnigate.media import Audio, Image, Video
+from omnigate.validation import RequestLimits, check_counts
 from omnigate.worker.v1 import worker_pb2 as pb
 
 MODES = {
@@ -52,7 +54,7 @@ class _Declared:
 
 
 async def read_request(
-    requests: AsyncIterator[pb.GenerateRequest], max_media_bytes: int
+    requests: AsyncIterator[pb.GenerateRequest], max_media_bytes: int, limits: RequestLimits
 ) -> GenerationRequest:
     """Reads a whole Generate request stream (spec, then media chunks) into a GenerationRequest."""
     spec: pb.GenerateSpec | None = None
@@ -60,11 +62,14 @@ async def read_request(
     buffers: dict[int, bytearray] = {}
     total = 0
     async for message in requests:
+        if isinstance(message, Undecodable):
+            raise InvalidInput(message.message)
         kind = message.WhichOneof("payload")
         if kind == "spec":
             if spec is not None:
                 raise InvalidInput("the Generate stream carried two specs; send exactly one, first")
             spec = message.spec
+            check_counts(len(spec.messages), sum(len(m.content) for m in spec.messages), limits)
             declared = _declared_sizes(spec)
             declared_total = sum(declared.values())
             if declared_total > max_media_bytes:

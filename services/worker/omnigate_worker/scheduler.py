@@ -217,8 +217,18 @@ class Scheduler:
                     if job.expired()
                     else _Cancelled()
                 )
+            started = time.monotonic()
             with job.activated(), tracing.tracer(tracing.WORKER).start_as_current_span("worker.preprocess"):
                 job.prepared = self._engine.prepare(job.request)
+            # Preprocessing is bounded by the request limits (messages, parts, media, prompt text); this
+            # catches whatever still took too long, so such a request never also takes the engine's time.
+            took = time.monotonic() - started
+            if took > self._settings.max_preprocess_s:
+                log.warning("preprocessing a request took %.1f s; refused", took)
+                raise LimitExceeded(
+                    f"preparing the request's inputs took {took:.1f} s; the limit is "
+                    f"{self._settings.max_preprocess_s:g} s (send fewer or smaller media)"
+                )
             budget = self._settings.max_prompt_tokens
             if job.prepared.prompt_len > budget:
                 self._metrics.rejected.labels("too_long").inc()

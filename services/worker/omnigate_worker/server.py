@@ -10,10 +10,10 @@ import time
 import grpc
 from grpc_health.v1 import health
 
-from omnigate import status, tls, tracing
+from omnigate import status, tls, tracing, validation
 from omnigate.conversation import AudioChunk, ImageOutput, Summary, TextDelta
 from omnigate.errors import DeadlineExceeded, InvalidInput, LimitExceeded, Unavailable
-from omnigate.grpc_server import finish_server
+from omnigate.grpc_server import add_service, finish_server
 from omnigate.worker.v1 import worker_pb2, worker_pb2_grpc
 from omnigate_worker import convert
 from omnigate_worker.engine import Engine
@@ -46,6 +46,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self._scheduler: Scheduler | None = None
         self._settings = settings
         self._metrics = metrics
+        self._limits = validation.RequestLimits(settings.max_messages, settings.max_content_parts)
 
     def attach(self, engine: Engine, scheduler: Scheduler) -> None:
         self._engine = engine
@@ -91,7 +92,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             scheduler.check_accepting()  # a draining worker refuses before reading the request's media
             stage = "request"
             with tracer.start_as_current_span("worker.receive"):  # the spec and the media chunks
-                request = await convert.read_request(request_iterator, self._settings.max_request_media_bytes)
+                request = await convert.read_request(
+                    request_iterator, self._settings.max_request_media_bytes, self._limits
+                )
             if request_id is None and tracing.sane_request_id(request.request_id):
                 request_id = request.request_id
                 scope.enter_context(tracing.activate(request_id=request_id))
@@ -147,15 +150,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             scope.close()
 
     def _check_limits(self, request) -> None:
-        limit = self._settings.max_new_tokens_limit
-        if request.params.max_new_tokens <= 0:
-            raise InvalidInput("max_new_tokens must be > 0")
-        if request.params.min_new_tokens > request.params.max_new_tokens:
-            raise InvalidInput(
-                f"min_new_tokens ({request.params.min_new_tokens}) exceeds max_new_tokens ({request.params.max_new_tokens})"
-            )
-        if request.params.max_new_tokens > limit:
-            raise InvalidInput(f"max_new_tokens is {request.params.max_new_tokens}; the limit is {limit}")
+        """The parameter domains both doors apply (``omnigate.validation``); the gateway checked them too,
+        but a client may call the worker directly."""
+        validation.check_request(request, self._limits, self._settings.max_new_tokens_limit)
 
 
 def _log_access(code: str, mode: str, duration_s: float, summary: Summary | None) -> None:
@@ -200,7 +197,7 @@ def build_server(
         ("grpc.http2.min_ping_interval_without_data_ms", int(settings.keepalive_min_ping_interval_s * 1000)),
     ]
     server = grpc.aio.server(options=options)
-    worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
+    add_service(server, servicer, worker_pb2.DESCRIPTOR.services_by_name["WorkerService"])
     port = finish_server(
         server,
         SERVICE_NAME,

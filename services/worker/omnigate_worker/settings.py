@@ -49,7 +49,10 @@ class WorkerSettings(ServiceSettings):
         512 * 1024 * 1024, description="Upper bound on the raw decoded media bytes of one request."
     )
     max_message_bytes: int = Field(
-        8 * 1024 * 1024, description="Largest single gRPC message accepted or sent (media travels in chunks)."
+        64 * 1024 * 1024,
+        description="Largest single gRPC message accepted or sent (media travels in chunks; the request's text "
+        "in one message). At least the gateway's max_message_bytes, so a long prompt meets the prompt-token "
+        "limit, not a transport limit.",
     )
     tls_cert_file: str | None = Field(
         None, description="PEM certificate (chain) of the gRPC port; set with tls_key_file to serve TLS."
@@ -75,6 +78,16 @@ class WorkerSettings(ServiceSettings):
         131072, description="Prompt tokens of all requests in a batch together; more waits for room."
     )
     preprocess_threads: int = Field(1, description="Threads running chat templates and processors.")
+    max_preprocess_s: float = Field(
+        30.0,
+        gt=0,
+        description="Longest one request's chat template and processor may take; a request over it is refused "
+        "(RESOURCE_EXHAUSTED) and the requests queued behind it go on.",
+    )
+    max_messages: int = Field(1024, ge=1, description="Messages in one request's conversation.")
+    max_content_parts: int = Field(
+        4096, ge=1, description="Content parts (text and media) in one request, all messages together."
+    )
     trim_audio_padding: bool = Field(
         True,
         description="Pad audio features only to the audio's length, not the feature extractor's 300 s (same output, less CPU).",

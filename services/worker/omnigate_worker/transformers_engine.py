@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 
+import jinja2
 import numpy as np
 import PIL.Image
 import torch
@@ -39,7 +40,7 @@ from omnigate.conversation import (
     Summary,
     Timings,
 )
-from omnigate.errors import InvalidInput, LimitExceeded
+from omnigate.errors import InvalidInput, LimitExceeded, quote
 from omnigate_worker import inputs as model_inputs
 from omnigate_worker.batching import DecodeBatch, Row, cache_is_batchable
 from omnigate_worker.engine import Engine, EventSink, Prepared
@@ -98,6 +99,8 @@ class TransformersEngine(Engine):
         if pad is None:
             pad = getattr(self._tokenizer, "pad_token_id", None) or 0
         self._pad_token_id = int(pad[0] if isinstance(pad, list) else pad)
+        vocab = self._tokenizer.get_vocab() if hasattr(self._tokenizer, "get_vocab") else {}
+        self._max_token_chars = max((len(token) for token in vocab), default=64) or 64
         if (
             self._is_omni
             and getattr(self._model, "has_talker", False)
@@ -137,7 +140,7 @@ class TransformersEngine(Engine):
         for i, message in enumerate(request.messages):
             if message.role not in ROLES:
                 raise InvalidInput(
-                    f"message {i} has role {message.role!r}; use one of {', '.join(sorted(ROLES))}"
+                    f"message {i} has role {quote(message.role)}; use one of {', '.join(sorted(ROLES))}"
                 )
             if not message.content:
                 raise InvalidInput(f"message {i} has no content")
@@ -163,7 +166,7 @@ class TransformersEngine(Engine):
             raise InvalidInput("speech output needs max_new_tokens >= 2")
         if request.speaker and request.speaker not in info.speakers:
             raise InvalidInput(
-                f"unknown speaker {request.speaker!r}; available: {', '.join(info.speakers) or 'none'}"
+                f"unknown speaker {quote(request.speaker)}; available: {', '.join(info.speakers) or 'none'}"
             )
 
     # -- generation -----------------------------------------------------------------------------
@@ -201,8 +204,28 @@ class TransformersEngine(Engine):
 
     @torch.inference_mode()
     def prepare(self, request: GenerationRequest) -> Prepared:
-        """Chat template + processor (CPU work; runs off the engine thread)."""
-        inputs, _prompt = model_inputs.build(self._processor, request, audio_padding=self._audio_padding)
+        """Chat template + processor (CPU work; runs off the engine thread).
+
+        A prompt whose text alone is surely over the prompt-token limit is refused before it is tokenized
+        (no token is longer than ``_max_token_chars``), so a multi-megabyte text costs nothing. What the
+        processor or chat template rejects in a request's content (an image shape it cannot resize, audio
+        it cannot featurize, a template error) is the request's fault: INVALID_ARGUMENT, not INTERNAL.
+        """
+        budget = self._settings.max_prompt_tokens
+        chars = sum(len(part.text) for m in request.messages for part in m.content if part.text)
+        least = chars // (2 * self._max_token_chars)  # 2: room for normalizers that contract text
+        if least > budget:
+            raise LimitExceeded(
+                f"the prompt is at least {least} tokens ({chars} characters of text); the limit is {budget}"
+            )
+        try:
+            inputs, _prompt = model_inputs.build(self._processor, request, audio_padding=self._audio_padding)
+        except (ValueError, TypeError, IndexError, jinja2.TemplateError) as exc:
+            log.info("the processor refused a request: %r", exc, exc_info=True)
+            raise InvalidInput(
+                f"the model's processor cannot take this request's content: {type(exc).__name__}: "
+                f"{str(exc)[:200]}"
+            ) from exc
         inputs = inputs.to(self._device).to(dtype=self._dtype)  # BatchFeature casts floating tensors only
         prompt_len = int(inputs["input_ids"].shape[1])
         return Prepared(request=request, inputs=inputs, prompt_len=prompt_len)

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from omnigate import tracing
 from omnigate.conversation import Event, GenerationRequest, Summary, TextDelta
-from omnigate.errors import DeadlineExceeded, LimitExceeded, Unavailable
+from omnigate.errors import DeadlineExceeded, InvalidInput, LimitExceeded, Unavailable
 from omnigate_worker.engine import Engine, Prepared
 from omnigate_worker.metrics import WorkerMetrics
 from omnigate_worker.settings import WorkerSettings
@@ -266,7 +266,7 @@ class Scheduler:
                     batch.step()
                 except Exception as exc:  # noqa: BLE001 - every row of a failed step gets the error
                     log.exception("decode step failed")
-                    batch.fail_all(self._resource_error(exc, len(batch)))
+                    batch.fail_all(self._resource_error(exc, len(batch), shared=True))
 
     def _next_work(self, batch) -> tuple[list[Job] | None, Job | None]:
         """Waits for work; returns (jobs to add to the batch, a job to run alone); (None, None) when stopped."""
@@ -327,9 +327,11 @@ class Scheduler:
         self._metrics.queue_wait.observe(job.started_at - job.enqueued_at)
         job.trace_started()
 
-    def _resource_error(self, exc: BaseException, rows: int = 1) -> BaseException:
-        error = _resource_error(exc)
-        if error is not exc:
+    def _resource_error(self, exc: BaseException, rows: int = 1, *, shared: bool = False) -> BaseException:
+        """``exc`` as the request(s) see it; ``shared``: a failure of a step shared by several requests,
+        which no one request's content is to blame for."""
+        error = _resource_error(exc, shared)
+        if error is not exc and isinstance(error, LimitExceeded):  # content refusals: counted by the server
             self._metrics.rejected.labels("out_of_memory").inc(rows)
         return error
 
@@ -386,10 +388,19 @@ class _Cancelled(Exception):
     """The client went away before the request was prepared."""
 
 
-def _resource_error(exc: BaseException) -> BaseException:
-    """Out-of-memory fails only the request(s) it hit, as RESOURCE_EXHAUSTED; other errors pass through."""
+def _resource_error(exc: BaseException, shared: bool = False) -> BaseException:
+    """Out-of-memory fails only the request(s) it hit, as RESOURCE_EXHAUSTED; the model refusing a request's
+    content fails it as INVALID_ARGUMENT; other errors pass through (INTERNAL)."""
     if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
         return LimitExceeded(
             "the worker ran out of memory for this request; retry later or send less input", retry_after_s=5.0
+        )
+    if not shared and isinstance(exc, ValueError | IndexError | TypeError):
+        # What transformers' model code raises for inputs it cannot take (e.g. audio too short to give one
+        # feature frame: IndexError in the audio tower). Device failures (CUDA errors) are RuntimeErrors and
+        # stay internal.
+        log.info("the model refused a request's content: %r", exc)
+        return InvalidInput(
+            f"the model cannot process this request's content ({type(exc).__name__}: {str(exc)[:200]})"
         )
     return exc

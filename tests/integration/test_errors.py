@@ -95,7 +95,7 @@ CASES = {
             generation_mode=pb.GENERATION_MODE_TEXT,
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "limit is",
+        "max_new_tokens is 1000000; it must be between 1 and",
     ),
     "unknown role": (
         lambda: pb.GenerateRequest(

@@ -22,7 +22,7 @@ from omnigate.conversation import (
     Summary,
     TextDelta,
 )
-from omnigate.errors import DeadlineExceeded, LimitExceeded
+from omnigate.errors import DeadlineExceeded, InvalidInput, LimitExceeded
 from omnigate.media import Audio, Image, Video
 from omnigate_worker.engine import Prepared
 from omnigate_worker.metrics import WorkerMetrics
@@ -251,5 +251,72 @@ async def test_out_of_memory_fails_only_that_request():
         with pytest.raises(LimitExceeded, match="out of memory"):
             await _collect(scheduler.submit(_request([_text("a")])))
         assert not scheduler.busy()
+    finally:
+        scheduler.shutdown()
+
+
+class FakeSlowMediaEngine(FakeBlockingEngine):
+    """A fake engine whose preprocessing of requests with media blocks until released (a slow processor);
+    text-only requests prepare at once."""
+
+    def prepare(self, request):
+        if any(p.type is not Modality.TEXT for m in request.messages for p in m.content):
+            self.release.wait(10)
+        return Prepared(request, None, 1)
+
+
+async def test_text_requests_never_wait_behind_media_preprocessing():
+    engine = FakeSlowMediaEngine()
+    scheduler = _scheduler(engine, preprocess_threads=1)
+    image = ContentPart(Modality.IMAGE, image=Image(np.zeros((8, 8, 3), np.uint8)))
+    try:
+        slow = [scheduler.submit(_request([image, _text("look")])) for _ in range(2)]
+        _, events = await asyncio.wait_for(_collect(scheduler.submit(_request([_text("hi")]))), 5)
+        assert isinstance(events[-1], Summary)
+        assert not engine.release.is_set()  # the media requests are still being prepared
+        engine.release.set()
+        for job in slow:
+            assert isinstance((await _collect(job))[1][-1], Summary)
+    finally:
+        engine.release.set()
+        scheduler.shutdown()
+
+
+class FakeSlowPrepareEngine(FakeBlockingEngine):
+    def prepare(self, request):
+        time.sleep(0.3)
+        return Prepared(request, None, 1)
+
+
+async def test_preprocessing_over_its_time_limit_is_refused():
+    scheduler = _scheduler(FakeSlowPrepareEngine(), max_preprocess_s=0.1)
+    try:
+        with pytest.raises(
+            LimitExceeded, match=r"preparing the request's inputs took 0\.\d s; the limit is 0\.1 s"
+        ):
+            await _collect(scheduler.submit(_request([_text("a")])))
+        assert not scheduler.busy()
+    finally:
+        scheduler.shutdown()
+
+
+class FakeRefusingModelEngine(FakeBlockingEngine):
+    """A fake engine whose model raises what transformers' model code raises for inputs it cannot take."""
+
+    def prepare(self, request):
+        return Prepared(request, None, 1)
+
+    def run(self, prepared, emit, cancelled):
+        if prepared.request.messages[0].content[0].text == "bad":
+            raise IndexError("index is out of bounds for dimension with size 0")
+        emit(Summary("stop", 1, 0))
+
+
+async def test_the_model_refusing_a_requests_content_fails_only_it_as_invalid():
+    scheduler = _scheduler(FakeRefusingModelEngine())
+    try:
+        with pytest.raises(InvalidInput, match="cannot process this request's content"):
+            await _collect(scheduler.submit(_request([_text("bad")])))
+        assert isinstance((await _collect(scheduler.submit(_request([_text("good")]))))[1][-1], Summary)
     finally:
         scheduler.shutdown()

@@ -16,7 +16,9 @@ from omnigate.conversation import (
     Modality,
 )
 from omnigate.errors import InvalidInput, LimitExceeded
+from omnigate.grpc_server import Undecodable
 from omnigate.media import Audio, Image, Video
+from omnigate.validation import RequestLimits
 from omnigate.worker.v1 import worker_pb2 as pb
 from omnigate_gateway.convert import worker_stream
 from omnigate_worker.convert import read_request
@@ -27,8 +29,11 @@ async def _aiter(items):
         yield item
 
 
-def _read(messages, limit=1 << 30):
-    return asyncio.run(read_request(_aiter(messages), limit))
+LIMITS = RequestLimits(max_messages=64, max_content_parts=64)
+
+
+def _read(messages, limit=1 << 30, limits=LIMITS):
+    return asyncio.run(read_request(_aiter(messages), limit, limits))
 
 
 def _request() -> GenerationRequest:
@@ -102,3 +107,17 @@ def test_unset_mode_is_refused():
     spec = pb.GenerateSpec(messages=[pb.Message(role="user", content=[pb.ContentPart(text="hi")])])
     with pytest.raises(InvalidInput, match="generation_mode"):
         _read([pb.GenerateRequest(spec=spec)])
+
+
+def test_counts_are_checked_when_the_spec_arrives():
+    spec = pb.GenerateSpec(
+        messages=[pb.Message(role="user", content=[pb.ContentPart(text="a")])] * 3,
+        generation_mode=pb.GENERATION_MODE_TEXT,
+    )
+    with pytest.raises(LimitExceeded, match="3 messages; the limit is 2"):
+        _read([pb.GenerateRequest(spec=spec)], limits=RequestLimits(max_messages=2, max_content_parts=8))
+
+
+def test_an_undecodable_stream_message_is_invalid_input():
+    with pytest.raises(InvalidInput, match="not a valid"):
+        _read([Undecodable("omnigate.worker.v1.GenerateRequest", ValueError("bad"))])

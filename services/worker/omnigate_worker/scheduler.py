@@ -3,7 +3,8 @@
 The gRPC server is asyncio; the model is blocking torch code. Each accepted request becomes a ``Job``:
 
 1. ``submit`` admits it into a bounded queue (RESOURCE_EXHAUSTED with a retry delay when full);
-2. a small thread pool runs the chat template and processor (CPU work that overlaps with decoding);
+2. small thread pools run the chat template and processor (CPU work that overlaps with decoding), one
+   for requests with media and one for text-only requests, which so never wait behind media;
 3. the engine thread runs the loop: between decode steps it admits prepared text requests into the
    running batch (each is prefilled and joins; see batching.py), runs one decode step for all rows, and
    lets finished, cancelled or expired rows leave. Requests that cannot batch (speech, image output, or
@@ -24,7 +25,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 from omnigate import tracing
-from omnigate.conversation import Event, GenerationRequest, Summary, TextDelta
+from omnigate.conversation import Event, GenerationRequest, Modality, Summary, TextDelta
 from omnigate.errors import DeadlineExceeded, InvalidInput, LimitExceeded, Unavailable
 from omnigate_worker.engine import Engine, Prepared
 from omnigate_worker.metrics import WorkerMetrics
@@ -147,9 +148,14 @@ class Scheduler:
         self._engine = engine
         self._settings = settings
         self._metrics = metrics
+        # Two lanes, so that one request's preprocessing cannot stall others': requests with media (image
+        # and video processors, audio features: up to max_preprocess_s each) take ``preprocess_threads``
+        # threads; text-only requests, whose chat template and tokenizer are bounded by the request limits
+        # (messages, parts, prompt text), have a thread of their own and never wait behind media.
         self._preprocess = ThreadPoolExecutor(
             max_workers=settings.preprocess_threads, thread_name_prefix="prepare"
         )
+        self._preprocess_text = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare-text")
         self._ready: collections.deque[Job] = collections.deque()
         self._waiting = 0  # admitted and not yet running (preparing or ready)
         self._running = 0  # in the batch or running alone
@@ -176,7 +182,8 @@ class Scheduler:
                 )
             self._waiting += 1
             self._metrics.queue_depth.set(self._waiting)
-        self._preprocess.submit(self._prepare, job)
+        media = any(part.type is not Modality.TEXT for m in request.messages for part in m.content)
+        (self._preprocess if media else self._preprocess_text).submit(self._prepare, job)
         return job
 
     def check_accepting(self) -> None:
@@ -206,6 +213,7 @@ class Scheduler:
             self._cond.notify_all()
         self._thread.join(timeout=30)
         self._preprocess.shutdown(wait=False, cancel_futures=True)
+        self._preprocess_text.shutdown(wait=False, cancel_futures=True)
 
     # -- preprocessing (thread pool) ----------------------------------------------------------------
 

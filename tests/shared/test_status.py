@@ -108,3 +108,11 @@ def test_a_connection_lost_under_the_call_is_unavailable_not_internal():
     answered = _FakeRpcError(grpc.StatusCode.INTERNAL, status.INTERNAL_MESSAGE)
     assert not status.is_connection_lost(answered)
     assert isinstance(status.from_rpc_error(answered, upstream="the worker"), errors.InternalError)
+
+
+def test_a_status_message_is_bounded_and_valid_utf8():
+    """The backstop for a message that repeats oversized input: it stays under gRPC's trailer limit."""
+    long = status.to_status(errors.InvalidInput("role " + "r" * 1_000_000 + " is not allowed"))
+    assert len(long.details) <= status.MAX_MESSAGE_CHARS and long.details.endswith("characters)")
+    odd = status.to_status(errors.InvalidInput("text \ud800 here"))
+    assert odd.details == "text \\ud800 here"

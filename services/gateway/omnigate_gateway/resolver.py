@@ -13,6 +13,7 @@ import socket
 from collections.abc import Iterable, Mapping
 from typing import Protocol
 
+from omnigate.errors import quote
 from omnigate_gateway.errors import MediaFetchError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -33,7 +34,7 @@ class SystemResolver:
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (OSError, UnicodeError) as e:
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            raise MediaFetchError(f"could not resolve the host {host!r}: {reason}") from None
+            raise MediaFetchError(f"could not resolve the host {quote(host)}: {reason}") from None
         addresses: list[IPAddress] = []
         for _family, _type, _proto, _canon, sockaddr in infos:
             # An IPv6 sockaddr may carry a zone ("fe80::1%eth0"); the zone is irrelevant to the check.
@@ -41,7 +42,7 @@ class SystemResolver:
             if address not in addresses:
                 addresses.append(address)
         if not addresses:
-            raise MediaFetchError(f"the host {host!r} has no addresses")
+            raise MediaFetchError(f"the host {quote(host)} has no addresses")
         return addresses
 
 
@@ -67,4 +68,4 @@ class StaticResolver:
             return list(addresses)
         if self._fallback is not None:
             return await self._fallback.resolve(host, port)
-        raise MediaFetchError(f"could not resolve the host {host!r}: not in the test resolver's table")
+        raise MediaFetchError(f"could not resolve the host {quote(host)}: not in the test resolver's table")

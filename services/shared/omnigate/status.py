@@ -39,11 +39,25 @@ GRPC_CODES: dict[str, grpc.StatusCode] = {
 INTERNAL_MESSAGE = "internal error; the request was logged"
 
 
+# A status travels in HTTP/2 trailers, which gRPC caps (8 KiB by default, for all metadata): a longer one
+# reaches the caller as RESOURCE_EXHAUSTED "metadata size exceeds hard limit" instead of the refusal.
+# Messages quote user input cut short (errors.quote); this is the backstop for any that forgot.
+MAX_MESSAGE_CHARS = 1024
+
+
+def bounded_message(message: str) -> str:
+    """``message`` cut to MAX_MESSAGE_CHARS characters (and to valid UTF-8: trailers must carry it)."""
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return message[: MAX_MESSAGE_CHARS - 30] + f"... ({len(message)} characters)"
+
+
 def to_status(exc: BaseException) -> grpc.Status:
     """Builds the gRPC status (with ErrorInfo and, when retriable, RetryInfo details) for an exception."""
     if isinstance(exc, OmnigateError) and exc.code in GRPC_CODES and exc.code != "internal":
         code = GRPC_CODES[exc.code]
-        message = exc.message
+        message = bounded_message(exc.message)
         reason = type(exc).__name__
     else:
         code = grpc.StatusCode.INTERNAL

@@ -370,3 +370,29 @@ if __name__ == "__main__":
 
     for path in write_samples(sys.argv[1] if len(sys.argv) > 1 else "demo-media"):
         print(path)
+
+
+def make_video_with_audio(
+    audio_seconds: float, seconds: float = 1.0, w: int = 64, h: int = 48, container: str = "mkv"
+) -> bytes:
+    """H.264 video with an AAC track of ``audio_seconds`` of tone, whatever the video's length.
+
+    With 0, Matroska ("mkv") keeps an audio stream that holds no sample (MP4 drops the empty track).
+    """
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format=VIDEO_CONTAINERS[container][0]) as out:
+        vstream = out.add_stream("libx264", rate=10, options=VIDEO_CODECS["h264"][1])
+        vstream.width, vstream.height, vstream.pix_fmt = w, h, "yuv420p"
+        astream = _add_audio_stream(out, "aac", 44100, 2)
+        for i in range(int(round(seconds * 10))):
+            rgb = np.empty((h, w, 3), dtype=np.uint8)
+            rgb[:] = frame_color(i)
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts = i
+            frame.time_base = Fraction(1, 10)
+            for packet in vstream.encode(frame):
+                out.mux(packet)
+        for packet in vstream.encode(None):
+            out.mux(packet)
+        _encode_tone(out, astream, audio_seconds, 44100, 2, 440.0)
+    return buf.getvalue()

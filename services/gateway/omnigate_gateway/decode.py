@@ -17,7 +17,9 @@ frame's keyframe are jumped over, and H.264/H.265 frames that nothing refers to 
 the model's bound, ``resize``) in one swscale pass, and turned upright from the display matrix.
 
 Failures are ``MediaDecodeError`` (corrupt, truncated, empty or wrong-kind input), ``InvalidInput`` (a
-request the media cannot satisfy, such as audio from a silent video) or ``LimitExceeded``. Exceptions
+request the media cannot satisfy, such as audio from a silent video, or media the model's processor would
+refuse: pictures longer than ``max_aspect_ratio`` times their width, audio under ``min_audio_duration_s``)
+or ``LimitExceeded``. Exceptions
 from the decoding libraries never escape: whatever a library raises while reading untrusted bytes is
 reported as a decode error naming the format.
 """
@@ -274,7 +276,7 @@ def decode_audio(data: bytes, target_rate: int, limits: DecodeLimits, *, stop: S
                 samples, rate = _decode_audio_stream(
                     container, limits.max_audio_duration_s, "audio", limits, stop
                 )
-    return _finish_audio(samples, rate, target_rate, what)
+    return _finish_audio(samples, rate, target_rate, limits, "the audio", f" ({what})")
 
 
 def _read_with_soundfile(
@@ -385,14 +387,29 @@ def _decode_audio_stream(
     return samples, rate
 
 
-def _finish_audio(samples: np.ndarray, rate: int, target_rate: int, what: str) -> Audio:
+def _finish_audio(
+    samples: np.ndarray, rate: int, target_rate: int, limits: DecodeLimits, subject: str, detail: str = ""
+) -> Audio:
+    """Resamples to ``target_rate``, refusing audio under ``min_audio_duration_s`` (or that resampling would
+    leave without a sample): the model's audio encoder cannot take it. ``subject`` names it in messages."""
+    minimum = limits.min_audio_duration_s
     if samples.size == 0:
-        raise MediaDecodeError(f"{what} contains no audio samples")
+        raise MediaDecodeError(f"{subject}{detail} contains no samples; the minimum is {minimum:g} s")
+    length = f"{subject} is {_short_duration(samples.size / rate)} long ({samples.size} samples at {rate} Hz)"
+    if samples.size / rate < minimum:
+        raise InvalidInput(f"{length}; the minimum is {minimum:g} s")
     samples = np.ascontiguousarray(samples, dtype=np.float32)
     if rate != target_rate:
         samples = soxr.resample(samples, rate, target_rate, quality="HQ").astype(np.float32, copy=False)
+        if samples.size == 0:
+            raise InvalidInput(f"{length}; at {target_rate} Hz, the model's rate, that leaves no samples")
     np.clip(samples, -1.0, 1.0, out=samples)
     return Audio(samples=samples, sample_rate=target_rate)
+
+
+def _short_duration(seconds: float) -> str:
+    """ "0.0156 ms", "50 ms", "2.5 s": three significant digits, in milliseconds under a second."""
+    return f"{seconds * 1000:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"
 
 
 def _check_audio_duration(duration_s: float, limit_s: float, what: str) -> None:
@@ -439,9 +456,10 @@ def decode_image(
                 )
             if width <= 0 or height <= 0:
                 raise MediaDecodeError(f"the image header declares a {width}x{height} size")
+            _check_aspect_ratio(width, height, "the image is", limits)
             _check_decoded_bytes(width * height * 4, "the image", limits)
             stop.check()
-            target = fit_size(width, height, fit_pixels)  # from the full size, whatever draft() does
+            target = _fit(width, height, fit_pixels, limits)  # from the full size, whatever draft() does
             if fmt == "jpeg" and target != (width, height):
                 image.draft("RGB", target)  # decode at 1/2, 1/4 or 1/8 scale, still at least ``target``
             image.load()
@@ -532,7 +550,7 @@ def decode_video(
                 samples, rate = _decode_audio_stream(
                     container, limits.max_video_duration_s, "video's audio track", limits, stop
                 )
-            video.audio = _finish_audio(samples, rate, audio_rate, "the video's audio track")
+            video.audio = _finish_audio(samples, rate, audio_rate, limits, "the video's audio track")
     return video
 
 
@@ -567,7 +585,7 @@ def _sample_frames(
     if duration is not None:
         _check_video_duration(duration, limits)
     width, height = int(codec.width or 0), int(codec.height or 0)
-    _check_frame_pixels(width, height, limits)
+    _check_frame_size(width, height, limits)
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     source_fps = float(rate) if rate else 0.0
     if source_fps <= 0 or not math.isfinite(source_fps):
@@ -588,7 +606,7 @@ def _sample_frames(
 
     sampled_fps = _choose_sampling_rate(fps, source_fps, duration, limits)
     planned = _count_targets(duration, sampled_fps) if duration is not None else None
-    out_size = fit_size(width, height, fit_pixels) if width and height else None
+    out_size = _fit(width, height, fit_pixels, limits) if width and height else None
     if planned is not None and out_size is not None:
         _check_decoded_bytes(planned * out_size[0] * out_size[1] * 3, "the sampled video frames", limits)
     relative = [t - start for t in times] if timed else []
@@ -650,9 +668,9 @@ def _sample_frames(
                 f"sampling the video at {sampled_fps:g} fps gives more than {limits.max_video_frames} frames; "
                 f"the limit is {limits.max_video_frames} frames (lower the fps or send a shorter clip)"
             )
-        _check_frame_pixels(frame.width, frame.height, limits)
+        _check_frame_size(frame.width, frame.height, limits)
         if out_size is None:  # the header gave no size: the first frame sets it
-            out_size = fit_size(frame.width, frame.height, fit_pixels)
+            out_size = _fit(frame.width, frame.height, fit_pixels, limits)
         _check_decoded_bytes(
             (len(frames) + 1) * out_size[0] * out_size[1] * 3, "the sampled video frames", limits
         )
@@ -840,7 +858,7 @@ def _decode_segments(
         slot = slot_of_pts.get(frame.pts)
         if slot is None or filled[slot]:
             return
-        _check_frame_pixels(frame.width, frame.height, limits)
+        _check_frame_size(frame.width, frame.height, limits)
         pixels = _upright_rgb(frame, out_size)
         with lock:
             if not output:
@@ -901,12 +919,41 @@ def _check_video_duration(duration: float, limits: DecodeLimits) -> None:
         )
 
 
-def _check_frame_pixels(width: int, height: int, limits: DecodeLimits) -> None:
+def _check_frame_size(width: int, height: int, limits: DecodeLimits) -> None:
+    """A video frame's size (from the header, 0 when it gives none, or from a decoded frame)."""
     if width * height > limits.max_video_frame_pixels:
         raise LimitExceeded(
             f"the video's frames are {width}x{height} = {width * height} pixels; "
             f"the limit is {limits.max_video_frame_pixels} pixels"
         )
+    if width > 0 and height > 0:
+        _check_aspect_ratio(width, height, "the video's frames are", limits)
+
+
+def _check_aspect_ratio(width: int, height: int, subject: str, limits: DecodeLimits) -> None:
+    """Refuses a picture longer on one side than ``max_aspect_ratio`` times the other (the model's
+    processor would refuse it: ``MAX_ASPECT_RATIO``)."""
+    ratio = max(width, height) / min(width, height)
+    limit = limits.max_aspect_ratio
+    if ratio > limit:
+        shown = f"{ratio:.1f}".removesuffix(".0")
+        if float(shown) <= limit:  # 200.04 must not read as 200
+            shown = f"{ratio:.6g}"
+        raise InvalidInput(
+            f"{subject} {width}x{height} pixels (aspect ratio {shown}:1); the limit is {limit:g}:1"
+        )
+
+
+def _fit(width: int, height: int, fit_pixels: int, limits: DecodeLimits) -> tuple[int, int]:
+    """``resize.fit_size``, then the long side shortened where rounding the short one down to whole
+    pixels pushed the ratio past ``max_aspect_ratio`` (3980x20 fitted to 50176 pixels is 1579x7, 225:1)."""
+    w, h = fit_size(width, height, fit_pixels)
+    limit = limits.max_aspect_ratio
+    if w > h * limit:
+        w = max(1, math.floor(h * limit))
+    elif h > w * limit:
+        h = max(1, math.floor(w * limit))
+    return w, h
 
 
 def _choose_sampling_rate(

@@ -16,7 +16,8 @@ A URL is checked before any connection is made, and again for every redirect hop
    metadata services), carrier-grade NAT (100.100.100.200, Alibaba's metadata), shared, reserved,
    multicast, broadcast, unspecified and documentation ranges are refused. Names that only ever mean
    something inside a network (``localhost``, ``*.local``, ``*.internal`` such as
-   ``metadata.google.internal``) are refused without a lookup.
+   ``metadata.google.internal``) are refused without a lookup, and so are names longer than DNS allows
+   (253 characters, 63 per label), which no resolver could answer.
 
 The checked addresses travel with the result (``Destination``) and the fetcher connects to one of them
 directly: the HTTP library never resolves the name a second time, so a DNS answer that changes between
@@ -34,6 +35,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from omnigate.errors import quote
 from omnigate_gateway.errors import ForbiddenSource, MediaFetchError
 from omnigate_gateway.resolver import IPAddress, Resolver
 
@@ -50,6 +52,10 @@ _NAT64_PREFIXES = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("6
 _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
 
 _HEX_PART = re.compile(r"^0[xX][0-9a-fA-F]*$")
+_SCHEME = re.compile(r"[a-z][a-z0-9+.-]{0,31}")
+_MAX_NAME = 253  # characters of a DNS name (without a trailing dot)
+_MAX_LABEL = 63  # characters of one label of it
+_DETAIL_LIMIT = 200  # characters of a parser's reason a message repeats
 
 # Non-public ranges (IANA special-purpose registries), listed here rather than taken from ``ipaddress``
 # alone, whose idea of "private" differs between Python releases (3.11.7 calls 192.0.0.192, Oracle
@@ -148,10 +154,11 @@ class DestinationChecker:
             literal = _ip_host_of_unparsable(url)
             if literal is not None:
                 self._check_address(literal, shown_as)
-            raise MediaFetchError(f"the URL {shown_as} is not valid: {e}") from None
+            raise MediaFetchError(f"the URL {shown_as} is not valid: {_detail(e)}") from None
         if scheme not in HTTP_SCHEMES:
+            shown_scheme = f"{scheme}:" if _SCHEME.fullmatch(scheme) else f"the scheme {quote(scheme)}"
             raise ForbiddenSource(
-                f"{scheme or 'relative'}: URLs are not allowed; use http://, https:// or data:"
+                f"{shown_scheme if scheme else 'relative'} URLs are not allowed; use http://, https:// or data:"
             )
         if not raw_host:
             raise MediaFetchError(f"the URL {shown_as} has no host")
@@ -159,14 +166,16 @@ class DestinationChecker:
 
         literal = parse_ip_host(raw_host)  # raises MediaFetchError for a malformed numeric host
         host = str(literal) if literal is not None else normalize_domain(raw_host)
+        if literal is None:
+            _check_name_length(host, shown_as)
         self._check_domain_lists(host, shown_as)
         if literal is not None:
             self._check_address(literal, shown_as)
             return Destination(parsed, host, port, (literal,), True, host_header)
         if not self._policy.allow_private_networks and _is_local_name(host):
             raise ForbiddenSource(
-                f"{shown_as} names a host inside the local network ({host}); only public internet hosts "
-                "may be fetched"
+                f"{shown_as} names a host inside the local network ({quote(host)}); only public internet "
+                "hosts may be fetched"
             )
         addresses = await self._resolver.resolve(host, port)
         for address in addresses:  # every answer, so that a mix of public and private is refused
@@ -250,7 +259,7 @@ def parse_ip_host(host: str) -> IPAddress | None:
         try:
             return ipaddress.IPv6Address(host.strip("[]").split("%", 1)[0])
         except ValueError:
-            raise MediaFetchError(f"the host [{host}] is not a valid IPv6 address") from None
+            raise MediaFetchError(f"the host {quote(f'[{host}]')} is not a valid IPv6 address") from None
     labels = host.split(".")
     if len(labels) > 1 and labels[-1] == "":
         labels.pop()  # one trailing dot is allowed ("127.0.0.1.")
@@ -259,11 +268,27 @@ def parse_ip_host(host: str) -> IPAddress | None:
         return None
     numbers = [_parse_ipv4_part(label, host) for label in labels]
     if len(numbers) > 4 or any(n > 255 for n in numbers[:-1]) or numbers[-1] >= 256 ** (5 - len(numbers)):
-        raise MediaFetchError(f"the host {host!r} is not a valid IPv4 address")
+        raise MediaFetchError(f"the host {quote(host)} is not a valid IPv4 address")
     value = numbers[-1]
     for i, n in enumerate(numbers[:-1]):
         value += n << (8 * (3 - i))
     return ipaddress.IPv4Address(value)
+
+
+def _check_name_length(host: str, shown_as: str) -> None:
+    """Refuses a host name no DNS name can be (too long in all, or a label too long)."""
+    longest = max((len(label) for label in host.split(".")), default=0)
+    if len(host) > _MAX_NAME or longest > _MAX_LABEL:
+        raise MediaFetchError(
+            f"the host of {shown_as} is {len(host)} characters long with a label of {longest}; host names "
+            f"are at most {_MAX_NAME} characters, {_MAX_LABEL} per label"
+        )
+
+
+def _detail(error: Exception) -> str:
+    """A parser's reason for a message, cut to a bounded length (it may quote the URL)."""
+    text = "".join(c if c.isprintable() else " " for c in str(error))
+    return text if len(text) <= _DETAIL_LIMIT else f"{text[:_DETAIL_LIMIT]}... ({len(text)} characters)"
 
 
 def _ip_host_of_unparsable(url: str) -> IPAddress | None:
@@ -284,7 +309,7 @@ def _parse_ipv4_part(label: str, host: str) -> int:
             return int(label)
     except ValueError:
         pass
-    raise MediaFetchError(f"the host {host!r} is not a valid IPv4 address")
+    raise MediaFetchError(f"the host {quote(host)} is not a valid IPv4 address")
 
 
 def normalize_domain(domain: str) -> str:

@@ -10,6 +10,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# Longest side over shortest side of a picture the Qwen2-VL-family processors take: their ``smart_resize``
+# raises ValueError above 200:1 (transformers 5.23; fixed-size processors such as Janus's and SigLIP's take
+# any ratio, but a 1-pixel-high strip carries nothing they can use either).
+MAX_ASPECT_RATIO = 200.0
+# Shortest audio every supported audio encoder takes. transformers 5.23: Qwen2-Audio fails on audio that
+# gives it a single audio token (under ~65 ms at 16 kHz), Gemma 3n's feature extractor gives no frame under
+# 513 samples (32 ms) and its encoder then fails; a tenth of a second clears all of them.
+MIN_AUDIO_DURATION_S = 0.1
+
 
 @dataclass
 class Audio:
@@ -62,7 +71,9 @@ class DecodeLimits:
     max_image_pixels: int = 64_000_000
     max_video_frame_pixels: int = 7680 * 4320  # pixels of one source video frame (8K)
     max_audio_duration_s: float = 600.0
+    min_audio_duration_s: float = MIN_AUDIO_DURATION_S  # shorter audio (and audio tracks) are refused
     max_video_duration_s: float = 600.0
     max_video_frames: int = 768
     min_video_frames: int = 1
     max_decoded_bytes: int = 1_500_000_000
+    max_aspect_ratio: float = MAX_ASPECT_RATIO  # longest side over shortest, of images and video frames

@@ -4,10 +4,16 @@ This follows what ``processor.apply_chat_template(..., tokenize=True)`` does (re
 collect the media in conversation order, call the processor), in two explicit steps so that media that
 arrives already decoded can be passed in every case, including the audio track of a video, which
 ``apply_chat_template`` can only load from a file with torchcodec (not available on every machine).
+
+What the template or the processor refuses of a request's content (a picture too long for its resize
+rule, text it cannot encode) is the caller's mistake: it ends as ``InvalidInput`` with the library's
+reason cut short, never as an internal error. Audio too short for the audio encoders and text with lone
+surrogates are refused before the processor runs.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,6 +21,15 @@ import PIL.Image
 
 from omnigate.conversation import GenerationMode, GenerationRequest, Modality
 from omnigate.errors import InvalidInput
+from omnigate.media import MIN_AUDIO_DURATION_S, Audio
+
+log = logging.getLogger(__name__)
+
+# What image, video and audio processors and tokenizers raise for content they cannot take (smart_resize's
+# ValueError for a 400x1 image, the tokenizer's TypeError for text it cannot encode). Other exceptions
+# (KeyError, AttributeError, RuntimeError, MemoryError) are bugs or resource failures and stay internal.
+_CONTENT_ERRORS = (ValueError, TypeError, IndexError, ArithmeticError)
+_DETAIL_LIMIT = 200  # characters of a library's reason a message repeats
 
 
 @dataclass
@@ -32,16 +47,18 @@ class CollectedMedia:
 def collect(request: GenerationRequest) -> CollectedMedia:
     """Builds chat-template messages (media parts carry their decoded data) and the media lists."""
     out = CollectedMedia(messages=[])
-    for message in request.messages:
+    for index, message in enumerate(request.messages):
         content = []
         for part in message.content:
             if part.type is Modality.TEXT:
+                _check_text(part.text or "", index)
                 content.append({"type": "text", "text": part.text or ""})
             elif part.type is Modality.IMAGE:
                 image = PIL.Image.fromarray(part.image.pixels, mode="RGB")
                 out.images.append(image)
                 content.append({"type": "image", "image": image})
             elif part.type is Modality.AUDIO:
+                _check_audio(part.audio, f"an audio part of message {index}")
                 out.audio.append(part.audio.samples)
                 out.audio_from_video_indices.append(None)
                 content.append({"type": "audio", "audio": part.audio.samples})
@@ -55,12 +72,50 @@ def collect(request: GenerationRequest) -> CollectedMedia:
                         raise InvalidInput(
                             "use_audio_in_video is set but a video arrived without its audio track"
                         )
+                    _check_audio(video.audio, f"the audio track of a video of message {index}")
                     out.audio.append(video.audio.samples)
                     out.audio_from_video_indices.append(len(out.videos))
                 out.videos.append(video.frames)
                 content.append({"type": "video", "video": video.frames})
         out.messages.append({"role": message.role, "content": content})
     return out
+
+
+def _check_text(text: str, index: int) -> None:
+    """Refuses text that is not valid Unicode (a lone UTF-16 surrogate): no tokenizer can encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidInput(
+            f"the text of message {index} holds a lone UTF-16 surrogate ({text[e.start]!r} at character "
+            f"{e.start}); text must be valid Unicode"
+        ) from None
+
+
+def _check_audio(audio: Audio, subject: str) -> None:
+    """Refuses audio shorter than every supported audio encoder takes (``MIN_AUDIO_DURATION_S``)."""
+    if audio.duration_s < MIN_AUDIO_DURATION_S:
+        samples, rate = len(audio.samples), audio.sample_rate
+        length = (
+            f"{audio.duration_s * 1000:.3g} ms long ({samples} samples at {rate} Hz)" if samples else "empty"
+        )
+        raise InvalidInput(f"{subject} is {length}; the minimum is {MIN_AUDIO_DURATION_S:g} s")
+
+
+def _detail(error: BaseException) -> str:
+    """A library's reason for a message: one line, cut to ``_DETAIL_LIMIT`` characters."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= _DETAIL_LIMIT else f"{text[:_DETAIL_LIMIT]}... ({len(text)} characters)"
+
+
+def _kinds(media: CollectedMedia) -> str:
+    """What the processor was given besides text, for messages: "image and video", "text"."""
+    kinds = [
+        name
+        for name, items in (("image", media.images), ("video", media.videos), ("audio", media.audio))
+        if items
+    ]
+    return " and ".join(kinds) if kinds else "text"
 
 
 def processor_kwargs(
@@ -73,6 +128,9 @@ def processor_kwargs(
         # rate to place frames in time (Qwen-Omni's `video_second_per_grid` = temporal_patch_size / fps).
         kwargs["fps"] = media.video_fps
         kwargs["do_sample_frames"] = False
+        # Frames are (height, width, 3). Left to guess, transformers reads a frame 1 or 3 pixels high as
+        # channels-first (a 150x1 strip became 3 channels of 1x150), so say so.
+        kwargs["videos_kwargs"] = {"input_data_format": "channels_last"}
         video_processor = getattr(processor, "video_processor", None)
         if video_processor is not None and getattr(video_processor, "size", None):
             # transformers 5.23: Qwen2.5-Omni's processor-level `videos_kwargs` default size overrides the
@@ -118,7 +176,7 @@ def build(processor, request: GenerationRequest, audio_padding: int | None = Non
     try:
         prompt = processor.apply_chat_template(media.messages, add_generation_prompt=True, tokenize=False)
     except Exception as exc:  # jinja raises on conversations the template rejects (roles, order)
-        raise InvalidInput(f"the model's chat template rejected the conversation: {exc}") from exc
+        raise InvalidInput(f"the model's chat template rejected the conversation: {_detail(exc)}") from exc
     kwargs = processor_kwargs(processor, media, request.use_audio_in_video, request.mode)
     if audio_padding is not None and media.audio:
         fe = processor.feature_extractor
@@ -130,14 +188,25 @@ def build(processor, request: GenerationRequest, audio_padding: int | None = Non
     bos = getattr(tokenizer, "bos_token", None)
     if bos and prompt.startswith(bos):
         kwargs["add_special_tokens"] = False  # as apply_chat_template: the template already wrote BOS
-    inputs = processor(
-        text=prompt,
-        images=media.images or None,
-        videos=media.videos or None,
-        audio=media.audio or None,
-        return_tensors="pt",
-        **kwargs,
-    )
+    try:
+        inputs = processor(
+            text=prompt,
+            images=media.images or None,
+            videos=media.videos or None,
+            audio=media.audio or None,
+            return_tensors="pt",
+            **kwargs,
+        )
+    except _CONTENT_ERRORS as exc:
+        kinds = _kinds(media)
+        log.info(
+            "the processor refused a request's %s: %s: %s",
+            kinds,
+            type(exc).__name__,
+            _detail(exc),
+            exc_info=log.isEnabledFor(logging.DEBUG),
+        )
+        raise InvalidInput(f"the model's processor refused the request's {kinds}: {_detail(exc)}") from exc
     return inputs, prompt
 
 

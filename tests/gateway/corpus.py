@@ -7,7 +7,8 @@ the message, and a time limit. ``build_corpus`` makes the whole list; the same s
 
 URL templates: ``{fetch}`` is the misbehaving server on 127.0.0.1, ``{public}`` the one on 127.0.0.2 by
 the name public.test (the SSRF gateway resolves names from a fixed table and allows only that address of
-all the private ones), ``{port}`` the 127.0.0.1 server's port.
+all the private ones), ``{port}`` the 127.0.0.1 server's port. Local paths are read by the "fetch"
+gateway from a media root that ``make_local_media_root`` fills (symlink loops, a FIFO, a directory).
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import random
 import struct
 import zipfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import media_factory as mf
 
@@ -102,7 +105,6 @@ DECODE_FAILURE = (
 # broken frame, and the overwritten bytes of a small GIF are its palette (other colours, same image).
 SURVIVES = {
     "audio/wav/truncated-half",
-    "audio/mp3/truncated-half",
     "audio/mp3/header-overwritten",
     "audio/webm-opus/truncated-half",
     "image/gif/header-overwritten",
@@ -113,10 +115,14 @@ SURVIVES = {
 }
 # Damage that makes a header declare more than the limits allow: refused as such, before decoding.
 OVER_LIMIT = {"audio/flac/magic-then-noise", "audio/flac/header-overwritten"}
+# Damage that leaves less audio than the audio encoders take (the first half of a short MP3 decodes to
+# ~40 ms: its first frames only prime the decoder).
+TOO_SHORT = {"audio/mp3/truncated-half"}
 
 
 def _damaged(kind: str, fmt: str, data: bytes, rng: random.Random) -> list[Case]:
-    """Six kinds of damage to one valid file: a decode error, unless listed in SURVIVES or OVER_LIMIT."""
+    """Six kinds of damage to one valid file: a decode error, unless listed in SURVIVES, OVER_LIMIT or
+    TOO_SHORT."""
     header_wrecked = bytearray(data)
     header_wrecked[12:60] = b"\xff" * 48
     damage = {
@@ -134,6 +140,8 @@ def _damaged(kind: str, fmt: str, data: bytes, rng: random.Random) -> list[Case]
             cases.append(Case(name, kind, OK, (), inline=payload))
         elif name in OVER_LIMIT:
             cases.append(Case(name, kind, EXHAUSTED, ("the limit is",), inline=payload))
+        elif name in TOO_SHORT:
+            cases.append(Case(name, kind, INVALID, ("the minimum is 0.1 s",), inline=payload))
         else:
             cases.append(Case(name, kind, INVALID, DECODE_FAILURE, inline=payload))
     return cases
@@ -261,6 +269,16 @@ NON_MEDIA: dict[str, bytes] = {
     "random": random.Random(7).randbytes(8192),
     "gzip": gzip.compress(b"\x00" * 100000),
 }
+
+
+def wav_samples(samples: int, rate: int) -> bytes:
+    """A 16-bit mono WAV of exactly ``samples`` samples."""
+    wav = bytearray(mf.make_wav(0.1, rate))
+    data = wav.index(b"data")
+    size = 2 * samples
+    wav[data + 4 : data + 8] = struct.pack("<I", size)
+    wav[4:8] = struct.pack("<I", data + size)
+    return bytes(wav[: data + 8 + size])
 
 
 def _zip_bytes() -> bytes:
@@ -423,6 +441,64 @@ def build_corpus() -> list[Case]:
     )
     cases.append(Case("image/too-many-items", "image", EXHAUSTED, ("media items",), inline=png, items=17))
 
+    # Media the model's processor would refuse (the fake worker would take it): refused at decode time.
+    for w, h in ((400, 1), (1, 300), (201, 1)):
+        cases.append(
+            Case(
+                f"image/aspect-ratio/{w}x{h}",
+                "image",
+                INVALID,
+                ("the limit is 200:1",),
+                inline=mf.make_png(w, h),
+            )
+        )
+    cases.append(Case("image/aspect-ratio/200x1-taken", "image", OK, (), inline=mf.make_png(200, 1)))
+    cases.append(
+        Case(
+            "video/aspect-ratio/2x600",
+            "video",
+            INVALID,
+            ("the limit is 200:1",),
+            inline=mf.make_video("mp4", "h264", seconds=0.5, w=2, h=600, with_audio=False),
+        )
+    )
+    for samples, rate in ((0, 16000), (1, 8000), (3, 192000), (800, 16000)):
+        cases.append(
+            Case(
+                f"audio/too-short/{samples}-samples-at-{rate}",
+                "audio",
+                INVALID,
+                ("the minimum is 0.1 s",),
+                inline=wav_samples(samples, rate),
+            )
+        )
+    for name, seconds in (("empty", 0.0), ("too-short", 0.02)):
+        cases.append(
+            Case(
+                f"video/audio-track-{name}",
+                "video",
+                INVALID,
+                ("the minimum is 0.1 s",),
+                inline=mf.make_video_with_audio(seconds),
+                video={"fps": 2.0, "load_audio_from_video": True},
+            )
+        )
+
+    # Local paths that cannot be read (the "fetch" gateway's media root: make_local_media_root).
+    for name, path, expect, fragment in (
+        ("symlink-loop", "loop-a", INVALID, "symbolic links form a loop"),
+        ("self-loop", "self", INVALID, "symbolic links form a loop"),
+        ("loop-inside-a-path", "sub/into-loop/x.png", INVALID, "symbolic links form a loop"),
+        ("fifo", "pipe", INVALID, "named pipe"),
+        ("directory", "sub", INVALID, "a directory"),
+        ("name-too-long", "n" * 300, INVALID, "too long"),
+        ("path-too-long", "x/" * 40_000 + "y.png", INVALID, "too long"),
+        ("missing", "missing.png", INVALID, "no such file"),
+        ("outside", "../" * 50 + "etc/passwd", DENIED, "must be inside"),
+    ):
+        cases.append(Case(f"path/{name}", "image", expect, (fragment,), path=path, limit_s=5))
+    cases.append(Case("path/regular-file", "image", OK, (), path="sub/ok.png", limit_s=5))
+
     # Servers that misbehave (reachable: the "fetch" gateway allows loopback).
     total = FETCH_TOTAL_TIMEOUT_S
     for name, route, kind, expect, fragments, limit in (
@@ -447,6 +523,15 @@ def build_corpus() -> list[Case]:
             "image",
             DENIED,
             ("redirects may only",),
+            5,
+        ),
+        ("redirect-to-data", "/redirect?to=data:text/plain,hi", "image", DENIED, ("to a data: url",), 5),
+        (
+            "redirect-to-javascript",
+            "/redirect?to=javascript:alert(1)",
+            "image",
+            DENIED,
+            ("to a javascript: url",),
             5,
         ),
     ):
@@ -532,6 +617,20 @@ def build_corpus() -> list[Case]:
                 f"ssrf/redirect-chain/{name}", "image", DENIED, REFUSAL, url=chain, gateway="ssrf", limit_s=3
             )
         )
+    # Oversized input: the refusal names it cut short (a status over ~8 KB would reach the caller as
+    # RESOURCE_EXHAUSTED "metadata size exceeds hard limit" instead).
+    for name, url, expect, fragment in (
+        ("host-64k", "http://" + "a" * 65_000 + "/x.png", INVALID, "host names are at most 253"),
+        ("labels-60k", "http://" + "a." * 30_000 + "com/x.png", INVALID, "host names are at most 253"),
+        ("label-300", "http://" + "b" * 300 + ".test/x.png", INVALID, "63 per label"),
+        ("path-50k-denied", "http://denied.test:{port}/" + "p" * 50_000, DENIED, "deny-list"),
+        ("url-100k", "http://public.test:{port}/" + "p" * 100_000, INVALID, "url too long"),
+        ("scheme-60k", "x" * 60_000 + "://public.test/x.png", DENIED, "are not allowed"),
+        ("ipv4-20k", "http://1.2.3." + "9" * 20_000 + "/x.png", INVALID, "not valid"),
+    ):
+        cases.append(
+            Case(f"oversized/{name}", "image", expect, (fragment,), url=url, gateway="ssrf", limit_s=3)
+        )
     cases.append(
         Case(
             "ssrf/local-path-disabled", "image", DENIED, ("not enabled",), path="/etc/passwd", gateway="ssrf"
@@ -549,6 +648,17 @@ def build_corpus() -> list[Case]:
         )
     )
     return cases
+
+
+def make_local_media_root(root: Path) -> None:
+    """The "fetch" gateway's local media root: an image, symlink loops, a FIFO and a directory."""
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "ok.png").write_bytes(mf.make_png(48, 32))
+    os.symlink(root / "loop-b", root / "loop-a")
+    os.symlink(root / "loop-a", root / "loop-b")
+    os.symlink("self", root / "self")
+    os.symlink(root / "loop-a", root / "sub" / "into-loop")
+    os.mkfifo(root / "pipe")
 
 
 def serve_corpus_files(server) -> None:

@@ -141,9 +141,8 @@ def test_tall_video_within_the_limit_keeps_the_ratio_when_downscaled():
 def test_audio_shorter_than_the_minimum_is_refused(samples, rate, shown):
     with pytest.raises(InvalidInput) as info:
         decode_audio(_wav(samples, rate), 16000, LIMITS)
-    assert _invalid(info) == (
-        f"the audio is {shown} long ({samples} samples at {rate} Hz); the minimum is 0.1 s"
-    )
+    count = "1 sample" if samples == 1 else f"{samples} samples"
+    assert _invalid(info) == f"the audio is {shown} long ({count} at {rate} Hz); the minimum is 0.1 s"
 
 
 @pytest.mark.parametrize(("samples", "rate"), [(1600, 16000), (4410, 44100), (19200, 192000), (800, 8000)])

@@ -76,7 +76,7 @@ def test_audio_too_short_for_the_encoders_is_refused(processor, samples):
     message = _refused(processor, _request(ContentPart(Modality.AUDIO, audio=audio)))
     assert message.startswith("an audio part of message 0 is ") and message.endswith("the minimum is 0.1 s")
     if samples:
-        assert f"({samples} samples at 16000 Hz)" in message
+        assert f"({samples} sample{'s' if samples > 1 else ''} at 16000 Hz)" in message
 
 
 def test_audio_of_the_minimum_length_is_taken(processor):

@@ -395,7 +395,8 @@ def _finish_audio(
     minimum = limits.min_audio_duration_s
     if samples.size == 0:
         raise MediaDecodeError(f"{subject}{detail} contains no samples; the minimum is {minimum:g} s")
-    length = f"{subject} is {_short_duration(samples.size / rate)} long ({samples.size} samples at {rate} Hz)"
+    count = f"{samples.size} sample{'s' if samples.size != 1 else ''}"
+    length = f"{subject} is {_short_duration(samples.size / rate)} long ({count} at {rate} Hz)"
     if samples.size / rate < minimum:
         raise InvalidInput(f"{length}; the minimum is {minimum:g} s")
     samples = np.ascontiguousarray(samples, dtype=np.float32)

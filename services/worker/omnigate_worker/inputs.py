@@ -96,9 +96,8 @@ def _check_audio(audio: Audio, subject: str) -> None:
     """Refuses audio shorter than every supported audio encoder takes (``MIN_AUDIO_DURATION_S``)."""
     if audio.duration_s < MIN_AUDIO_DURATION_S:
         samples, rate = len(audio.samples), audio.sample_rate
-        length = (
-            f"{audio.duration_s * 1000:.3g} ms long ({samples} samples at {rate} Hz)" if samples else "empty"
-        )
+        count = f"{samples} sample{'s' if samples != 1 else ''}"
+        length = f"{audio.duration_s * 1000:.3g} ms long ({count} at {rate} Hz)" if samples else "empty"
         raise InvalidInput(f"{subject} is {length}; the minimum is {MIN_AUDIO_DURATION_S:g} s")
 
 

@@ -55,7 +55,7 @@ _USER_AGENT = "omnigate-gateway"
 _MAX_ADDRESSES_TRIED = 3  # addresses of one host tried in turn when connecting fails
 _LOGGED_URL_LIMIT = 160  # characters of a URL a log line shows
 _SHOWN_URL_LIMIT = 100  # characters of a URL's scheme and host a message shows as they are
-_DETAIL_LIMIT = 200  # characters of a library's or a server's reason a message repeats
+_DETAIL_LIMIT = 120  # characters of a library's or a server's reason a message repeats
 _SCHEME = re.compile(r"[a-z][a-z0-9+.-]{0,31}")
 _TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,32}")
 
@@ -494,11 +494,12 @@ def describe_url(url: str) -> str:
         parts = urlsplit(url)
         host = parts.hostname or ""
         port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        return "the media URL"
-    if ":" in host:
-        host = f"[{host}]"
-    text = f"{parts.scheme}://{host}{port}"
+        if ":" in host:
+            host = f"[{host}]"
+        text = f"{parts.scheme}://{host}{port}"
+    except ValueError:  # e.g. an unclosed "[" or a port that is no number: the text up to the path
+        scheme, _, rest = url.partition("://")
+        text = f"{scheme}://{rest.split('/', 1)[0].rpartition('@')[2]}"
     return text if len(text) <= _SHOWN_URL_LIMIT and text.isprintable() else quote(text)
 
 

@@ -55,7 +55,7 @@ _HEX_PART = re.compile(r"^0[xX][0-9a-fA-F]*$")
 _SCHEME = re.compile(r"[a-z][a-z0-9+.-]{0,31}")
 _MAX_NAME = 253  # characters of a DNS name (without a trailing dot)
 _MAX_LABEL = 63  # characters of one label of it
-_DETAIL_LIMIT = 200  # characters of a parser's reason a message repeats
+_DETAIL_LIMIT = 120  # characters of a parser's reason a message repeats
 
 # Non-public ranges (IANA special-purpose registries), listed here rather than taken from ``ipaddress``
 # alone, whose idea of "private" differs between Python releases (3.11.7 calls 192.0.0.192, Oracle

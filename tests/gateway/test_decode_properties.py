@@ -89,7 +89,7 @@ def test_damaged_files_only_raise_domain_errors(data):
 @given(
     rate=st.sampled_from([8000, 11025, 16000, 22050, 32000, 44100, 48000]),
     channels=st.integers(min_value=1, max_value=4),
-    seconds=st.floats(min_value=0.05, max_value=1.5),
+    seconds=st.floats(min_value=0.11, max_value=1.5),
     target=st.sampled_from([16000, 24000]),
     subtype=st.sampled_from(["PCM_16", "PCM_24", "FLOAT"]),
 )

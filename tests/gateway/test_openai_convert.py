@@ -167,13 +167,13 @@ def test_speech_output_and_video_options():
             "transcript",
         ),
         ({"messages": [{"role": "user", "content": "x"}], "frobnicate": 1}, "frobnicate", "Unrecognized"),
-        ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n", "n=1"),
+        ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n", "it must be 1"),
         (
             {"messages": [{"role": "user", "content": "x"}], "temperature": 3},
             "temperature",
-            "less than or equal",
+            "between 1e-05 and 2",
         ),
-        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens", "greater than"),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens", "between 1 and"),
         ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs", "not supported"),
         (
             {"messages": [{"role": "user", "content": "x"}], "presence_penalty": 1},

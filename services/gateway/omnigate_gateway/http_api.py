@@ -5,15 +5,27 @@ plus a ``Call`` (``openai_convert`` does the translation), and the core's events
 server-sent events. Routes:
 
 - ``POST /v1/chat/completions`` (streamed as SSE with ``stream: true``), text or speech output;
+- ``POST /v1/completions``: text prompts (one user message on the same core; see ``openai_convert``);
 - ``POST /v1/images/generations`` for image-output models;
 - ``GET /v1/models``, ``GET /v1/models/{id}``;
 - ``GET /health``: 200 while the gateway is SERVING (its gRPC health), 503 otherwise.
+
+Every GET route answers HEAD (same status and headers, no body); a method a route does not take is 405
+with an ``Allow`` header.
 
 Credentials: ``Authorization: Bearer <key>`` (or ``x-api-key``) becomes ``Call.api_key``. With the gateway's
 TLS certificate configured the API is HTTPS only (``ReloadingTlsContext``). Deadline: the ``X-Request-Timeout``
 header (seconds); without it, a non-streamed request takes the openai SDK's own timeout
 (``X-Stainless-Read-Timeout``, which for a non-streamed call bounds the whole answer), else the gateway's
-default. Every response carries ``X-Request-ID`` (the client's, when it sent a sane one).
+default. A timeout that is not a finite positive number is refused (400); one above the gateway's default
+timeout is cut to it (the default is also the longest wait an HTTP caller can ask for). Every response
+carries ``X-Request-ID`` (the client's, when it sent a sane one).
+
+Access lines: a request that reaches the core gets the core's access line (``core._log_access``); a
+request refused before it (bad JSON or parameters, unknown route or method, body too large, a malformed
+HTTP request) gets one from ``RequestIdMiddleware`` (or the HTTP protocol guard), on the same logger, with
+the request id, the HTTP status and the reason. uvicorn's own access log is off: it would log every URL
+with its query string (where a client may put a credential).
 """
 
 from __future__ import annotations
@@ -21,6 +33,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import contextvars
+import http
 import json
 import logging
 import math
@@ -30,6 +44,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import h11
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -37,13 +52,15 @@ from fastapi.responses import JSONResponse, Response
 from grpc_health.v1 import health_pb2
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from omnigate import tls
-from omnigate.errors import InternalError, OmnigateError
+from omnigate import tls, tracing
+from omnigate.errors import InternalError, OmnigateError, quote
 from omnigate.gateway.v1 import gateway_pb2 as gw
 from omnigate_gateway import openai_convert as oc
 from omnigate_gateway.auth import credential
-from omnigate_gateway.core import Call, GatewayCore, request_id_from
+from omnigate_gateway.core import Call, GatewayCore, access_log, request_id_from
 from omnigate_gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -51,7 +68,7 @@ log = logging.getLogger(__name__)
 TIMEOUT_HEADER = "x-request-timeout"
 SDK_TIMEOUT_HEADER = "x-stainless-read-timeout"  # what the openai SDK sends: its read timeout, in seconds
 # Headers that are not call metadata (the credential travels as Call.api_key).
-GENERATE_PATHS = ("/v1/chat/completions", "/v1/images/generations")  # the rest maps onto GetModelInfo
+GENERATE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/images/generations")  # else GetModelInfo
 _NOT_METADATA = {"authorization", "x-api-key", "cookie", "content-length", "content-type", "host"}
 
 HealthProbe = Callable[[], Awaitable[bool]]
@@ -84,21 +101,23 @@ def create_app(core: GatewayCore, settings: GatewaySettings, health: HealthProbe
 
     def call_for(request: Request, rpc: str, *, streamed: bool) -> Call:
         headers = request.headers
-        return Call(
+        call = Call(
             rpc=rpc,
             request_id=request.state.request_id,
-            time_remaining_s=_timeout(headers, streamed),
+            time_remaining_s=_timeout(headers, streamed, settings.default_timeout_s),
             api_key=credential(headers.get("authorization"), headers.get("x-api-key")),
             metadata={k: v for k, v in headers.items() if k not in _NOT_METADATA},
             protocol="http",
         )
+        request.state.reached_core = True  # from here on, the core logs the request's access line
+        return call
 
     def served_model(requested: str | None, param: str = "model"):
         """The worker's model info (None while no worker is ready: the core then answers 503)."""
         info = core.worker.info
         if info is not None and not oc.model_matches(requested, info.model_id):
             raise oc.NotFound(
-                f"The model `{requested}` does not exist or you do not have access to it; GET /v1/models "
+                f"The model {quote(requested)} does not exist or you do not have access to it; GET /v1/models "
                 "lists the model this gateway serves",
                 param=param,
             )
@@ -115,7 +134,12 @@ def create_app(core: GatewayCore, settings: GatewaySettings, health: HealthProbe
         error = oc.http_error(exc)
         if (error.status >= 500 and not isinstance(exc, OmnigateError)) or isinstance(exc, InternalError):
             log.error("internal error in %s %s", request.method, request.url.path, exc_info=exc)
-        return JSONResponse(error.body, status_code=error.status, headers=error.headers)
+        return refusal(request, error.body, error.status, error.headers)
+
+    def refusal(request: Request, body: dict, status: int, headers: dict | None = None) -> JSONResponse:
+        """An error answer; its reason goes to the access line RequestIdMiddleware writes."""
+        request.state.refusal = body["error"]
+        return JSONResponse(body, status_code=status, headers=headers)
 
     @app.exception_handler(OmnigateError)
     async def _omnigate_error(request: Request, exc: OmnigateError):
@@ -135,25 +159,27 @@ def create_app(core: GatewayCore, settings: GatewaySettings, health: HealthProbe
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
+        path = quote(request.url.path)
         if exc.status_code == 413:
             count_refusal(request.url.path, "RESOURCE_EXHAUSTED")
             body = body_too_large(settings.max_http_body_bytes)
         elif exc.status_code == 404:
             body = oc.error_body(
-                f"Unknown route {request.method} {request.url.path}", "invalid_request_error", "not_found"
+                f"Unknown route {request.method} {path}", "invalid_request_error", "not_found"
             )
         elif exc.status_code == 405:
             body = oc.error_body(
-                f"{request.method} is not allowed on {request.url.path}",
+                f"{request.method} is not allowed on {path}; use {exc.headers.get('Allow') if exc.headers else 'another method'}",
                 "invalid_request_error",
                 "method_not_allowed",
             )
         else:
             body = oc.error_body(str(exc.detail), "invalid_request_error", None)
-        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        return refusal(request, body, exc.status_code, getattr(exc, "headers", None))
 
     @app.exception_handler(ClientGone)
-    async def _client_gone(request: Request, exc: ClientGone):
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: Exception):
         log.info(
             "the client of request %s went away before its answer; generation stopped",
             request.state.request_id,
@@ -165,56 +191,67 @@ def create_app(core: GatewayCore, settings: GatewaySettings, health: HealthProbe
         return error_response(request, exc)
 
     # ---- routes -----------------------------------------------------------------------------------
+    # GET routes take HEAD too: uvicorn sends the same status and headers without the body.
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def get_health():
         if await health():
             return {"status": "SERVING"}
         return JSONResponse({"status": "NOT_SERVING"}, status_code=503)
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def list_models(request: Request):
         info = core.public_model_info(call_for(request, "GetModelInfo", streamed=False))
         return {"object": "list", "data": [oc.model_object(info.model_id, started)]}
 
-    @app.get("/v1/models/{model:path}")
+    @app.api_route("/v1/models/{model:path}", methods=["GET", "HEAD"])
     async def get_model(model: str, request: Request):
+        served_model(model)  # an unknown model is refused here (and logged as such), not after the core
         info = core.public_model_info(call_for(request, "GetModelInfo", streamed=False))
         if not oc.model_matches(model, info.model_id):
             raise oc.NotFound(
-                f"The model `{model}` does not exist or you do not have access to it", param="model"
+                f"The model {quote(model)} does not exist or you do not have access to it", param="model"
             )
         return oc.model_object(info.model_id, started)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: oc.ChatCompletionRequest, request: Request):
-        call = call_for(request, "Generate", streamed=bool(body.stream))
-        proto, options = oc.chat_request(body)
         info = served_model(body.model)
+        proto, options = oc.chat_request(body, info.max_new_tokens if info is not None else None)
         if info is not None and options.voice:
             proto.speaker = oc.pick_voice(options.voice, info.speakers)
+        call = call_for(request, "Generate", streamed=options.stream)
         model = info.model_id if info is not None else (body.model or "")
         completion_id = f"chatcmpl-{call.request_id}"
         created = int(time.time())
         events = core.generate(proto, call)
         if not options.stream:
-            collected = await _until_disconnect(request, _collect(events))
+            collected, _ = await _until_disconnect(request, _collect(events))
             return oc.chat_completion(completion_id, created, model, options, collected)
-        # The first event is awaited before answering, so that errors before any output (bad media, no
-        # worker, auth, limits) get their HTTP status; later errors can only be an SSE error event.
-        iterator = aiter(events)
-        first = await _until_disconnect(request, anext(iterator, None))
-        stream = oc.ChatStream(completion_id, created, model, options)
-        return EventSourceResponse(
-            _sse(stream, first, iterator, call.request_id), sep="\n", ping=15, send_timeout=60
+        return await _event_stream(request, events, oc.ChatStream(completion_id, created, model, options))
+
+    @app.post("/v1/completions")
+    async def completions(body: oc.CompletionRequest, request: Request):
+        info = served_model(body.model)
+        proto, options = oc.completion_request(body, info.max_new_tokens if info is not None else None)
+        call = call_for(request, "Generate", streamed=options.stream)
+        model = info.model_id if info is not None else (body.model or "")
+        completion_id = f"cmpl-{call.request_id}"
+        created = int(time.time())
+        events = core.generate(proto, call)
+        if not options.stream:
+            collected, _ = await _until_disconnect(request, _collect(events))
+            return oc.text_completion(completion_id, created, model, options, collected)
+        return await _event_stream(
+            request, events, oc.CompletionStream(completion_id, created, model, options)
         )
 
     @app.post("/v1/images/generations")
     async def images_generations(body: oc.ImageGenerationRequest, request: Request):
-        call = call_for(request, "Generate", streamed=False)
         proto, output_format, size = oc.image_request(body)
         served_model(body.model)
-        collected = await _until_disconnect(request, _collect(core.generate(proto, call)))
+        call = call_for(request, "Generate", streamed=False)
+        collected, _ = await _until_disconnect(request, _collect(core.generate(proto, call)))
         images = [e.image for e in collected if e.WhichOneof("event") == "image"]
         if not images:
             raise InternalError("the model returned no image")
@@ -229,7 +266,8 @@ def create_app(core: GatewayCore, settings: GatewaySettings, health: HealthProbe
     return RequestIdMiddleware(app, settings.max_http_body_bytes, count_refusal)
 
 
-def _timeout(headers, streamed: bool) -> float | None:
+def _timeout(headers, streamed: bool, maximum_s: float) -> float | None:
+    """The caller's deadline in seconds (None: the gateway's default), at most ``maximum_s``."""
     raw = headers.get(TIMEOUT_HEADER)
     name = "X-Request-Timeout"
     if raw is None and not streamed:
@@ -241,17 +279,26 @@ def _timeout(headers, streamed: bool) -> float | None:
     except ValueError:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
-        raise oc.InvalidParam(f"the {name} header must be a positive number of seconds; got {raw!r}", None)
-    return value
+        raise oc.InvalidParam(
+            f"{name} is {quote(raw)}; it must be a number of seconds greater than 0 (at most {maximum_s:g} "
+            "is used)",
+            name,
+        )
+    # A huge value (1e308) would overflow the deadline arithmetic into an immediate timeout.
+    return min(value, maximum_s)
 
 
 async def _collect(events: AsyncIterator[gw.GenerateResponse]) -> list[gw.GenerateResponse]:
     return [event async for event in events]
 
 
-async def _until_disconnect(request: Request, awaitable):
-    """Awaits ``awaitable`` unless the client hangs up first (then it is cancelled: generation stops)."""
-    task = asyncio.ensure_future(awaitable)
+async def _until_disconnect(request: Request, awaitable) -> tuple:
+    """Awaits ``awaitable`` unless the client hangs up first (then it is cancelled: generation stops).
+
+    Returns its result and the context it ran in: the core binds the request's id and trace span there,
+    and a stream that goes on in another task (the SSE response's) carries them on from it."""
+    context = contextvars.copy_context()
+    task = asyncio.get_running_loop().create_task(awaitable, context=context)
 
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
@@ -270,39 +317,121 @@ async def _until_disconnect(request: Request, awaitable):
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
         raise ClientGone()
-    return task.result()
+    return task.result(), context
+
+
+async def _event_stream(request: Request, events, stream) -> EventSourceResponse:
+    """A streamed answer. The first event is awaited before answering, so that errors before any output
+    (bad media, no worker, auth, limits) get their HTTP status; later errors can only be an SSE error
+    event."""
+    iterator = aiter(events)
+    first, context = await _until_disconnect(request, anext(iterator, None))
+    trace_context = context.run(tracing.current_context)
+    return EventSourceResponse(
+        _sse(stream, first, iterator, request.state.request_id, trace_context),
+        sep="\n",
+        ping=15,
+        send_timeout=60,
+    )
 
 
 async def _sse(
-    stream: oc.ChatStream, first: gw.GenerateResponse | None, events, request_id: str
+    stream, first: gw.GenerateResponse | None, events, request_id: str, trace_context
 ) -> AsyncIterator[dict]:
     def data(chunk: dict) -> dict:
         return {"data": json.dumps(chunk, separators=(",", ":"))}
 
-    try:
-        yield data(stream.start())
-        if first is not None:
-            for chunk in stream.event(first):
-                yield data(chunk)
+    # The SSE response iterates in a task of its own: the request's id and span are bound again here, so
+    # the core's log lines (its access line at the end) carry them.
+    with tracing.activate(request_id=request_id, context=trace_context):
         try:
-            async for event in events:
-                for chunk in stream.event(event):
+            start = stream.start()
+            for chunk in start if isinstance(start, list) else [start]:
+                yield data(chunk)
+            if first is not None:
+                for chunk in stream.event(first):
                     yield data(chunk)
-        except Exception as exc:  # noqa: BLE001 - the status line is sent: the error goes in the stream
-            error = oc.http_error(exc)
-            if error.status >= 500 and not isinstance(exc, OmnigateError):
-                log.error("internal error in a streamed chat completion %s", request_id, exc_info=exc)
-            yield data(error.body)
-        yield {"data": "[DONE]"}
-    finally:
-        await events.aclose()
+            try:
+                async for event in events:
+                    for chunk in stream.event(event):
+                        yield data(chunk)
+            except Exception as exc:  # noqa: BLE001 - the status line is sent: the error goes in the stream
+                error = oc.http_error(exc)
+                if error.status >= 500 and not isinstance(exc, OmnigateError):
+                    log.error("internal error in a streamed completion %s", request_id, exc_info=exc)
+                yield data(error.body)
+            yield {"data": "[DONE]"}
+        finally:
+            await events.aclose()
+
+
+# HTTP status -> the gRPC code name an access line shows for a refusal (the core's lines use these names).
+_STATUS_CODES = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    405: "UNIMPLEMENTED",
+    413: "RESOURCE_EXHAUSTED",
+    415: "INVALID_ARGUMENT",
+    422: "INVALID_ARGUMENT",
+    429: "RESOURCE_EXHAUSTED",
+    499: "CANCELLED",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+
+
+def _rpc(path: str) -> str:
+    if path in GENERATE_PATHS:
+        return "Generate"
+    if path == "/v1/models" or path.startswith("/v1/models/"):
+        return "GetModelInfo"
+    return "none"
+
+
+def log_refusal(
+    request_id: str, method: str, path: str, status: int, error: dict | None, duration_s: float
+) -> None:
+    """The access line of an HTTP request refused before it reached the core (same logger and fields as the
+    core's, plus the HTTP status, method, path without its query string, the parameter and the reason)."""
+    rpc, code = _rpc(path), _STATUS_CODES.get(status, "INTERNAL" if status >= 500 else "UNKNOWN")
+    reason = (error or {}).get("message") or f"HTTP {status}"
+    param = (error or {}).get("param")
+    access_log.info(
+        "%s %s http mode=unknown duration_s=%.3f output_tokens=0 status=%d %s %s param=%s reason=%s",
+        rpc,
+        code,
+        duration_s,
+        status,
+        method,
+        quote(path),
+        param,
+        reason,
+        extra={
+            "request_id": request_id,
+            "rpc": rpc,
+            "code": code,
+            "protocol": "http",
+            "mode": "unknown",
+            "duration_s": round(duration_s, 6),
+            "output_tokens": 0,
+            "http_status": status,
+            "method": method,
+            "path": path if len(path) <= 256 else f"{path[:256]}...",
+            "param": param,
+            "reason": reason,
+        },
+    )
 
 
 class RequestIdMiddleware:
     """Outermost ASGI layer: gives each request its id (the client's X-Request-ID when sane) and returns it
     on every response, errors included; refuses a declared Content-Length over the body limit with an
     OpenAI-shaped 413 before anything is read (a body without one is counted as it arrives, by FastAPI's
-    ``max_body_size``)."""
+    ``max_body_size``); writes the access line of every request refused before it reached the core (the
+    core writes the others); and keeps an exception that was already answered (Starlette re-raises it after
+    the 500) from closing the client's keep-alive connection."""
 
     def __init__(self, app: FastAPI, max_body_bytes: int, count_refusal: Callable[[str, str], None]) -> None:
         self.app = app
@@ -313,6 +442,7 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        started = time.monotonic()
         request_id = None
         declared = None
         for name, value in scope.get("headers", ()):
@@ -320,22 +450,48 @@ class RequestIdMiddleware:
                 request_id = value.decode("latin-1")
             elif name == b"content-length" and value.isdigit():
                 declared = int(value)
-        request_id = request_id_from(request_id)  # one rule for every front door
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        # One rule for every front door; the HTTP protocol guard may have named the request already.
+        request_id = state.get("request_id") or request_id_from(request_id)
+        state["request_id"] = request_id
+        status = 0
+        complete = False
 
         async def send_with_id(message) -> None:
+            nonlocal status, complete
             if message["type"] == "http.response.start":
+                status = message["status"]
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
                 headers.append((b"x-request-id", request_id.encode()))
                 message = {**message, "headers": headers}
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                complete = True
             await send(message)
 
-        if declared is not None and declared > self.max_body_bytes:
-            self.count_refusal(scope.get("path", ""), "RESOURCE_EXHAUSTED")
-            response = JSONResponse(body_too_large(self.max_body_bytes), status_code=413)
-            await response(scope, receive, send_with_id)
-            return
-        await self.app(scope, receive, send_with_id)
+        try:
+            if declared is not None and declared > self.max_body_bytes:
+                self.count_refusal(scope.get("path", ""), "RESOURCE_EXHAUSTED")
+                body = body_too_large(self.max_body_bytes)
+                state["refusal"] = body["error"]
+                await JSONResponse(body, status_code=413)(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
+        except Exception:
+            if not complete:
+                raise
+            # Answered already (the handler logged it): uvicorn would log it again and drop the connection.
+        finally:
+            if status >= 400 and not state.get("reached_core") and not state.get("logged"):
+                path = scope.get("path", "")
+                if not (path == "/health" and status == 503):  # the probe's answer, not a refusal
+                    log_refusal(
+                        request_id,
+                        scope["method"],
+                        path,
+                        status,
+                        state.get("refusal"),
+                        time.monotonic() - started,
+                    )
 
 
 def body_too_large(limit: int) -> dict:
@@ -345,6 +501,88 @@ def body_too_large(limit: int) -> dict:
         "invalid_request_error",
         "request_too_large",
     )
+
+
+class _GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 HTTP/1.1 protocol with two guards of ours around the request body.
+
+    - A chunk-size line declaring more than the body limit is refused at once (413, connection closed).
+      h11 takes any chunk size of up to 20 hex digits (2^80 - 1) and then waits for that many bytes; the
+      application only ever sees the bytes that arrive, never the declared size, so a client declaring a
+      2^64-byte chunk and sending nothing more held its request and connection open for ever.
+    - A request h11 cannot parse (a chunk size of 21 hex digits or more, a malformed request line or
+      header) gets uvicorn's 400 and closed connection, but with an OpenAI-shaped body, a request id and
+      an access line (uvicorn's own answer is plain text and unlogged).
+
+    The implementation is chosen explicitly (``uvicorn.Config(http=...)``) instead of uvicorn's "auto",
+    which switches to httptools whenever that package happens to be installed: these guards, and the tests
+    that prove them (tests/integration/test_http_hardening.py), are about h11. h11 keeps the size still due
+    of the chunk being read in ``ChunkedReader._bytes_in_chunk`` (private; unchanged since h11 0.8: the tests
+    fail if it changes).
+    """
+
+    max_body_bytes = 0  # set on the subclass HttpApiServer makes
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        declared = getattr(getattr(self.conn, "_reader", None), "_bytes_in_chunk", 0)
+        cycle = self.cycle
+        if (
+            isinstance(declared, int)
+            and declared > self.max_body_bytes
+            and cycle is not None
+            and not cycle.response_started
+            and not self.transport.is_closing()
+        ):
+            body = oc.error_body(
+                f"a chunk of the request body declares {oc.number_shown(declared)} bytes; a request body may "
+                f"have at most {self.max_body_bytes} bytes (OMNIGATE_GATEWAY_MAX_HTTP_BODY_BYTES)",
+                "invalid_request_error",
+                "request_too_large",
+            )
+            self._refuse(413, body)
+
+    def send_400_response(self, msg: str) -> None:  # uvicorn calls it when h11 cannot parse the request
+        body = oc.error_body(
+            "the request is not valid HTTP/1.1 (a malformed request line, header, or chunk size of the body)",
+            "invalid_request_error",
+            "invalid_request",
+        )
+        self._refuse(400, body)
+
+    def _refuse(self, status: int, body: dict) -> None:
+        """Answers ``status`` with ``body``, logs the access line, and closes the connection."""
+        started = time.monotonic()
+        cycle = self.cycle if self.cycle is not None and not self.cycle.response_complete else None
+        scope = cycle.scope if cycle is not None else None
+        state = scope.setdefault("state", {}) if scope is not None else {}
+        sent_id = next(
+            (v.decode("latin-1") for k, v in (scope or {}).get("headers", ()) if k == b"x-request-id"), None
+        )
+        request_id = state.get("request_id") or request_id_from(sent_id)
+        state.update(request_id=request_id, logged=True)  # RequestIdMiddleware: same id, no second line
+        payload = json.dumps(body).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(payload)).encode()),
+            (b"connection", b"close"),
+            (b"x-request-id", request_id.encode()),
+        ]
+        if cycle is None or not cycle.response_started:
+            with contextlib.suppress(h11.LocalProtocolError):  # no answer fits h11's state: just close
+                reason = http.HTTPStatus(status).phrase.encode()
+                for event in (
+                    h11.Response(status_code=status, headers=headers, reason=reason),
+                    h11.Data(data=payload),
+                    h11.EndOfMessage(),
+                ):
+                    self.transport.write(self.conn.send(event))
+        if cycle is not None:  # the application, if it runs, sees a client that went away
+            cycle.disconnected = True
+            cycle.message_event.set()
+        method, path = (scope["method"], scope["path"]) if scope is not None else ("-", "-")
+        log_refusal(request_id, method, path, status, body["error"], time.monotonic() - started)
+        self.transport.close()
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -456,10 +694,15 @@ class HttpApiServer:
             ) from None
         self.host = settings.http_host
         self.port = self._socket.getsockname()[1]
+        protocol = type(
+            "GuardedH11Protocol", (_GuardedH11Protocol,), {"max_body_bytes": settings.max_http_body_bytes}
+        )
         config = uvicorn.Config(
             app,
+            http=protocol,
             lifespan="off",
             log_config=None,
+            access_log=False,  # it logs query strings; RequestIdMiddleware and the core write access lines
             ws="none",
             server_header=False,
             timeout_graceful_shutdown=max(1, math.ceil(settings.grace_period_s)),

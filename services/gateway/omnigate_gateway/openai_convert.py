@@ -2,21 +2,56 @@
 
 ``http_api`` validates request bodies with the pydantic models here, turns them into a public
 ``gateway_pb2.GenerateRequest`` (the same message the gRPC API takes) and maps the core's
-``GenerateResponse`` events back to OpenAI's JSON (chat completion chunks, messages, images) and errors to
-OpenAI's error body with the matching HTTP status.
+``GenerateResponse`` events back to OpenAI's JSON (chat completion chunks, messages, text completions,
+images) and errors to OpenAI's error body with the matching HTTP status.
 
 What is translated:
 
 - chat content parts ``text``, ``image_url`` (http(s) or ``data:`` URL), ``input_audio`` (base64 + format,
   sent inline), ``video_url`` and ``audio_url`` (vLLM's extensions, http(s) or ``data:`` URL);
+- ``/v1/completions``: a text ``prompt`` (a string, or a list of exactly one string) becomes one user
+  message, so the model's chat template applies, as for chat (Omnigate has no raw-prompt mode; token-id
+  prompts, several prompts and ``suffix`` are refused). ``echo`` is honoured: the answer starts with the
+  prompt text. Without ``max_tokens`` the gateway's default length applies (not OpenAI's 16);
 - ``max_tokens`` / ``max_completion_tokens``, ``temperature`` (0 = greedy), ``top_p``, ``stop``, ``seed``,
-  ``n`` (1 only); vLLM's extensions ``top_k``, ``repetition_penalty``, ``min_tokens`` and
-  ``mm_processor_kwargs`` (``fps``, ``use_audio_in_video``); without temperature/top_p/top_k the answer is
-  greedy (the model's deterministic answer), unlike OpenAI's default temperature of 1;
+  ``n`` (1 only); without temperature/top_p/top_k the answer is greedy (the model's deterministic answer),
+  unlike OpenAI's default temperature of 1;
 - ``modalities: ["text", "audio"]`` with ``audio: {voice, format}`` (``wav`` or ``pcm16``) as speech output;
-- parameters that would change the answer in ways Omnigate cannot honour (tools, logprobs, JSON mode,
-  presence/frequency penalties, ...) are refused with 400 naming the parameter; bookkeeping parameters
-  (user, metadata, store, ...) are accepted and ignored; unknown parameters are refused, as OpenAI does.
+- ``stream_options``: ``include_usage`` adds a last chunk with the usage; vLLM's ``continuous_usage_stats``
+  puts a running ``usage`` on every chunk (it implies ``include_usage``). Mid-stream, ``completion_tokens``
+  counts the text deltas sent so far (a delta carries one token, or several merged when the worker is busy,
+  so it is a lower bound) and ``prompt_tokens``/``total_tokens`` are null: the worker reports exact counts
+  only when it finishes, and from the chunk with the ``finish_reason`` on the usage is exact.
+
+vLLM's extensions (what benchmark clients such as AIPerf, vLLM's ``benchmark_serving`` and GuideLLM send):
+
+- honoured: ``ignore_eos`` (exactly ``max_tokens`` tokens: ``parameters.ignore_eos``), ``min_tokens``,
+  ``top_k`` (-1 or 0 = no cut-off), ``repetition_penalty``, ``seed``, ``mm_processor_kwargs`` (``fps``,
+  ``use_audio_in_video``);
+- accepted at the value that matches what Omnigate does, refused with 400 otherwise: ``skip_special_tokens``
+  (true: special tokens never reach the text), ``include_stop_str_in_output`` (false: a stop string is
+  never part of the answer), ``n``/``best_of`` (1), ``use_beam_search`` (false), ``length_penalty`` (1),
+  ``min_p`` (0), ``add_generation_prompt`` (true), ``continue_final_message`` and chat ``echo`` (false),
+  ``return_tokens_as_token_ids`` (false);
+- accepted and ignored: ``spaces_between_special_tokens`` (only matters when special tokens are kept, and
+  they never are), ``priority`` (one queue), ``cache_salt`` (no prefix cache);
+- refused when set: ``stop_token_ids``, ``bad_words``, ``allowed_token_ids``, ``logits_processors``,
+  ``truncate_prompt_tokens``, ``prompt_logprobs``, guided decoding (``guided_*``, ``structured_outputs``),
+  ``chat_template``, ``chat_template_kwargs``, ``documents``.
+
+Other OpenAI parameters that would change the answer in ways Omnigate cannot honour (tools, logprobs, JSON
+mode, presence/frequency penalties, ...) are refused with 400 naming the parameter; bookkeeping parameters
+(user, metadata, store, ...) are accepted and ignored; unknown parameters are refused, as OpenAI does.
+
+Domains (checked here, before anything becomes a protobuf field, so that no value can turn into a 500 or
+silently into another one: the wire fields are uint32/uint64/float32): integers within their field
+(``max_tokens`` 1 to the model's limit, ``min_tokens`` 0 to ``max_tokens``, ``top_k`` -1 to 2^31-1,
+``seed`` -2^63 to 2^64-1, negative seeds taken modulo 2^64), ``temperature`` 0 or 1e-5 to 2 (OpenAI's
+range; gRPC allows more), ``top_p`` above 0 (a float32 that is not 0 or denormal) and at most 1,
+``repetition_penalty`` 0.01 to 100, all finite (Python's JSON parser takes NaN and Infinity). The ranges are
+``omnigate.validation``'s, which the core applies again to every door; messages have its form, "<param> is
+<value>; it must be ...". Any string in the body holding a lone UTF-16 surrogate (legal JSON, ``"\\ud800"``,
+but not Unicode) is refused naming the field.
 """
 
 from __future__ import annotations
@@ -24,15 +59,18 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import math
 import struct
 import wave
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from omnigate import validation
 from omnigate.errors import (
+    QUOTE_LIMIT,
     DeadlineExceeded,
     InvalidInput,
     LimitExceeded,
@@ -40,6 +78,7 @@ from omnigate.errors import (
     PermissionDenied,
     Unauthenticated,
     Unavailable,
+    quote,
 )
 from omnigate.gateway.v1 import gateway_pb2 as gw
 
@@ -127,14 +166,19 @@ def validation_error(errors: list[dict], *, json_body: bool = True) -> InvalidPa
     if kind == "json_invalid":
         detail = (error.get("ctx") or {}).get("error", "")
         return InvalidParam(f"the request body is not valid JSON ({detail})", None, "invalid_json")
-    param = _param_name(loc)
+    param = _cut(_param_name(loc))  # a parameter name is user input too: an unknown key can be any size
+    message = _cut(str(error.get("msg", "invalid value")), 200)  # pydantic's may repeat a tag that was sent
     if not param:
         if kind == "missing":
             return InvalidParam("the request body is missing; send a JSON object", None, "invalid_json")
-        return InvalidParam(f"the request body is invalid: {error.get('msg', '')}", None)
+        return InvalidParam(f"the request body is invalid: {message}", None)
     if kind == "extra_forbidden":
         return InvalidParam(f"Unrecognized request argument supplied: {param}", param, "unknown_parameter")
-    return InvalidParam(f"{param}: {error.get('msg', 'invalid value')}", param)
+    return InvalidParam(f"{param}: {message}", param)
+
+
+def _cut(text: str, limit: int = QUOTE_LIMIT) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 _UNION_MEMBER_NAMES = {"str", "int", "float", "bool", "list", "dict", "none", "ImageURL", "AudioFormat"}
@@ -157,11 +201,54 @@ def _param_name(loc: list) -> str:
     return out
 
 
+def refuse_invalid_unicode(body: object) -> None:
+    """Refuses a parsed JSON body with a string (or key) holding a lone UTF-16 surrogate, naming the field.
+
+    JSON's ``"\\ud800"`` escape is legal JSON, and Python's parser turns it into a str that no encoder can
+    send on: it would fail as a 500 when the request becomes a protobuf (or a log line). Iterative, so that
+    a deeply nested body costs no recursion."""
+    pending: list[tuple[object, str]] = [(body, "")]
+    while pending:
+        value, path = pending.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                _check_unicode(value, path)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(key, str) and not key.isascii():
+                    _check_unicode(key, path, key=True)
+                pending.append((item, f"{path}.{key}" if path else str(key)))
+        elif isinstance(value, list):
+            pending.extend((item, f"{path}[{i}]") for i, item in enumerate(value))
+
+
+def _check_unicode(text: str, path: str, *, key: bool = False) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        where = f"a key of {path}" if key and path else "a key of the request body" if key else path
+        raise InvalidParam(
+            f"{_cut(where or 'the request body')} contains an unpaired UTF-16 surrogate "
+            f"(U+{ord(text[exc.start]):04X} at character {exc.start}); send valid Unicode",
+            _cut(path) or None,
+        ) from None
+
+
 # ---- requests ------------------------------------------------------------------------------------
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class _Body(_Strict):
+    """A whole request body: its strings are checked for valid Unicode before anything else."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        refuse_invalid_unicode(data)  # raises InvalidParam, which pydantic lets through unchanged
+        return data
 
 
 class ImageURL(_Strict):
@@ -224,14 +311,68 @@ class AudioOutput(_Strict):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: a running usage on every chunk
     include_obfuscation: bool | None = None  # accepted and ignored
 
 
 class MultimodalOptions(_Strict):
     """vLLM's ``mm_processor_kwargs`` for Qwen-Omni-style models."""
 
-    fps: float | None = Field(None, gt=0)
+    fps: float | None = None
     use_audio_in_video: bool = False
+
+
+class _GenerationBody(_Body):
+    """The parameters chat and completions share: OpenAI's sampling parameters and vLLM's extensions.
+
+    Numbers are typed loosely (no pydantic bounds) and checked by ``_parameters``, whose messages name the
+    parameter and its range; parameters Omnigate honours only at one value are ``Any`` and checked against
+    ``_ONE_VALUE``."""
+
+    model: str | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: Any = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    response_format: dict | None = None
+    # vLLM's extensions: honoured
+    top_k: int | None = None
+    min_tokens: int | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool | None = None
+    # vLLM's extensions: honoured at one value only (_ONE_VALUE)
+    skip_special_tokens: Any = None
+    include_stop_str_in_output: Any = None
+    use_beam_search: Any = None
+    best_of: Any = None
+    length_penalty: Any = None
+    min_p: Any = None
+    return_tokens_as_token_ids: Any = None
+    # vLLM's extensions: refused when set (_UNSUPPORTED)
+    stop_token_ids: Any = None
+    bad_words: Any = None
+    allowed_token_ids: Any = None
+    logits_processors: Any = None
+    truncate_prompt_tokens: Any = None
+    prompt_logprobs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_decoding_backend: Any = None
+    structured_outputs: Any = None
+    # accepted and ignored: they change nothing about the answer
+    spaces_between_special_tokens: bool | None = None
+    priority: int | None = None
+    cache_salt: str | None = None
+    user: str | None = None
 
 
 # Accepted and ignored: they change nothing about the answer.
@@ -247,29 +388,19 @@ IGNORED_CHAT_PARAMS = (
     "safety_identifier",
     "verbosity",
     "reasoning_effort",
+    "spaces_between_special_tokens",
+    "priority",
+    "cache_salt",
 )
 
 
-class ChatCompletionRequest(_Strict):
-    model: str | None = None
+class ChatCompletionRequest(_GenerationBody):
     messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
     modalities: list[Literal["text", "audio"]] | None = None
     audio: AudioOutput | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    n: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    logit_bias: dict[str, float] | None = None
-    response_format: dict | None = None
     tools: list | None = None
     tool_choice: Any = None
     functions: list | None = None
@@ -278,12 +409,14 @@ class ChatCompletionRequest(_Strict):
     web_search_options: Any = None
     moderation: Any = None
     # vLLM's extensions
-    top_k: int | None = None
-    repetition_penalty: float | None = Field(None, gt=0)
-    min_tokens: int | None = Field(None, ge=0)
     mm_processor_kwargs: MultimodalOptions | None = None
+    echo: Any = None
+    add_generation_prompt: Any = None
+    continue_final_message: Any = None
+    chat_template: Any = None
+    chat_template_kwargs: Any = None
+    documents: Any = None
     # accepted and ignored
-    user: str | None = None
     metadata: dict | None = None
     store: bool | None = None
     service_tier: str | None = None
@@ -296,7 +429,16 @@ class ChatCompletionRequest(_Strict):
     reasoning_effort: str | None = None
 
 
-class ImageGenerationRequest(_Strict):
+class CompletionRequest(_GenerationBody):
+    """``POST /v1/completions`` (OpenAI's legacy text completions, what benchmark clients also use)."""
+
+    prompt: Any = None  # checked by completion_request: a string or a list of one string
+    echo: bool | None = None
+    suffix: Any = None
+    logprobs: Any = None
+
+
+class ImageGenerationRequest(_Body):
     prompt: str = Field(min_length=1)
     model: str | None = None
     n: int | None = Field(None, ge=1)
@@ -328,6 +470,52 @@ AUDIO_INPUT_MIME = {
 AUDIO_OUTPUT_FORMATS = ("wav", "pcm16")
 IMAGE_OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
+# Parameters honoured at one value only: name -> (the values accepted, what Omnigate does instead).
+_ONE_VALUE: dict[str, tuple[tuple, str]] = {
+    "n": ((1,), "Omnigate answers with one choice per request"),
+    "best_of": ((1,), "Omnigate generates one candidate per request"),
+    "skip_special_tokens": ((True,), "special tokens never reach the text"),
+    "include_stop_str_in_output": ((False,), "a stop string is never part of the answer"),
+    "use_beam_search": ((False,), "Omnigate samples or decodes greedily; there is no beam search"),
+    "length_penalty": ((1,), "it only applies to beam search"),
+    "min_p": ((0,), "min-p sampling is not supported"),
+    "return_tokens_as_token_ids": ((False,), "the answer is text"),
+    "add_generation_prompt": ((True,), "the chat template always ends with the assistant's turn"),
+    "continue_final_message": ((False,), "the answer is always a new assistant turn"),
+}
+# Refused when set to anything but null or empty.
+_UNSUPPORTED = (
+    "logit_bias",
+    "stop_token_ids",
+    "bad_words",
+    "allowed_token_ids",
+    "logits_processors",
+    "truncate_prompt_tokens",
+    "prompt_logprobs",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "guided_decoding_backend",
+    "structured_outputs",
+    "tools",
+    "functions",
+    "prediction",
+    "web_search_options",
+    "moderation",
+    "chat_template",
+    "chat_template_kwargs",
+    "documents",
+    "suffix",
+)
+
+UINT32_MAX = 2**32 - 1
+MIN_SEED = -(2**63)
+MAX_HTTP_TEMPERATURE = 2.0  # OpenAI's range (gRPC callers may go up to validation.MAX_TEMPERATURE)
+# The protocol's float fields are float32: a smaller positive value would arrive as 0 or a denormal.
+FLOAT32_MIN_NORMAL = 1.1754943508222875e-38
+FLOAT32_MAX = 3.4028234663852886e38
+
 
 @dataclass
 class ChatOptions:
@@ -337,11 +525,36 @@ class ChatOptions:
     include_usage: bool
     audio_format: str | None  # "wav" / "pcm16" when speech was asked for, else None
     voice: str | None
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage on every chunk
 
 
-def chat_request(body: ChatCompletionRequest) -> tuple[gw.GenerateRequest, ChatOptions]:
-    """An OpenAI chat completion request as the public GenerateRequest; raises InvalidParam."""
-    _refuse_unsupported_chat_params(body)
+@dataclass
+class CompletionOptions:
+    """What the HTTP layer needs to know about a text completion request besides the GenerateRequest."""
+
+    stream: bool
+    include_usage: bool
+    continuous_usage: bool = False
+    echo: str | None = None  # the prompt, when the answer starts with it
+
+
+def chat_request(
+    body: ChatCompletionRequest, max_new_tokens_limit: int | None = None
+) -> tuple[gw.GenerateRequest, ChatOptions]:
+    """An OpenAI chat completion request as the public GenerateRequest; raises InvalidParam.
+
+    ``max_new_tokens_limit``: the served model's limit (``max_tokens`` above it is refused naming it)."""
+    _refuse_unsupported(body)
+    if body.logprobs or body.top_logprobs:
+        _refuse("logprobs" if body.logprobs else "top_logprobs", "")
+    if body.tool_choice not in (None, "none", "auto") or body.function_call not in (None, "none", "auto"):
+        _refuse("tool_choice" if body.tool_choice not in (None, "none", "auto") else "function_call", "")
+    if body.echo not in (None, False):
+        raise InvalidParam(
+            f"echo is {_shown(body.echo)}; it must be false for chat (use /v1/completions to echo a prompt)",
+            "echo",
+            "unsupported_parameter",
+        )
     messages = [_message(i, m) for i, m in enumerate(body.messages)]
 
     modalities = set(body.modalities or ["text"])
@@ -353,7 +566,7 @@ def chat_request(body: ChatCompletionRequest) -> tuple[gw.GenerateRequest, ChatO
             )
         if body.audio.format not in AUDIO_OUTPUT_FORMATS:
             raise InvalidParam(
-                f"audio.format {body.audio.format!r} is not supported; use one of {', '.join(AUDIO_OUTPUT_FORMATS)}",
+                f"audio.format {quote(body.audio.format)} is not supported; use one of {', '.join(AUDIO_OUTPUT_FORMATS)}",
                 "audio.format",
             )
         audio_format = body.audio.format
@@ -365,47 +578,131 @@ def chat_request(body: ChatCompletionRequest) -> tuple[gw.GenerateRequest, ChatO
 
     request = gw.GenerateRequest(
         messages=messages,
-        parameters=_parameters(body),
+        parameters=_parameters(body, body.max_completion_tokens, max_new_tokens_limit),
         generation_mode=mode,
         speaker=(body.audio.voice or "") if body.audio else "",
     )
     mm = body.mm_processor_kwargs
     if mm is not None:
-        request.video.fps = mm.fps or 0.0
+        if mm.fps is not None:
+            request.video.fps = _float32(
+                "mm_processor_kwargs.fps", mm.fps, mm.fps > 0, "it must be a number greater than 0"
+            )
         request.video.load_audio_from_video = mm.use_audio_in_video
+    include_usage, continuous = _usage_options(body)
     options = ChatOptions(
         stream=bool(body.stream),
-        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        include_usage=include_usage,
         audio_format=audio_format,
         voice=body.audio.voice if body.audio else None,
+        continuous_usage=continuous,
     )
-    if body.stream_options is not None and not body.stream:
-        raise InvalidParam("stream_options is only allowed when stream is true", "stream_options")
     return request, options
 
 
-def _refuse_unsupported_chat_params(body: ChatCompletionRequest) -> None:
-    def refuse(param: str, why: str) -> None:
-        raise InvalidParam(f"{param} is not supported by Omnigate{why}", param, "unsupported_parameter")
+def completion_request(
+    body: CompletionRequest, max_new_tokens_limit: int | None = None
+) -> tuple[gw.GenerateRequest, CompletionOptions]:
+    """An OpenAI text completion request as the public GenerateRequest: the prompt is one user message."""
+    _refuse_unsupported(body)
+    if body.logprobs is not None:
+        _refuse("logprobs", "")
+    prompt = body.prompt
+    if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+        if len(prompt) != 1:
+            raise InvalidParam(
+                f"prompt is a list of {len(prompt)} prompts; it must be one string (or a list of one string): "
+                "Omnigate answers one prompt per request",
+                "prompt",
+            )
+        prompt = prompt[0]
+    if isinstance(prompt, list):
+        raise InvalidParam(
+            "prompt is a list of token ids; it must be text (a string, or a list of one string)",
+            "prompt",
+            "unsupported_parameter",
+        )
+    if not isinstance(prompt, str):
+        raise InvalidParam(
+            "prompt is missing or not text; it must be a string (or a list of one string)", "prompt"
+        )
+    if not prompt:
+        raise InvalidParam("prompt is empty; send the text to complete", "prompt")
+    request = gw.GenerateRequest(
+        messages=[gw.Message(role="user", content=[gw.ContentPart(text=prompt)])],
+        parameters=_parameters(body, None, max_new_tokens_limit),
+        generation_mode=gw.GENERATION_MODE_TEXT,
+    )
+    include_usage, continuous = _usage_options(body)
+    options = CompletionOptions(
+        stream=bool(body.stream),
+        include_usage=include_usage,
+        continuous_usage=continuous,
+        echo=prompt if body.echo else None,
+    )
+    return request, options
 
-    if body.n not in (None, 1):
-        refuse("n", "; only n=1 (one choice per request)")
-    if body.logprobs or body.top_logprobs:
-        refuse("logprobs" if body.logprobs else "top_logprobs", "")
-    if body.logit_bias:
-        refuse("logit_bias", "")
+
+def _usage_options(body: _GenerationBody) -> tuple[bool, bool]:
+    """(include_usage, continuous_usage) from stream_options, which only a streamed request may set."""
+    so = body.stream_options
+    if so is None:
+        return False, False
+    if not body.stream:
+        raise InvalidParam("stream_options is only allowed when stream is true", "stream_options")
+    return bool(so.include_usage or so.continuous_usage_stats), bool(so.continuous_usage_stats)
+
+
+def _refuse(param: str, why: str) -> None:
+    raise InvalidParam(f"{param} is not supported by Omnigate{why}", param, "unsupported_parameter")
+
+
+def _refuse_unsupported(body: _GenerationBody) -> None:
+    for name, (accepted, why) in _ONE_VALUE.items():
+        value = getattr(body, name, None)
+        if value is not None and not any(_same(value, a) for a in accepted):
+            raise InvalidParam(
+                f"{name} is {_shown(value)}; it must be {json.dumps(accepted[0])} ({why})",
+                name,
+                "unsupported_parameter",
+            )
+    for name in _UNSUPPORTED:
+        value = getattr(body, name, None)
+        if value not in (None, [], {}, ""):
+            _refuse(name, "")
     for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(body, name):
-            refuse(name, "; use repetition_penalty (> 1 discourages repetition)")
+        value = getattr(body, name)
+        if value is not None and value != 0:
+            raise InvalidParam(
+                f"{name} is {_shown(value)}; it must be 0: use repetition_penalty (> 1 discourages repetition)",
+                name,
+                "unsupported_parameter",
+            )
     if body.response_format and body.response_format.get("type", "text") != "text":
-        refuse("response_format", '; only {"type": "text"}')
-    if body.tools or body.functions:
-        refuse("tools" if body.tools else "functions", "")
-    if body.tool_choice not in (None, "none", "auto") or body.function_call not in (None, "none", "auto"):
-        refuse("tool_choice" if body.tool_choice not in (None, "none", "auto") else "function_call", "")
-    for name in ("prediction", "web_search_options", "moderation"):
-        if getattr(body, name) is not None:
-            refuse(name, "")
+        _refuse("response_format", '; only {"type": "text"}')
+
+
+def _same(value: object, accepted: object) -> bool:
+    """``value`` is ``accepted`` as JSON means it (1 and 1.0 are the same number; true is not 1)."""
+    if isinstance(accepted, bool) or isinstance(value, bool):
+        return value is accepted
+    return isinstance(value, int | float) and value == accepted
+
+
+def _shown(value: object) -> str:
+    """A value as a message shows it: JSON's spelling for true/false/null, numbers cut, strings quoted."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, int | float):
+        return number_shown(value)
+    return quote(value if isinstance(value, str) else json.dumps(value, default=str))
+
+
+def number_shown(value: int | float) -> str:
+    """A number as a message shows it (a client may send a 10,000-digit integer: str() refuses those)."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    return _cut(repr(value), 32)
 
 
 def _message(i: int, m: ChatMessage) -> gw.Message:
@@ -446,7 +743,7 @@ def _part(part, param: str) -> gw.ContentPart:
         fmt = part.input_audio.format.lower()
         if fmt not in AUDIO_INPUT_MIME:
             raise InvalidParam(
-                f"{param}.input_audio.format {part.input_audio.format!r} is not supported; use one of "
+                f"{param}.input_audio.format {quote(part.input_audio.format)} is not supported; use one of "
                 f"{', '.join(AUDIO_INPUT_MIME)}",
                 f"{param}.input_audio.format",
             )
@@ -477,33 +774,90 @@ def decode_base64(data: str, param: str) -> bytes:
     return decoded
 
 
-def _parameters(body: ChatCompletionRequest) -> gw.GenerationParameters:
+def _integer(name: str, value: int | None, low: int, high: int, allowed: str | None = None) -> int | None:
+    """``value`` when it is within [low, high]; else a 400 naming the parameter and the range."""
+    if value is None or low <= value <= high:
+        return value
+    raise InvalidParam(f"{name} is {number_shown(value)}; it must be {allowed or _between(low, high)}", name)
+
+
+def _between(low: int, high: int) -> str:
+    return f"an integer between {low} and {high}"
+
+
+def _float32(name: str, value: float, in_range: bool, allowed: str) -> float:
+    """``value`` when it is finite, ``in_range`` and survives float32 (the wire type) as itself, not as 0,
+    a denormal or infinity; else a 400 naming the parameter."""
+    representable = value == 0 or FLOAT32_MIN_NORMAL <= abs(value) <= FLOAT32_MAX
+    if math.isfinite(value) and in_range and representable:
+        return value
+    raise InvalidParam(f"{name} is {number_shown(value)}; {allowed}", name)
+
+
+def _parameters(
+    body: _GenerationBody, max_completion_tokens: int | None, max_new_tokens_limit: int | None
+) -> gw.GenerationParameters:
+    """The request's generation parameters, each checked against its domain first."""
     p = gw.GenerationParameters()
-    max_tokens = body.max_completion_tokens or body.max_tokens
+    limit = min(max_new_tokens_limit or UINT32_MAX, UINT32_MAX)
+    _integer("max_tokens", body.max_tokens, 1, limit)
+    _integer("max_completion_tokens", max_completion_tokens, 1, limit)
+    max_tokens = max_completion_tokens or body.max_tokens
     if max_tokens:
         p.max_new_tokens = max_tokens
-    top_k = body.top_k if body.top_k and body.top_k > 0 else None
-    if body.temperature is not None:
-        sample = body.temperature > 0
+    top_k = _integer(
+        "top_k",
+        body.top_k,
+        -1,
+        validation.MAX_TOP_K,
+        f"-1 or 0 (no cut-off) or {_between(1, validation.MAX_TOP_K)}",
+    )
+    top_k = top_k if top_k and top_k > 0 else None
+    temperature = body.temperature
+    if temperature is not None:
+        _float32(
+            "temperature",
+            temperature,
+            temperature == 0 or validation.MIN_TEMPERATURE <= temperature <= MAX_HTTP_TEMPERATURE,
+            f"it must be 0 (greedy) or between {validation.MIN_TEMPERATURE:g} and {MAX_HTTP_TEMPERATURE:g}",
+        )
+    if body.top_p is not None:
+        _float32("top_p", body.top_p, 0 < body.top_p <= 1, "it must be greater than 0 and at most 1")
+    if temperature is not None:
+        sample = temperature > 0
     else:
         sample = (body.top_p is not None and body.top_p < 1) or top_k is not None
     p.do_sample = sample
     if sample:
-        if body.temperature is not None:
-            p.temperature = body.temperature
+        if temperature is not None:
+            p.temperature = temperature
         if body.top_p is not None:
             p.top_p = body.top_p
         if top_k is not None:
             p.top_k = top_k
-    if body.repetition_penalty is not None:
-        p.repetition_penalty = body.repetition_penalty
+    rp = body.repetition_penalty
+    if rp is not None:
+        p.repetition_penalty = _float32(
+            "repetition_penalty",
+            rp,
+            validation.MIN_REPETITION_PENALTY <= rp <= validation.MAX_REPETITION_PENALTY,
+            f"it must be between {validation.MIN_REPETITION_PENALTY:g} and "
+            f"{validation.MAX_REPETITION_PENALTY:g} (1 = no penalty)",
+        )
     if body.seed is not None:
-        p.seed = body.seed % 2**64
+        p.seed = _integer("seed", body.seed, MIN_SEED, validation.MAX_SEED) % 2**64
     if body.stop:
         stops = [body.stop] if isinstance(body.stop, str) else body.stop
         p.stop.extend(s for s in stops if s)
-    if body.min_tokens:
-        p.min_new_tokens = body.min_tokens
+    min_tokens = _integer("min_tokens", body.min_tokens, 0, limit)
+    if min_tokens and max_tokens and min_tokens > max_tokens:
+        name = "max_completion_tokens" if max_completion_tokens else "max_tokens"
+        raise InvalidParam(
+            f"min_tokens is {min_tokens}; it must not exceed {name} ({max_tokens})", "min_tokens"
+        )
+    if min_tokens:
+        p.min_new_tokens = min_tokens
+    p.ignore_eos = bool(body.ignore_eos)
     return p
 
 
@@ -605,7 +959,54 @@ def wav_bytes(pcm: bytes, sample_rate: int, channels: int) -> bytes:
     return buffer.getvalue()
 
 
-class ChatStream:
+class _Stream:
+    """What chat and text completion streams share: the chunk envelope and the usage chunks carry.
+
+    With ``include_usage`` a last chunk (no choices) carries the usage; with ``continuous_usage`` every
+    chunk carries a running one too: ``completion_tokens`` counts the text deltas so far (a lower bound:
+    the worker merges deltas when it is busy) and the prompt's count is null until the summary, which makes
+    the usage exact from the chunk with the finish reason on."""
+
+    object = ""
+
+    def __init__(
+        self, completion_id: str, created: int, model: str, include_usage: bool, continuous_usage: bool
+    ) -> None:
+        self.id = completion_id
+        self.created = created
+        self.model = model
+        self.include_usage = include_usage
+        self.continuous_usage = continuous_usage
+        self._text_deltas = 0
+        self._summary: gw.Summary | None = None
+
+    def _envelope(self, choices: list[dict]) -> dict:
+        chunk = {
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": choices,
+        }
+        if self.include_usage:
+            chunk["usage"] = self._running_usage() if self.continuous_usage else None
+        return chunk
+
+    def _running_usage(self) -> dict:
+        if self._summary is not None:
+            return usage(self._summary)
+        return {"prompt_tokens": None, "completion_tokens": self._text_deltas, "total_tokens": None}
+
+    def _finish(self, summary: gw.Summary, last_choice: dict) -> list[dict]:
+        self._summary = summary
+        chunks = [self._envelope([last_choice])]
+        if self.include_usage:
+            chunks.append({**self._envelope([]), "usage": usage(summary)})
+        return chunks
+
+
+class ChatStream(_Stream):
     """Turns the core's events into OpenAI ``chat.completion.chunk`` objects (one request, one choice).
 
     Text mode streams ``delta.content``. Speech mode streams as OpenAI does: the text as
@@ -614,10 +1015,10 @@ class ChatStream:
     file), and a last audio update with ``expires_at``.
     """
 
+    object = "chat.completion.chunk"
+
     def __init__(self, completion_id: str, created: int, model: str, options: ChatOptions) -> None:
-        self.id = completion_id
-        self.created = created
-        self.model = model
+        super().__init__(completion_id, created, model, options.include_usage, options.continuous_usage)
         self.options = options
         self.audio_id = f"audio_{completion_id.removeprefix('chatcmpl-')}"
         self._header_sent = False
@@ -625,17 +1026,9 @@ class ChatStream:
         self._channels = 1
 
     def _chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
-        chunk = {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": None,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
-        }
-        if self.options.include_usage:
-            chunk["usage"] = None
-        return chunk
+        return self._envelope(
+            [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+        )
 
     def start(self) -> dict:
         if self.options.audio_format:
@@ -647,6 +1040,7 @@ class ChatStream:
         if kind == "text":
             if not event.text.text:
                 return []
+            self._text_deltas += 1
             if self.options.audio_format:
                 return [self._chunk({"audio": {"id": self.audio_id, "transcript": event.text.text}})]
             return [self._chunk({"content": event.text.text})]
@@ -669,20 +1063,50 @@ class ChatStream:
             if self.options.audio_format == "wav" and not self._header_sent:
                 audio["data"] = base64.b64encode(wav_header(self._sample_rate, self._channels, 0)).decode()
             chunks.append(self._chunk({"audio": audio}))
-        chunks.append(self._chunk({}, FINISH_REASONS.get(summary.finish_reason, "stop")))
-        if self.options.include_usage:
-            chunks.append(
-                {
-                    "id": self.id,
-                    "object": "chat.completion.chunk",
-                    "created": self.created,
-                    "model": self.model,
-                    "system_fingerprint": None,
-                    "choices": [],
-                    "usage": usage(summary),
-                }
-            )
-        return chunks
+        last = {
+            "index": 0,
+            "delta": {},
+            "logprobs": None,
+            "finish_reason": FINISH_REASONS.get(summary.finish_reason, "stop"),
+        }
+        return chunks + self._finish(summary, last)
+
+
+class CompletionStream(_Stream):
+    """Turns the core's events into OpenAI ``text_completion`` chunks (one request, one choice); with
+    ``echo`` the first chunk is the prompt."""
+
+    object = "text_completion"
+
+    def __init__(self, completion_id: str, created: int, model: str, options: CompletionOptions) -> None:
+        super().__init__(completion_id, created, model, options.include_usage, options.continuous_usage)
+        self.options = options
+
+    def _chunk(self, text: str, finish_reason: str | None = None) -> dict:
+        return self._envelope([{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}])
+
+    def start(self) -> list[dict]:
+        return [self._chunk(self.options.echo)] if self.options.echo else []
+
+    def event(self, event: gw.GenerateResponse) -> list[dict]:
+        kind = event.WhichOneof("event")
+        if kind == "text" and event.text.text:
+            self._text_deltas += 1
+            return [self._chunk(event.text.text)]
+        if kind == "summary":
+            last = {
+                "index": 0,
+                "text": "",
+                "logprobs": None,
+                "finish_reason": FINISH_REASONS.get(event.summary.finish_reason, "stop"),
+            }
+            return self._finish(event.summary, last)
+        return []
+
+
+def _last_summary(events: list[gw.GenerateResponse]) -> gw.Summary:
+    summaries = [e.summary for e in events if e.WhichOneof("event") == "summary"]
+    return summaries[-1] if summaries else gw.Summary()
 
 
 def chat_completion(
@@ -691,8 +1115,7 @@ def chat_completion(
     """All events of one request as a non-streamed ``chat.completion``."""
     text = "".join(e.text.text for e in events if e.WhichOneof("event") == "text")
     chunks = [e.audio for e in events if e.WhichOneof("event") == "audio"]
-    summaries = [e.summary for e in events if e.WhichOneof("event") == "summary"]
-    summary = summaries[-1] if summaries else gw.Summary()
+    summary = _last_summary(events)
     message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
     if options.audio_format:
         pcm = b"".join(c.pcm for c in chunks)
@@ -716,6 +1139,34 @@ def chat_completion(
             {
                 "index": 0,
                 "message": message,
+                "logprobs": None,
+                "finish_reason": FINISH_REASONS.get(summary.finish_reason, "stop"),
+            }
+        ],
+        "usage": usage(summary),
+    }
+
+
+def text_completion(
+    completion_id: str,
+    created: int,
+    model: str,
+    options: CompletionOptions,
+    events: list[gw.GenerateResponse],
+) -> dict:
+    """All events of one request as a non-streamed ``text_completion``."""
+    text = "".join(e.text.text for e in events if e.WhichOneof("event") == "text")
+    summary = _last_summary(events)
+    return {
+        "id": completion_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [
+            {
+                "index": 0,
+                "text": (options.echo or "") + text,
                 "logprobs": None,
                 "finish_reason": FINISH_REASONS.get(summary.finish_reason, "stop"),
             }

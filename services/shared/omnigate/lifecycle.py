@@ -7,6 +7,9 @@ import datetime
 import json
 import logging
 import os
+import socket
+import threading
+import wsgiref.simple_server
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -82,14 +85,61 @@ def write_ports_file(path: str, grpc_port: int, metrics_port: int | None, **othe
 
 
 def start_metrics_server(host: str, port: int, registry) -> int | None:
-    """Serves ``registry`` on http://host:port/metrics (port 0 = OS-chosen, -1 = off); returns the port."""
-    from prometheus_client import start_http_server
+    """Serves ``registry`` on http://host:port/metrics (port 0 = OS-chosen, -1 = off); returns the port.
+
+    prometheus_client's own WSGI app and server classes, as its ``start_http_server`` uses them, with one
+    change (``_metrics_app``): HEAD is answered like GET without the body, where the library answers 405
+    with a body, which HTTP clients reject (a HEAD answer has none).
+    """
+    from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 
     if port < 0:
         return None
-    server, _ = start_http_server(port, addr=host, registry=registry)
+    family, _, _, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    server_class = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
+    server = wsgiref.simple_server.make_server(
+        address[0], port, _metrics_app(make_wsgi_app(registry)), server_class, handler_class=_QuietHandler
+    )
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     logging.getLogger(__name__).info("metrics on http://%s:%d/metrics", host, server.server_port)
     return server.server_port
+
+
+_METRICS_METHODS = "GET, HEAD, OPTIONS"
+
+
+def _metrics_app(app):
+    """prometheus_client's WSGI app with HEAD answered as GET without the body (same status and headers,
+    Content-Length included), and ``Allow`` naming HEAD too."""
+
+    def metrics_app(environ, start_response):
+        head = environ["REQUEST_METHOD"] == "HEAD"
+        if head:
+            environ = {**environ, "REQUEST_METHOD": "GET"}
+        answer: dict = {}
+
+        def capture(status, headers, exc_info=None):
+            answer["status"], answer["headers"] = status, headers
+            return lambda data: None  # the library returns its body; it never calls write()
+
+        body = b"".join(app(environ, capture))
+        headers = [(k, v) for k, v in answer["headers"] if k.lower() not in ("allow", "content-length")]
+        if any(k.lower() == "allow" for k, _ in answer["headers"]):
+            headers.append(("Allow", _METRICS_METHODS))
+        headers.append(("Content-Length", str(len(body))))
+        start_response(answer["status"], headers)
+        return [] if head else [body]
+
+    return metrics_app
+
+
+class _QuietHandler(wsgiref.simple_server.WSGIRequestHandler):
+    """Logs no line per scrape (as prometheus_client's own handler)."""
+
+    def log_message(self, format, *args) -> None:  # noqa: A002 - the base class's signature
+        pass
 
 
 def run_service(service: str, settings, serve: Callable[[Any], Awaitable[None]]) -> None:

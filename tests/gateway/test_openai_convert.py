@@ -447,3 +447,137 @@ def test_model_names():
     assert oc.model_matches("Qwen2.5-Omni-3B", "Qwen/Qwen2.5-Omni-3B")
     assert not oc.model_matches("gpt-4o", "Qwen/Qwen2.5-Omni-3B")
     assert oc.model_object("m", 3) == {"id": "m", "object": "model", "created": 3, "owned_by": "omnigate"}
+
+
+# ---- benchmark clients' extensions, domains, text completions ---------------------------------------
+
+
+def test_vllm_extensions_become_parameters():
+    p = chat(max_tokens=5, ignore_eos=True, top_k=-1, seed=-(2**63), min_tokens=0)[0].parameters
+    assert p.ignore_eos and p.max_new_tokens == 5 and not p.HasField("top_k") and not p.do_sample
+    assert p.seed == 2**63
+    # accepted at the value that matches what Omnigate does
+    chat(
+        skip_special_tokens=True,
+        include_stop_str_in_output=False,
+        spaces_between_special_tokens=False,
+        best_of=1,
+        n=1.0,
+        length_penalty=1.0,
+        min_p=0.0,
+        use_beam_search=False,
+        stop_token_ids=[],
+        priority=3,
+        cache_salt="abc",
+        add_generation_prompt=True,
+        continue_final_message=False,
+    )
+    assert not chat()[0].parameters.ignore_eos
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "words"),
+    [
+        (
+            {"max_tokens": 2**70},
+            "max_tokens",
+            "is an integer of 71 bits; it must be an integer between 1 and",
+        ),
+        ({"max_completion_tokens": 2**32}, "max_completion_tokens", "between 1 and 4294967295"),
+        ({"top_k": 2**31}, "top_k", "-1 or 0 (no cut-off) or an integer between 1 and 2147483647"),
+        ({"seed": 2**64}, "seed", "between -9223372036854775808 and 18446744073709551615"),
+        ({"min_tokens": 5, "max_tokens": 4}, "min_tokens", "must not exceed max_tokens (4)"),
+        (
+            {"temperature": float("nan")},
+            "temperature",
+            "temperature is nan; it must be 0 (greedy) or between",
+        ),
+        ({"temperature": 5e-324}, "temperature", "temperature is 5e-324"),
+        ({"top_p": 1e-45}, "top_p", "greater than 0 and at most 1"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty", "between 0.01 and 100"),
+        ({"presence_penalty": float("nan")}, "presence_penalty", "it must be 0"),
+        ({"mm_processor_kwargs": {"fps": 1e-300}}, "mm_processor_kwargs.fps", "greater than 0"),
+        ({"n": True}, "n", "n is true; it must be 1"),
+        ({"skip_special_tokens": False}, "skip_special_tokens", "it must be true"),
+        ({"best_of": 2}, "best_of", "it must be 1"),
+        ({"guided_regex": "a+"}, "guided_regex", "not supported"),
+        ({"stream_options": {"continuous_usage_stats": True}}, "stream_options", "stream"),
+        (
+            {"messages": [{"role": "user", "content": "a\ud800"}]},
+            "messages[0].content",
+            "U+D800 at character 1",
+        ),
+        ({"stop": ["ok", "\udc00"]}, "stop[1]", "unpaired UTF-16 surrogate"),
+        ({"\ud800x": 1}, None, "a key of the request body"),
+        ({"metadata": {"\ud800": "x"}}, "metadata", "a key of metadata"),
+        ({"x" * 5000: 1}, "x" * 64 + "... (5000 characters)", "Unrecognized"),
+    ],
+)
+def test_parameters_outside_their_domain_name_the_parameter(extra, param, words):
+    error = invalid({"messages": [{"role": "user", "content": "x"}], **extra})
+    assert error.param == param and words in error.message, error.message
+    assert len(error.message) < 300
+
+
+def test_a_deeply_nested_body_is_checked_without_recursion():
+    nested: list = []
+    for _ in range(50_000):
+        nested = [nested]
+    oc.refuse_invalid_unicode({"metadata": nested})
+    with pytest.raises(oc.InvalidParam):
+        oc.refuse_invalid_unicode({"metadata": [nested, "\ud800"]})
+
+
+def completion(**body) -> tuple[gw.GenerateRequest, oc.CompletionOptions]:
+    return oc.completion_request(oc.CompletionRequest.model_validate(body))
+
+
+def test_text_completion_requests():
+    request, options = completion(prompt=["Once"], max_tokens=3, echo=True, stream=True, ignore_eos=True)
+    assert [(m.role, m.content[0].text) for m in request.messages] == [("user", "Once")]
+    assert request.generation_mode == gw.GENERATION_MODE_TEXT and request.parameters.ignore_eos
+    assert options == oc.CompletionOptions(
+        stream=True, include_usage=False, continuous_usage=False, echo="Once"
+    )
+    _, options = completion(prompt="x", stream=True, stream_options={"continuous_usage_stats": True})
+    assert options.include_usage and options.continuous_usage
+    for body, words in [
+        ({"prompt": []}, "0 prompts"),
+        ({"prompt": [[1, 2]]}, "token ids"),
+        ({"prompt": 7}, "not text"),
+        ({"prompt": "x", "logprobs": 0}, "logprobs"),
+        ({"prompt": "x", "suffix": "!"}, "suffix"),
+    ]:
+        with pytest.raises(oc.InvalidParam) as err:
+            completion(**body)
+        assert words in err.value.message
+
+
+def test_continuous_usage_on_every_chunk():
+    options = oc.ChatOptions(True, True, None, None, continuous_usage=True)
+    stream = oc.ChatStream("chatcmpl-abc", 1, "m", options)
+    chunks = [stream.start()] + [c for e in _events(["a", "b", "c"]) for c in stream.event(e)]
+    usages = [c["usage"] for c in chunks]
+    assert [u["completion_tokens"] for u in usages[:4]] == [0, 1, 2, 3]
+    assert usages[1]["prompt_tokens"] is None, "unknown until the worker reports it"
+    exact = {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13}
+    assert usages[4] == exact and chunks[4]["choices"][0]["finish_reason"] == "length"
+    assert usages[5] == exact and chunks[5]["choices"] == []
+
+
+def test_text_completion_chunks_and_answer():
+    options = oc.CompletionOptions(stream=True, include_usage=True, echo="Say: ")
+    stream = oc.CompletionStream("cmpl-1", 2, "m", options)
+    chunks = stream.start() + [c for e in _events(["Hel", "lo"]) for c in stream.event(e)]
+    assert [c["choices"][0]["text"] for c in chunks[:4]] == ["Say: ", "Hel", "lo", ""]
+    assert all(c["object"] == "text_completion" and c["id"] == "cmpl-1" for c in chunks)
+    assert chunks[3]["choices"][0]["finish_reason"] == "length" and chunks[3]["usage"] is None
+    assert chunks[4]["choices"] == [] and chunks[4]["usage"]["completion_tokens"] == 2
+    answer = oc.text_completion("cmpl-1", 2, "m", options, _events(["Hel", "lo"]))
+    assert answer["choices"][0] == {
+        "index": 0,
+        "text": "Say: Hello",
+        "logprobs": None,
+        "finish_reason": "length",
+    }
+    assert answer["usage"] == {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12}

@@ -99,7 +99,10 @@ def test_a_too_short_audio_track_of_a_video_is_refused(processor):
 def test_text_with_a_lone_surrogate_is_refused(processor, text):
     request = GenerationRequest(messages=[Message("user", [ContentPart(Modality.TEXT, text=text)])])
     message = _refused(processor, request)
-    assert "lone UTF-16 surrogate" in message and "text must be valid Unicode" in message
+    assert (
+        "the text of message 0 contains an unpaired UTF-16 surrogate" in message
+        and "valid Unicode" in message
+    )
 
 
 class FakeProcessor:

@@ -22,6 +22,7 @@ import PIL.Image
 from omnigate.conversation import GenerationMode, GenerationRequest, Modality
 from omnigate.errors import InvalidInput
 from omnigate.media import MIN_AUDIO_DURATION_S, Audio
+from omnigate.validation import check_text
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def collect(request: GenerationRequest) -> CollectedMedia:
         content = []
         for part in message.content:
             if part.type is Modality.TEXT:
-                _check_text(part.text or "", index)
+                check_text(f"the text of message {index}", part.text or "")
                 content.append({"type": "text", "text": part.text or ""})
             elif part.type is Modality.IMAGE:
                 image = PIL.Image.fromarray(part.image.pixels, mode="RGB")
@@ -79,17 +80,6 @@ def collect(request: GenerationRequest) -> CollectedMedia:
                 content.append({"type": "video", "video": video.frames})
         out.messages.append({"role": message.role, "content": content})
     return out
-
-
-def _check_text(text: str, index: int) -> None:
-    """Refuses text that is not valid Unicode (a lone UTF-16 surrogate): no tokenizer can encode it."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise InvalidInput(
-            f"the text of message {index} holds a lone UTF-16 surrogate ({text[e.start]!r} at character "
-            f"{e.start}); text must be valid Unicode"
-        ) from None
 
 
 def _check_audio(audio: Audio, subject: str) -> None:

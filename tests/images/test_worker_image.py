@@ -1,12 +1,11 @@
 """Builds the worker image on a CPU base (torch included: ~6 GB, minutes) and serves the tiny model from it.
 
-Opt-in: OMNIGATE_TEST_WORKER_IMAGE=1 make chart-test. `make chart-test` leaves it out for time (the build takes
-about 6-7 minutes on 2 cores, most of it downloading and unpacking torch and the CUDA wheels).
+The slowest test of `make test`: measured on 2 cores, ~2.5 min when podman's layer cache holds the
+dependency layer, ~4 min without (most of it downloading and unpacking torch and the CUDA wheels).
 """
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 import uuid
@@ -21,10 +20,6 @@ from images import podman
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(podman.missing_reason() is not None, reason=str(podman.missing_reason())),
-    pytest.mark.skipif(
-        os.environ.get("OMNIGATE_TEST_WORKER_IMAGE") != "1",
-        reason="the worker image build takes ~7 minutes (torch): set OMNIGATE_TEST_WORKER_IMAGE=1 to run it",
-    ),
 ]
 
 TAG = "localhost/omnigate-worker:test"

@@ -12,7 +12,15 @@ from prometheus_client import CollectorRegistry
 
 from omnigate import tracing
 from omnigate.grpc_server import start_health_server
-from omnigate.lifecycle import run_service, start_metrics_server, write_ports_file
+from omnigate.lifecycle import (
+    Listener,
+    binding,
+    check_ports_free,
+    run_service,
+    settings_from_command_line,
+    start_metrics_server,
+    write_ports_file,
+)
 from omnigate_gateway.auth import Authenticator
 from omnigate_gateway.core import GatewayCore
 from omnigate_gateway.fetch import MediaFetcher
@@ -29,9 +37,45 @@ log = logging.getLogger("omnigate_gateway")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
+DESCRIPTION = """\
+The Omnigate gateway: the public side of an Omnigate deployment. It takes generation requests over gRPC
+(omnigate.gateway.v1.GatewayService) and over an OpenAI-compatible HTTP API (/v1/chat/completions, ...),
+fetches and decodes their media (images, audio, video by URL or inline) within its limits, and streams
+them to the workers that run the model (omnigate-worker), then streams their answers back. It serves
+grpc.health.v1 (SERVING while a worker is ready), reflection and Prometheus metrics.
 
-async def watch_workers(workers: WorkerPool, health_servicer) -> None:
-    """Keeps the gateway's health in step with its workers: SERVING while at least one worker is ready."""
+Every setting is a flag or an environment variable (shown in brackets); a flag wins over the variable."""
+
+EPILOG = """\
+examples:
+  omnigate-gateway --worker-target 127.0.0.1:50061
+  OMNIGATE_GATEWAY_WORKER_TARGET=dns:///omnigate-worker:50061 OMNIGATE_GATEWAY_HTTP_PORT=-1 omnigate-gateway
+
+More in README.md ("Configuration"); `make run` starts a worker and a gateway for local use."""
+
+
+def listeners(settings: GatewaySettings) -> list[Listener]:
+    """The gateway's ports, with the setting (and the `make run` variable) that changes each."""
+    return [
+        Listener("gateway gRPC", settings.host, settings.port, "OMNIGATE_GATEWAY_PORT", "GATEWAY_PORT"),
+        Listener(
+            "gateway metrics",
+            settings.metrics_host,
+            settings.metrics_port,
+            "OMNIGATE_GATEWAY_METRICS_PORT",
+            "GATEWAY_METRICS_PORT",
+        ),
+        Listener(
+            "HTTP API", settings.http_host, settings.http_port, "OMNIGATE_GATEWAY_HTTP_PORT", "HTTP_PORT"
+        ),
+        Listener("gateway health", settings.host, settings.health_port, "OMNIGATE_GATEWAY_HEALTH_PORT"),
+    ]
+
+
+async def watch_workers(workers: WorkerPool, health_servicer, ready_message: str = "") -> None:
+    """Keeps the gateway's health in step with its workers: SERVING while at least one worker is ready.
+    The first time it can serve, it logs ``ready_message`` (the line a user waits for)."""
+    announced = False
     async for ready in workers.watch_ready():
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, SERVING if ready else NOT_SERVING)
@@ -41,13 +85,19 @@ async def watch_workers(workers: WorkerPool, health_servicer) -> None:
             workers.target,
             ", ".join(f"{n} {state}" for state, n in workers.counts().items() if n) or "none found",
         )
+        if ready and not announced and ready_message:
+            log.info("%s", ready_message)
+            announced = True
 
 
 async def serve(settings: GatewaySettings, *, resolver: Resolver | None = None) -> None:
     """Runs the gateway until SIGTERM/SIGINT. ``resolver`` replaces the system's name resolution (tests)."""
+    grpc_listener, metrics_listener, http_listener, health_listener = listeners(settings)
+    check_ports_free([grpc_listener, metrics_listener, http_listener, health_listener])
     registry = CollectorRegistry()
     metrics = GatewayMetrics(registry)
-    metrics_port = start_metrics_server(settings.metrics_host, settings.metrics_port, registry)
+    with binding(metrics_listener):
+        metrics_port = start_metrics_server(settings.metrics_host, settings.metrics_port, registry)
 
     fetcher = MediaFetcher(settings.fetch_limits(), resolver=resolver)
     ingestor = MediaIngestor(fetcher, settings, metrics)
@@ -57,7 +107,8 @@ async def serve(settings: GatewaySettings, *, resolver: Resolver | None = None) 
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, NOT_SERVING)
     core = GatewayCore(settings, worker, ingestor, metrics, Authenticator(settings, metrics))
-    server, port = build_server(GatewayServicer(core), settings, health_servicer)
+    with binding(grpc_listener):
+        server, port = build_server(GatewayServicer(core), settings, health_servicer)
     # The OpenAI-compatible HTTP API: bound first (a busy port fails the start), served on this event loop.
     http = None
     if settings.http_port >= 0:
@@ -66,9 +117,10 @@ async def serve(settings: GatewaySettings, *, resolver: Resolver | None = None) 
     if http is not None:
         await http.start()
         log.info("OpenAI-compatible HTTP API on %s/v1", http.url)
-    health_server, health_port = await start_health_server(
-        health_servicer, settings.host, settings.health_port
-    )
+    with binding(health_listener):
+        health_server, health_port = await start_health_server(
+            health_servicer, settings.host, settings.health_port
+        )
     if settings.ports_file:
         write_ports_file(
             settings.ports_file,
@@ -78,7 +130,12 @@ async def serve(settings: GatewaySettings, *, resolver: Resolver | None = None) 
             http_port=http.port if http else None,
         )
     log.info("gateway gRPC listening on %s:%d, worker %s", settings.host, port, settings.worker_target)
-    watcher = asyncio.create_task(watch_workers(worker, health_servicer))
+    ready = f"Omnigate is ready: gRPC {settings.host}:{port}"
+    if http is not None:
+        ready += f", HTTP {http.url}/v1"
+    if metrics_port is not None:
+        ready += f", metrics http://{settings.metrics_host}:{metrics_port}/metrics"
+    watcher = asyncio.create_task(watch_workers(worker, health_servicer, ready))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -101,7 +158,8 @@ async def serve(settings: GatewaySettings, *, resolver: Resolver | None = None) 
 
 
 def main() -> None:
-    run_service(tracing.GATEWAY, GatewaySettings(_cli_parse_args=True), serve)
+    settings = settings_from_command_line(GatewaySettings, "omnigate-gateway", DESCRIPTION, EPILOG)
+    run_service(tracing.GATEWAY, settings, serve)
 
 
 if __name__ == "__main__":

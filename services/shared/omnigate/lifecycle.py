@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
 import datetime
+import errno
 import json
 import logging
 import os
 import socket
 import threading
 import wsgiref.simple_server
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, CliSettingsSource
 from pythonjsonlogger.json import JsonFormatter
 
 from omnigate import tracing
@@ -144,10 +150,124 @@ class _QuietHandler(wsgiref.simple_server.WSGIRequestHandler):
 
 def run_service(service: str, settings, serve: Callable[[Any], Awaitable[None]]) -> None:
     """Runs ``serve(settings)`` with the service's logging and tracing set up; the spans still batched are
-    exported on the way out, however it ends."""
+    exported on the way out, however it ends. A port that is taken ends the process with one error line
+    naming the port and its setting (exit status 1), not a traceback."""
     configure_logging(settings.log_level, settings.log_format, service)
     tracing.configure(service, otlp_endpoint=settings.otlp_endpoint, sample_ratio=settings.trace_sample_ratio)
     try:
         asyncio.run(serve(settings))
+    except PortInUseError as e:
+        logging.getLogger(service).error("%s", e)
+        raise SystemExit(1) from None
     finally:
         tracing.shutdown(service)
+
+
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
+def settings_from_command_line(
+    settings_cls: type[SettingsT],
+    prog: str,
+    description: str,
+    epilog: str = "",
+    args: list[str] | None = None,
+) -> SettingsT:
+    """The service's settings from its flags and environment (flags win), with a ``--help`` that says what
+    the service does and lists every setting as a flag and an environment variable, with its description
+    and default. An invalid value ends the process with a short message (exit status 2), not a traceback.
+    """
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        usage="%(prog)s [-h] [--SETTING VALUE ...]",
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    source = CliSettingsSource(
+        settings_cls,
+        root_parser=parser,
+        cli_parse_args=True if args is None else args,
+        cli_show_env_vars=True,
+    )
+    try:
+        return settings_cls(_cli_settings_source=source)
+    except ValidationError as e:
+        prefix = settings_cls.model_config.get("env_prefix", "")
+        problems = []
+        for error in e.errors():
+            field = str(error["loc"][0]) if error["loc"] else ""
+            where = f"{prefix}{field.upper()} (--{field.replace('_', '-')}): " if field else ""
+            problems.append(
+                f"  {where}{error['msg']} (got {error.get('input')!r})" if field else f"  {error['msg']}"
+            )
+        parser.exit(2, f"{prog}: invalid settings:\n" + "\n".join(problems) + "\n")
+
+
+@dataclass(frozen=True)
+class Listener:
+    """A port a service listens on, and how a user picks another one."""
+
+    what: str  # "gateway gRPC"
+    host: str
+    port: int  # 0 = OS-chosen, -1 = off
+    setting: str  # the environment variable, e.g. OMNIGATE_GATEWAY_PORT
+    make_variable: str | None = None  # the variable of `make run` (the local profile) setting it, if any
+
+    def in_use_message(self) -> str:
+        how = f"make run {self.make_variable}=... or " if self.make_variable else ""
+        return f"port {self.port} is in use ({self.what} on {self.host}); choose another with {how}{self.setting}=..."
+
+
+class PortInUseError(Exception):
+    """A port a service is set to listen on is taken by another process."""
+
+    def __init__(self, listener: Listener) -> None:
+        super().__init__(listener.in_use_message())
+        self.listener = listener
+
+
+def check_ports_free(listeners: Iterable[Listener]) -> None:
+    """Raises ``PortInUseError`` for the first fixed port that another process listens on.
+
+    Checked before anything starts, with a plain bind: gRPC servers bind with SO_REUSEPORT, so a second
+    server on a port another gRPC server holds (a second `make run`) would share it silently instead of
+    failing.
+    """
+    for listener in listeners:
+        if listener.port > 0 and _in_use(listener.host, listener.port):
+            raise PortInUseError(listener)
+
+
+@contextlib.contextmanager
+def binding(listener: Listener) -> Iterator[None]:
+    """Turns a failure to bind ``listener``'s port into ``PortInUseError`` when the port is taken (another
+    process took it after ``check_ports_free``)."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:  # RuntimeError: gRPC's "could not bind" (grpc_server)
+        taken = getattr(e, "errno", None) == errno.EADDRINUSE
+        if listener.port > 0 and (taken or _in_use(listener.host, listener.port)):
+            raise PortInUseError(listener) from None
+        raise
+
+
+def _in_use(host: str, port: int) -> bool:
+    """Whether binding ``host:port`` fails because another socket listens there."""
+    try:
+        addresses = socket.getaddrinfo(
+            host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror:
+        return False  # an unusable host: the server's own bind reports it
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as sock:
+            # As servers bind: a connection of an earlier run in TIME_WAIT is no conflict.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(address)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    return True
+    return False

@@ -19,6 +19,39 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+# Qwen2.5-Omni's talker config (vocabulary: 8448 codec tokens) carries the thinker's token ids for its text,
+# vision and audio markers (151647-151861): the talker reads them against the thinker's embeddings, so they
+# are right. transformers' config check compares them with the talker's own vocabulary and warns about each
+# one at every load, for the real checkpoints and the tiny model alike; nothing a user can or should change.
+_TALKER_THINKER_TOKEN_IDS = (
+    "tts_text_start_token_id",
+    "tts_text_end_token_id",
+    "tts_text_pad_token_id",
+    "vision_start_token_id",
+    "vision_end_token_id",
+    "audio_start_token_id",
+    "audio_end_token_id",
+)
+
+
+class _TalkerTokenIdWarnings(logging.Filter):
+    """Drops exactly the config warnings above (transformers.configuration_utils); every other passes."""
+
+    PREFIXES = tuple(
+        f"Model config: {name} must be `None` or an integer within the vocabulary"
+        for name in _TALKER_THINKER_TOKEN_IDS
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith(self.PREFIXES))
+
+
+def silence_known_load_warnings() -> None:
+    """Installs the filter above once (idempotent)."""
+    config_log = logging.getLogger("transformers.configuration_utils")
+    if not any(isinstance(f, _TalkerTokenIdWarnings) for f in config_log.filters):
+        config_log.addFilter(_TalkerTokenIdWarnings())
+
 
 @dataclass
 class LoadedModel:
@@ -75,6 +108,7 @@ def load(
     torch_dtype = resolve_dtype(dtype, dev)
     attn = resolve_attention(attn_implementation, dev)
     log.info("loading %s on %s as %s with %s attention", model_id, dev, torch_dtype, attn)
+    silence_known_load_warnings()
     model = AutoModelForMultimodalLM.from_pretrained(
         model_id, dtype=torch_dtype, attn_implementation=attn, trust_remote_code=trust_remote_code
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 import time
 
 from grpc_health.v1 import health, health_pb2
@@ -12,7 +13,15 @@ from prometheus_client import CollectorRegistry
 
 from omnigate import tracing
 from omnigate.grpc_server import start_health_server
-from omnigate.lifecycle import run_service, start_metrics_server, write_ports_file
+from omnigate.lifecycle import (
+    Listener,
+    binding,
+    check_ports_free,
+    run_service,
+    settings_from_command_line,
+    start_metrics_server,
+    write_ports_file,
+)
 from omnigate_worker.metrics import WorkerMetrics
 from omnigate_worker.scheduler import Scheduler
 from omnigate_worker.server import SERVICE_NAME, WorkerServicer, build_server
@@ -20,11 +29,45 @@ from omnigate_worker.settings import WorkerSettings
 
 log = logging.getLogger("omnigate_worker")
 
+DESCRIPTION = """\
+The Omnigate worker: loads one Hugging Face multimodal model through transformers
+(AutoModelForMultimodalLM + AutoProcessor, on a GPU or the CPU) and generates for the gateway
+(omnigate-gateway) over gRPC (omnigate.worker.v1.WorkerService): text, speech or images, streamed, with
+requests batched together. It serves grpc.health.v1 (SERVING once the model is loaded and warmed up),
+reflection and Prometheus metrics. Clients talk to the gateway, not to the worker.
+
+Every setting is a flag or an environment variable (shown in brackets); a flag wins over the variable."""
+
+EPILOG = """\
+examples:
+  omnigate-worker --model models/tiny-qwen2.5-omni
+  omnigate-worker --model Qwen/Qwen2.5-Omni-3B --dtype bfloat16 --device cuda:0
+
+More in README.md ("Configuration"); `make run` starts a worker and a gateway for local use."""
+
+
+def listeners(settings: WorkerSettings) -> list[Listener]:
+    """The worker's ports, with the setting (and the `make run` variable) that changes each."""
+    return [
+        Listener("worker gRPC", settings.host, settings.port, "OMNIGATE_WORKER_PORT", "WORKER_PORT"),
+        Listener(
+            "worker metrics",
+            settings.metrics_host,
+            settings.metrics_port,
+            "OMNIGATE_WORKER_METRICS_PORT",
+            "WORKER_METRICS_PORT",
+        ),
+        Listener("worker health", settings.host, settings.health_port, "OMNIGATE_WORKER_HEALTH_PORT"),
+    ]
+
 
 async def serve(settings: WorkerSettings) -> None:
+    grpc_listener, metrics_listener, health_listener = listeners(settings)
+    check_ports_free([grpc_listener, metrics_listener, health_listener])
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry)
-    metrics_port = start_metrics_server(settings.metrics_host, settings.metrics_port, registry)
+    with binding(metrics_listener):
+        metrics_port = start_metrics_server(settings.metrics_host, settings.metrics_port, registry)
 
     health_servicer = health.aio.HealthServicer()
     for name in ("", SERVICE_NAME):
@@ -32,11 +75,13 @@ async def serve(settings: WorkerSettings) -> None:
 
     # The server starts before the model loads so that health checks answer NOT_SERVING meanwhile.
     servicer = WorkerServicer(settings, metrics)
-    server, port = build_server(servicer, settings, health_servicer)
+    with binding(grpc_listener):
+        server, port = build_server(servicer, settings, health_servicer)
     await server.start()
-    health_server, health_port = await start_health_server(
-        health_servicer, settings.host, settings.health_port
-    )
+    with binding(health_listener):
+        health_server, health_port = await start_health_server(
+            health_servicer, settings.host, settings.health_port
+        )
     if settings.ports_file:
         write_ports_file(settings.ports_file, port, metrics_port, health_port=health_port)
     log.info("worker gRPC listening on %s:%d (loading %s)", settings.host, port, settings.model)
@@ -78,6 +123,7 @@ def _load_engine(settings: WorkerSettings, metrics: WorkerMetrics):
     from omnigate_worker import loading
     from omnigate_worker.transformers_engine import TransformersEngine
 
+    _route_transformers_logs(settings.log_format)
     loaded = loading.load(
         settings.model,
         settings.device,
@@ -90,8 +136,21 @@ def _load_engine(settings: WorkerSettings, metrics: WorkerMetrics):
     return TransformersEngine(loaded, settings, settings.model, metrics=metrics)
 
 
+def _route_transformers_logs(log_format: str) -> None:
+    """transformers writes its warnings through a handler of its own (plain "[transformers] ..." lines,
+    JSON logs or not); send them through the service's handler and format instead. Its progress bars
+    (loading weights) are for a terminal, not for JSON log lines or a log file."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_default_handler()
+    transformers_logging.enable_propagation()
+    if log_format == "json" or not sys.stderr.isatty():
+        transformers_logging.disable_progress_bar()
+
+
 def main() -> None:
-    run_service(tracing.WORKER, WorkerSettings(_cli_parse_args=True), serve)
+    settings = settings_from_command_line(WorkerSettings, "omnigate-worker", DESCRIPTION, EPILOG)
+    run_service(tracing.WORKER, settings, serve)
 
 
 if __name__ == "__main__":

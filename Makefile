@@ -191,3 +191,17 @@ images:
 		$(IMAGE_SECRET_ARGS) $(IMAGE_BUILD_ARGS) . && \
 	$(CONTAINER_ENGINE) build -f Dockerfile.worker -t $(IMAGE_REGISTRY)/omnigate-worker:$(IMAGE_TAG) \
 		$(IMAGE_SECRET_ARGS) $(IMAGE_BUILD_ARGS) .
+
+# ---- AIPerf: NVIDIA's benchmark client for OpenAI-compatible servers (bench/aiperf.py says what it checks) -----
+AIPERF_ARGS ?=
+.PHONY: aiperf-tools bench-aiperf
+
+## AIPerf 0.13.0 into .tools/aiperf-venv, a venv of its own so its pins never touch .venv (first time: ~3 min)
+aiperf-tools: install
+	$(PY) bench/aiperf.py --install-only
+
+## AIPerf streamed chat, ignore_eos, server token counts, on a stack of its own: bench/results/aiperf.json
+# Zero errors and AIPerf's token counts equal to the server's, or it fails. AIPERF_ARGS='--requests 50',
+# '--endpoint completions', '--url http://127.0.0.1:8000' (a running `make run`; no per-request check then).
+bench-aiperf: install protos models aiperf-tools
+	$(PY) bench/aiperf.py $(AIPERF_ARGS)

@@ -262,12 +262,16 @@ def check(run: AiperfRun, requests: int, output_tokens: int, stack: Stack | None
         deadline = time.monotonic() + 10  # the last access lines may still be on their way to the log
         while True:
             output, prompt = server_counts(stack)
-            missing = [r.request_id for r in run.records if r.request_id not in output]
+            missing = [
+                r.request_id for r in run.records if r.request_id not in output or r.request_id not in prompt
+            ]
             if not missing or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
         if missing:
-            problems.append(f"{len(missing)} requests have no gateway access line (e.g. {missing[0]})")
+            problems.append(
+                f"{len(missing)} requests lack a gateway or worker access line (e.g. {missing[0]})"
+            )
         for r in run.records:
             if r.request_id in output and output[r.request_id] != r.output_tokens:
                 problems.append(

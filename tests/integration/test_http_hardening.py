@@ -381,3 +381,17 @@ def test_no_query_string_or_credential_reaches_the_log(gateway, http):
     log = gateway.log_path.read_text(errors="replace")
     for secret in ("SECRET-QUERY", "SECRET-KEY"):
         assert secret not in log
+
+
+@pytest.mark.parametrize(
+    ("raw", "words"),
+    [
+        (b'{"messages": [], "max_tokens": ' + b"9" * 5000 + b"}", "more than 4300 digits"),
+        (b'{"metadata": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+        (b'{"messages": [{"role": "user", "content": "Hi \xff"}]}', "not UTF-8"),
+    ],
+    ids=["huge-number", "deep", "latin-1"],
+)
+def test_a_body_json_cannot_parse_is_400_saying_why(http, raw, words):
+    error = _error(http.post("/v1/chat/completions", content=raw, headers=JSON))
+    assert error["code"] == "invalid_json" and words in error["message"], error

@@ -173,6 +173,13 @@ def create_app(core: GatewayCore, settings: GatewaySettings, health: HealthProbe
                 "invalid_request_error",
                 "method_not_allowed",
             )
+        elif exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI could not parse the body
+            count_refusal(request.url.path, "INVALID_ARGUMENT")
+            body = oc.error_body(
+                f"the request body is not valid JSON ({_unparsable(exc.__cause__)})",
+                "invalid_request_error",
+                "invalid_json",
+            )
         else:
             body = oc.error_body(str(exc.detail), "invalid_request_error", None)
         return refusal(request, body, exc.status_code, getattr(exc, "headers", None))
@@ -286,6 +293,17 @@ def _timeout(headers, streamed: bool, maximum_s: float) -> float | None:
         )
     # A huge value (1e308) would overflow the deadline arithmetic into an immediate timeout.
     return min(value, maximum_s)
+
+
+def _unparsable(cause: BaseException) -> str:
+    """Why Python's JSON parser gave up on a body (its own errors are JSONDecodeError, answered elsewhere)."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"it is not UTF-8: byte {cause.start} is {cause.object[cause.start : cause.start + 1]!r}"
+    if isinstance(cause, RecursionError):
+        return "it is nested too deeply"
+    if isinstance(cause, ValueError) and "digits" in str(cause):
+        return "a number has more than 4300 digits"
+    return type(cause).__name__
 
 
 async def _collect(events: AsyncIterator[gw.GenerateResponse]) -> list[gw.GenerateResponse]:

@@ -187,6 +187,9 @@ def run_aiperf(
         "--use-server-token-count",
         *(["--per-chunk-usage"] if endpoint == "chat" else []),
         *(["--server-metrics", *metrics_urls] if metrics_urls else ["--no-server-metrics"]),
+        # AIPerf looks for NVIDIA's DCGM exporter on localhost:9400 and :9401 by default: `make run`'s
+        # metrics ports. Nothing here is a GPU's.
+        "--no-gpu-telemetry",
         "--random-seed",
         "7",
         "--ui-type",

@@ -24,9 +24,10 @@ def missing_reason() -> str | None:
     the image tests with the rest.
 
     (They once ran only in a pytest process of their own: inside the full run, podman builds were seen
-    hanging on a plain COPY with buildah's copier spinning at 100 % CPU. That was the real-time scheduling
-    policy the test media's AV1 encoder gave the whole test run, inherited by podman; media_factory now
-    restores it and tests/conftest.py fails the step that changes it.)
+    hanging on a plain COPY with buildah's copier spinning at 100 % CPU. Most likely that was the real-time
+    scheduling policy the test media's AV1 encoder gave the whole test run, which every process started
+    later inherited; media_factory now restores it and tests/conftest.py fails the step that changes it.
+    Builds after media-encoding tests in one process were seen to run normally since.)
     """
     for tool in ("podman", "debootstrap"):
         if shutil.which(tool) is None:

@@ -217,7 +217,8 @@ class Listener:
 
     def in_use_message(self) -> str:
         how = f"make run {self.make_variable}=... or " if self.make_variable else ""
-        return f"port {self.port} is in use ({self.what} on {self.host}); choose another with {how}{self.setting}=..."
+        where = f"{self.what} on {self.host}"
+        return f"port {self.port} is in use ({where}); choose another with {how}{self.setting}=..."
 
 
 class PortInUseError(Exception):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import math
 import struct
 import threading
@@ -23,6 +24,7 @@ from hypothesis import strategies as st
 from stack import metric_sum, scrape_metrics
 
 from omnigate.gateway.v1 import gateway_pb2 as pb
+from omnigate.gateway.v1 import gateway_pb2_grpc
 
 pytestmark = pytest.mark.slow
 
@@ -281,3 +283,26 @@ def test_random_parameters_and_media_never_fail_internally(
     parts = [_inline(*item)] if item is not None else []
     code, message = _call(channel, _request(*parts, _text(text or "hi"), **params))
     assert code in CLIENT_ERRORS | {grpc.StatusCode.OK}, (code, message)
+
+
+def test_a_refused_grpc_request_has_an_access_line_saying_why(omni_stack, channel):
+    stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as err:
+        list(
+            stub.Generate(
+                _request(do_sample=True, temperature=-1.0), metadata=[("x-request-id", "hostile-why-1")]
+            )
+        )
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        lines = [
+            json.loads(line)
+            for line in omni_stack.gateway.log_path.read_text(errors="replace").splitlines()
+            if '"hostile-why-1"' in line and "omnigate_gateway.access" in line
+        ]
+        if lines:
+            break
+        time.sleep(0.2)
+    assert len(lines) == 1 and lines[0]["code"] == "INVALID_ARGUMENT", lines
+    assert lines[0]["reason"].startswith("temperature is -1.0; it must be 0 (greedy) or between")

@@ -359,6 +359,7 @@ def test_a_refusal_by_the_core_is_logged_once(gateway, http):
     assert response.status_code == 400
     lines = _access_lines(gateway.log_path, "refused-core")
     assert len(lines) == 1 and lines[0]["code"] == "INVALID_ARGUMENT", lines
+    assert "Nobody" in lines[0]["reason"], "the core's own refusals say why too"
 
 
 def test_a_streamed_request_access_line_carries_its_request_id(gateway, http):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -141,3 +142,11 @@ def test_accepted_values_never_make_probabilities_nan(temperature, penalty, logi
     scores = processors(torch.tensor([[0, 1]]), torch.tensor([logits], dtype=torch.float32))
     probs = torch.softmax(scores, dim=-1)
     assert torch.isfinite(probs).all() and abs(float(probs.sum()) - 1) < 1e-3
+
+
+@pytest.mark.parametrize(("name", "value"), [("temperature", 1e-5), ("repetition_penalty", 0.01)])
+def test_the_documented_minimum_is_accepted_as_float32_carries_it(name, value):
+    """A protobuf float field carries 1e-5 as 9.99999975e-06: still the minimum, not under it."""
+    carried = float(np.float32(value))
+    assert carried < value
+    validation.checked_params(dataclasses.replace(BASE, **{name: carried}))

@@ -39,6 +39,7 @@ MODE_OUTPUT = {
 
 
 access_log = logging.getLogger("omnigate_gateway.access")
+REASON_CHARS = 300  # of a refusal's message in its access line
 
 
 def new_request_id() -> str:
@@ -92,16 +93,17 @@ class GatewayCore:
             kind=tracing.SpanKind.SERVER,
             attributes={"omnigate.request_id": call.request_id, "omnigate.protocol": call.protocol},
         )
-        code = grpc.StatusCode.OK
+        code, reason = grpc.StatusCode.OK, None
         with tracing.activate(span, request_id=call.request_id):
             try:
                 return self._public_model_info(call)
             except Exception as exc:
-                code = status.to_status(exc).code
+                refusal = status.to_status(exc)
+                code, reason = refusal.code, refusal.details
                 raise
             finally:
                 self.metrics.requests.labels(call.rpc, code.name, "none").inc()
-                _log_access(call, code.name, "none", time.monotonic() - started, 0)
+                _log_access(call, code.name, "none", time.monotonic() - started, 0, reason)
                 tracing.end_span(span, code.name)
 
     def _public_model_info(self, call: Call) -> gateway_pb2.GetModelInfoResponse:
@@ -137,7 +139,7 @@ class GatewayCore:
             kind=tracing.SpanKind.SERVER,
             attributes={"omnigate.request_id": call.request_id, "omnigate.protocol": call.protocol},
         )
-        code, output_tokens, stream_span = "OK", 0, None
+        code, output_tokens, stream_span, reason = "OK", 0, None, None
         with tracing.activate(span, request_id=call.request_id):
             try:
                 async with contextlib.aclosing(self._generate(request, call)) as events:
@@ -151,14 +153,15 @@ class GatewayCore:
                 code = _cancelled_code(call, started).name
                 raise
             except Exception as exc:
-                code = status.to_status(exc).code.name
+                refusal = status.to_status(exc)
+                code, reason = refusal.code.name, refusal.details
                 raise
             finally:
                 if stream_span is not None:
                     stream_span.end()
                 mode = convert.PUBLIC_MODES.get(getattr(request, "generation_mode", None))
                 mode = mode.value if mode is not None else "unknown"
-                _log_access(call, code, mode, time.monotonic() - started, output_tokens)
+                _log_access(call, code, mode, time.monotonic() - started, output_tokens, reason)
                 span.set_attribute("omnigate.mode", mode)
                 tracing.end_span(span, code)
 
@@ -257,16 +260,21 @@ def _cancelled_code(call: Call, started: float) -> grpc.StatusCode:
     return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
 
 
-def _log_access(call: Call, code: str, mode: str, duration_s: float, output_tokens: int) -> None:
-    """The one access line of a call (both RPCs, every front door)."""
+def _log_access(
+    call: Call, code: str, mode: str, duration_s: float, output_tokens: int, reason: str | None = None
+) -> None:
+    """The one access line of a call (both RPCs, every front door); a refused or failed call's line says
+    why (the status message the caller got, cut to REASON_CHARS)."""
+    reason = reason[:REASON_CHARS] if reason else None
     access_log.info(
-        "%s %s %s mode=%s duration_s=%.3f output_tokens=%d",
+        "%s %s %s mode=%s duration_s=%.3f output_tokens=%d%s",
         call.rpc,
         code,
         call.protocol,
         mode,
         duration_s,
         output_tokens,
+        f" reason={reason!r}" if reason else "",
         extra={
             "rpc": call.rpc,
             "code": code,
@@ -274,5 +282,6 @@ def _log_access(call: Call, code: str, mode: str, duration_s: float, output_toke
             "mode": mode,
             "duration_s": round(duration_s, 6),
             "output_tokens": output_tokens,
+            **({"reason": reason} if reason else {}),
         },
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import struct
 from dataclasses import dataclass
 
 from omnigate.conversation import GenerationParams, GenerationRequest
@@ -25,6 +26,16 @@ MIN_TEMPERATURE = 1e-5
 MAX_TEMPERATURE = 100.0
 MIN_REPETITION_PENALTY = 0.01
 MAX_REPETITION_PENALTY = 100.0
+
+
+def _float32(value: float) -> float:
+    """``value`` as a protobuf ``float`` field carries it (1e-5 arrives as 9.99999975e-06)."""
+    return struct.unpack("<f", struct.pack("<f", value))[0]
+
+
+# The lower bounds as the wire can state them: a client sending exactly the documented minimum is accepted.
+_MIN_TEMPERATURE_F32 = _float32(MIN_TEMPERATURE)
+_MIN_REPETITION_PENALTY_F32 = _float32(MIN_REPETITION_PENALTY)
 MAX_TOP_K = 2**31 - 1
 MAX_SEED = 2**64 - 1
 MAX_STOP_STRINGS = 16
@@ -99,7 +110,7 @@ def checked_params(p: GenerationParams, max_new_tokens_limit: int | None = None)
     if temperature is not None:
         if not (
             math.isfinite(temperature)
-            and (temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE)
+            and (temperature == 0 or _MIN_TEMPERATURE_F32 <= temperature <= MAX_TEMPERATURE)
         ):
             raise InvalidInput(
                 f"temperature is {_number(temperature)}; it must be 0 (greedy) or between {MIN_TEMPERATURE:g} "
@@ -112,7 +123,9 @@ def checked_params(p: GenerationParams, max_new_tokens_limit: int | None = None)
     if p.top_k is not None:
         _check_int("top_k", p.top_k, 0, MAX_TOP_K)
     rp = p.repetition_penalty
-    if rp is not None and not (math.isfinite(rp) and MIN_REPETITION_PENALTY <= rp <= MAX_REPETITION_PENALTY):
+    if rp is not None and not (
+        math.isfinite(rp) and _MIN_REPETITION_PENALTY_F32 <= rp <= MAX_REPETITION_PENALTY
+    ):
         raise InvalidInput(
             f"repetition_penalty is {_number(rp)}; it must be between {MIN_REPETITION_PENALTY:g} and "
             f"{MAX_REPETITION_PENALTY:g} (1 = no penalty)"

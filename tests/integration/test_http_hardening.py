@@ -396,3 +396,17 @@ def test_no_query_string_or_credential_reaches_the_log(gateway, http):
 def test_a_body_json_cannot_parse_is_400_saying_why(http, raw, words):
     error = _error(http.post("/v1/chat/completions", content=raw, headers=JSON))
     assert error["code"] == "invalid_json" and words in error["message"], error
+
+
+def test_a_body_of_100k_messages_is_refused_by_count(gateway, http):
+    """Refused before its messages are validated one by one (which held the event loop for a second)."""
+    body = {"messages": [{"role": "user", "content": "a"}] * 100_000, "max_tokens": 2}
+    response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code in (400, 413), response.text
+    assert "100000 messages; the limit is 1024" in response.json()["error"]["message"]
+    parts = {
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}] * 5000}],
+        "max_tokens": 2,
+    }
+    response = http.post("/v1/chat/completions", json=parts)
+    assert "5000 content parts; the limit is 4096" in response.json()["error"]["message"]

@@ -58,6 +58,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from omnigate import tls, tracing
 from omnigate.errors import InternalError, OmnigateError, quote
 from omnigate.gateway.v1 import gateway_pb2 as gw
+from omnigate.validation import RequestLimits
 from omnigate_gateway import openai_convert as oc
 from omnigate_gateway.auth import credential
 from omnigate_gateway.core import Call, GatewayCore, access_log, request_id_from
@@ -221,8 +222,9 @@ def create_app(core: GatewayCore, settings: GatewaySettings, health: HealthProbe
             )
         return oc.model_object(info.model_id, started)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: oc.ChatCompletionRequest, request: Request):
+    chat_body = oc.bounded_chat_request(RequestLimits(settings.max_messages, settings.max_content_parts))
+
+    async def chat_completions(body, request: Request):
         info = served_model(body.model)
         proto, options = oc.chat_request(body, info.max_new_tokens if info is not None else None)
         if info is not None and options.voice:
@@ -236,6 +238,9 @@ def create_app(core: GatewayCore, settings: GatewaySettings, health: HealthProbe
             collected, _ = await _until_disconnect(request, _collect(events))
             return oc.chat_completion(completion_id, created, model, options, collected)
         return await _event_stream(request, events, oc.ChatStream(completion_id, created, model, options))
+
+    chat_completions.__annotations__["body"] = chat_body  # a class built here: not a name FastAPI can look up
+    app.post("/v1/chat/completions")(chat_completions)
 
     @app.post("/v1/completions")
     async def completions(body: oc.CompletionRequest, request: Request):

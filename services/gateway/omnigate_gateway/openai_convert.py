@@ -429,6 +429,27 @@ class ChatCompletionRequest(_GenerationBody):
     reasoning_effort: str | None = None
 
 
+def bounded_chat_request(limits: validation.RequestLimits) -> type[ChatCompletionRequest]:
+    """``ChatCompletionRequest`` that refuses more messages or content parts than ``limits`` before it
+    validates any of them: a 3 MB body of 100,000 tiny messages would otherwise hold the event loop for
+    a second in validation and conversion before the core's own count check refused it."""
+
+    class BoundedChatCompletionRequest(ChatCompletionRequest):
+        @model_validator(mode="before")
+        @classmethod
+        def _shape(cls, data: Any) -> Any:
+            messages = data.get("messages") if isinstance(data, dict) else None
+            if isinstance(messages, list):
+                parts = sum(
+                    len(m["content"]) if isinstance(m, dict) and isinstance(m.get("content"), list) else 1
+                    for m in messages
+                )
+                validation.check_counts(len(messages), parts, limits)  # LimitExceeded: not a ValueError
+            return data
+
+    return BoundedChatCompletionRequest
+
+
 class CompletionRequest(_GenerationBody):
     """``POST /v1/completions`` (OpenAI's legacy text completions, what benchmark clients also use)."""
 

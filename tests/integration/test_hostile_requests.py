@@ -306,3 +306,62 @@ def test_a_refused_grpc_request_has_an_access_line_saying_why(omni_stack, channe
         time.sleep(0.2)
     assert len(lines) == 1 and lines[0]["code"] == "INVALID_ARGUMENT", lines
     assert lines[0]["reason"].startswith("temperature is -1.0; it must be 0 (greedy) or between")
+
+
+json_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.sampled_from([0, 1, -1, 0.0, 1e-45, 1e308, 2**31, 2**32, 2**63, 2**64]),
+    st.text(max_size=8),
+    st.lists(st.integers(-3, 3), max_size=3),
+)
+http_media = st.one_of(
+    st.binary(max_size=48).map(lambda b: ("image_url", "image/png", b)),
+    st.binary(max_size=48).map(lambda b: ("input_audio", "wav", b)),
+    st.tuples(st.integers(1, 500), st.integers(1, 500)).map(lambda wh: ("image_url", "image/png", _png(*wh))),
+    st.tuples(st.integers(1, 64), st.sampled_from([8000, 192000])).map(
+        lambda sr: ("input_audio", "wav", _wav(*sr))
+    ),
+)
+HTTP_PARAMS = (
+    "max_tokens",
+    "max_completion_tokens",
+    "min_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "seed",
+    "stop",
+    "n",
+    "ignore_eos",
+)
+
+
+def _http_part(item) -> dict:
+    kind, fmt, data = item
+    encoded = base64.b64encode(data).decode()
+    if kind == "image_url":
+        return {"type": "image_url", "image_url": {"url": f"data:{fmt};base64,{encoded}"}}
+    return {"type": "input_audio", "input_audio": {"data": encoded, "format": fmt}}
+
+
+@pytest.fixture(scope="module")
+def http_client(omni_stack):
+    with httpx.Client(base_url=f"http://127.0.0.1:{omni_stack.gateway.http_port}", timeout=60) as client:
+        yield client
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(
+    params=st.dictionaries(st.sampled_from(HTTP_PARAMS), json_values, max_size=4), item=st.none() | http_media
+)
+def test_random_http_parameters_and_media_never_get_a_500(http_client, params, item):
+    content = [{"type": "text", "text": "hi"}] + ([_http_part(item)] if item is not None else [])
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 2, **params}
+    response = http_client.post("/v1/chat/completions", json=body)
+    assert response.status_code < 500, (body, response.text)
+    if response.status_code >= 400:
+        assert response.json()["error"]["message"]

@@ -300,6 +300,8 @@ async def test_only_retriable_failures_are_retried():
         a.behaviour = "connection_lost"  # the worker went away while the request was being sent
         with first_choice(pool, a):
             assert await generate(pool) == ["b"]
+        # a is suspect (no new requests) until its health check, triggered at once, says it is back
+        await wait_until(lambda: pool.counts()["ready"] == 2, what="a's health recheck")
         for behaviour, code in (
             ("too_big", grpc.StatusCode.RESOURCE_EXHAUSTED),  # no retry delay: retrying cannot help
             ("invalid", grpc.StatusCode.INVALID_ARGUMENT),

@@ -202,6 +202,7 @@ aiperf-tools: install
 
 ## AIPerf streamed chat, ignore_eos, server token counts, on a stack of its own: bench/results/aiperf.json
 # Zero errors and AIPerf's token counts equal to the server's, or it fails. AIPERF_ARGS='--requests 50',
-# '--endpoint completions', '--url http://127.0.0.1:8000' (a running `make run`; no per-request check then).
+# '--endpoint completions', '--url http://127.0.0.1:8000' (a running `make run`: the token totals are checked
+# against its metrics ports instead of each request's access lines).
 bench-aiperf: install protos models aiperf-tools
 	$(PY) bench/aiperf.py $(AIPERF_ARGS)

@@ -22,7 +22,11 @@ made-up id ``omnigate/<model dir>``.)
 Checks, which end the run with exit status 1 when one fails: no request failed, and every request's output
 length as AIPerf counted it (the server's usage) is ``--output-tokens`` (``ignore_eos``); with a stack of its
 own, also that it equals the gateway's own count for that request (its access line, found by the
-``X-Request-ID`` AIPerf sends) and that the prompt length equals the worker's. Writes AIPerf's summary
+``X-Request-ID`` AIPerf sends) and that the prompt length equals the worker's. In every case, also that the
+output and prompt tokens AIPerf counted in all equal what the gateway's and the worker's token counters
+(``omnigate_gateway_generated_tokens_total``, ``omnigate_worker_prompt_tokens_total``) counted during the
+run: against a running ``make run`` (``--gateway-metrics``/``--worker-metrics``, default its ports 9400 and
+9401), send it nothing else meanwhile. Writes AIPerf's summary
 and the checks to ``--output`` (bench/results/aiperf.json) and prints a table. Not a timed test: the
 numbers are for reading, nothing fails on speed.
 """
@@ -39,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -249,6 +254,44 @@ def server_counts(stack: Stack) -> tuple[dict[str, int], dict[str, int]]:
     return output, prompt
 
 
+COUNTERS = {
+    "output": "omnigate_gateway_generated_tokens_total",
+    "prompt": "omnigate_worker_prompt_tokens_total",
+}
+
+
+def token_counters(gateway_metrics: str, worker_metrics: str) -> dict[str, float]:
+    """The services' token counters (what they generated and read in all) from their metrics ports."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals = {}
+    for kind, url in (("output", gateway_metrics), ("prompt", worker_metrics)):
+        with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - a loopback metrics port
+            text = response.read().decode()
+        totals[kind] = sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == COUNTERS[kind]
+        )
+    return totals
+
+
+def check_totals(run: AiperfRun, before: dict[str, float], after: dict[str, float]) -> list[str]:
+    """AIPerf's token counts, summed, against what the services counted meanwhile (valid while nothing else
+    sends them requests)."""
+    problems = []
+    ours = {
+        "output": sum(r.output_tokens or 0 for r in run.records if not r.error),
+        "prompt": sum(r.input_tokens or 0 for r in run.records if not r.error),
+    }
+    for kind, who in (("output", "the gateway"), ("prompt", "the worker")):
+        server = after[kind] - before[kind]
+        if server != ours[kind]:
+            problems.append(f"AIPerf counted {ours[kind]} {kind} tokens in all; {who} counted {server:.0f}")
+    return problems
+
+
 def check(run: AiperfRun, requests: int, output_tokens: int, stack: Stack | None) -> list[str]:
     """What is wrong with a run (empty when nothing is)."""
     problems = []
@@ -320,6 +363,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
     parser.add_argument("--url", help="a running gateway's HTTP API (default: start a stack of its own)")
+    parser.add_argument(
+        "--gateway-metrics",
+        default="http://127.0.0.1:9400/metrics",
+        help="with --url: the gateway's metrics (default: make run's); its token counter is compared with AIPerf's",
+    )
+    parser.add_argument(
+        "--worker-metrics",
+        default="http://127.0.0.1:9401/metrics",
+        help="with --url: the worker's metrics (default: make run's); its prompt-token counter likewise",
+    )
     parser.add_argument("--model", type=Path, default=MODEL, help="the served model's directory (tokenizer)")
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV)
     parser.add_argument("--output", type=Path, default=RESULTS / "aiperf.json")
@@ -337,12 +390,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             url = args.url or f"http://127.0.0.1:{stack.gateway.http_port}"
             metrics = (
-                ()
+                (args.gateway_metrics, args.worker_metrics)
                 if stack is None
                 else tuple(
                     f"http://127.0.0.1:{s.metrics_port}/metrics" for s in (stack.gateway, stack.worker)
                 )
             )
+            before = token_counters(*metrics)
             run = run_aiperf(
                 aiperf,
                 url,
@@ -356,6 +410,10 @@ def main(argv: list[str] | None = None) -> int:
                 metrics_urls=metrics,
             )
             problems = check(run, args.requests, args.output_tokens, stack)
+            # Totals too: what works against a running `make run`, where no access line names the run's
+            # requests (the services' counters; nothing else may send them requests meanwhile).
+            time.sleep(1.0)  # the last requests' counters are updated as their streams end
+            problems += check_totals(run, before, token_counters(*metrics))
         finally:
             if stack is not None:
                 stack.gateway.stop()

@@ -177,7 +177,7 @@ def _http_bad(base: str, model: str) -> httpx.Response:
 
 def test_bad_clients_cannot_take_the_worker_out(omni_stack, channel):
     """Six clients send bad requests (gRPC and HTTP) for a while; a good client is served all along, the
-    gateway stays SERVING at every check, and the worker is never ejected."""
+    gateway and the worker stay SERVING at every check, and the worker is never ejected."""
     stop = threading.Event()
     bad_codes: list[object] = []
     base = f"http://127.0.0.1:{omni_stack.gateway.http_port}"
@@ -209,15 +209,18 @@ def test_bad_clients_cannot_take_the_worker_out(omni_stack, channel):
     for t in threads:
         t.start()
     good, health = [], []
+    worker_channel = grpc.insecure_channel(omni_stack.worker.target)
     try:
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             good.append(_call(channel, _request(_text("Hello")), timeout=30))
             health.append(_health(channel))
+            health.append(_health(worker_channel))
     finally:
         stop.set()
         for t in threads:
             t.join(60)
+        worker_channel.close()
     assert len(bad_codes) >= 30
     assert all(code in CLIENT_ERRORS or code == 400 for code in bad_codes), set(map(str, bad_codes))
     assert good and all(code is grpc.StatusCode.OK for code, _ in good), good

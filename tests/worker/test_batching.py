@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from prometheus_client import CollectorRegistry
 from stack import MODELS_DIR
 
@@ -320,3 +321,34 @@ async def test_the_model_refusing_a_requests_content_fails_only_it_as_invalid():
         assert isinstance((await _collect(scheduler.submit(_request([_text("good")]))))[1][-1], Summary)
     finally:
         scheduler.shutdown()
+
+
+# ---- no autograd in serving ------------------------------------------------------------------------
+
+
+def test_the_loaded_model_is_frozen(engine):
+    assert not any(p.requires_grad for p in engine._model.parameters())
+
+
+def test_batched_decode_steps_record_no_autograd_history(engine):
+    """Each decode step runs under inference_mode, like the prefill: no cache, id or logits tensor can
+    carry autograd history (with it on, a GPU worker kept one KV-cache copy alive per step), even where a
+    parameter requires grad (a model loaded some other way)."""
+    batch = engine.open_batch()
+    done = []
+    requests = [_request([_text("Tell me a story.")], 12), _request([_text("Hi")], 8)]
+    layer = engine._gen_model.get_input_embeddings()
+    layer.weight.requires_grad_(True)  # as an unfrozen model would have it
+    try:
+        for request in requests:
+            engine.start_row(
+                batch, engine.prepare(request), lambda e: None, done.append, threading.Event(), None
+            )
+        batch.step()
+        batch.step()
+        cache = batch._kwargs["past_key_values"]
+        tensors = [batch._input_ids] + [t for layer_ in cache.layers for t in (layer_.keys, layer_.values)]
+        assert tensors and all(torch.is_inference(t) and t.grad_fn is None for t in tensors)
+    finally:
+        layer.weight.requires_grad_(False)
+        batch.fail_all(RuntimeError("test over"))

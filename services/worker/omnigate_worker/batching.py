@@ -108,8 +108,13 @@ class DecodeBatch(Batch):
 
     # -- stepping ----------------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def step(self) -> None:
-        """One decode step for every row; finished rows report and leave."""
+        """One decode step for every row; finished rows report and leave.
+
+        Under ``inference_mode`` like the prefill (``start_row``): with autograd on, each step's outputs kept
+        the previous step's attention inputs alive, so memory grew by one KV-cache copy per step.
+        """
         self._drop_finished()
         if not self.rows:
             return

@@ -114,6 +114,10 @@ def load(
     )
     model.to(dev)
     model.eval()
+    # Serving never trains: frozen parameters make sure no forward records autograd history, even one that
+    # runs outside inference_mode by mistake (on a GPU that history kept one KV-cache copy alive per decode
+    # step: +502 MiB per step at batch 64, ../shared/notes/gpu.md).
+    model.requires_grad_(False)
     processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
     return LoadedModel(
         model=model, processor=processor, device=dev, dtype=torch_dtype, attn_implementation=attn

@@ -368,3 +368,33 @@ def test_random_http_parameters_and_media_never_get_a_500(http_client, params, i
     assert response.status_code < 500, (body, response.text)
     if response.status_code >= 400:
         assert response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "modalities": ["text", "audio"],
+            "audio": {"voice": "v" * 100_000, "format": "wav"},
+        },
+        {"messages": [{"role": "r" * 1_000_000, "content": "hi"}]},
+        {"messages": [{"role": "user", "content": "hi"}], "stop": ["s" * 1_000_000]},
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "http://" + "h" * 65_536 + "/a.png"}}
+                    ],
+                }
+            ]
+        },
+    ],
+    ids=["100 KB voice", "1 MB role", "1 MB stop string", "64 KB host"],
+)
+def test_http_refusals_never_repeat_oversized_input(http_client, body):
+    response = http_client.post("/v1/chat/completions", json={"max_tokens": 2, **body})
+    assert 400 <= response.status_code < 500, response.text[:300]
+    assert len(response.content) < 2000, response.text[:300]
+    assert response.json()["error"]["message"]

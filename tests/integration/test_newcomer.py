@@ -9,8 +9,10 @@ how to choose another; the services' `--help` explains them and their settings.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -140,7 +142,24 @@ def test_installs_started_together_take_turns_and_run_once(tmp_path):
     assert len([c for c in calls if c.startswith("venv")]) == 1, calls
     starts = [c for c in calls if c.startswith("pip start")]
     assert len(starts) == 2 and "-e .[gateway,worker,dev]" in starts[1], calls  # upgrade pip, then install
-    assert sum("waiting for another make" in out for out in outputs) >= 1, outputs
+
+    # Whether one of the three had to wait depends on timing; a make that finds the lock held must say so.
+    # (flock(1) locks with flock(2), as fcntl.flock does.)
+    with open(tmp_path / ".stamps" / "setup.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        waiting = subprocess.Popen(
+            ["make", "--no-print-directory", "install", f"PYTHON={python}"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        ready, _, _ = select.select([waiting.stdout], [], [], 60)
+        assert ready, "make printed nothing while the setup lock was held"
+        assert "waiting for another make to finish setting up" in waiting.stdout.readline()
+        assert waiting.poll() is None  # it waits for the lock
+    assert waiting.wait(timeout=60) == 0
 
 
 # -- system packages for `make test` -------------------------------------------------------------------------

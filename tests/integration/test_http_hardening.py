@@ -264,11 +264,9 @@ def test_an_absurd_declared_chunk_size_is_answered_and_the_connection_closed(gat
             + format(size, "x").encode()
             + b'\r\n{"messages": '
         )
-        started = time.monotonic()
         received = b""
-        while chunk := sock.recv(65536):  # until the server closes the connection
+        while chunk := sock.recv(65536):  # until the server closes it (the 10 s timeout fails the test)
             received += chunk
-        assert time.monotonic() - started < 5
     head, _, body = received.partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
     assert status in (400, 413), received

@@ -231,7 +231,7 @@ def test_system_tools_as_root_installs_what_is_missing_with_apt(tmp_path):
     started = time.monotonic()
     again = _system_tools(env)
     assert again.returncode == 0 and not (tmp_path / "apt.log").exists()
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 15  # no apt-get (which takes a minute): a loaded machine's margin
 
 
 def test_system_tools_without_root_fails_up_front_with_the_exact_command(tmp_path):

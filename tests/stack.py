@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -264,3 +265,32 @@ def start_pool_stack(
     stack = PoolStack(started[:-1], gateway, model, workdir, dict(worker_env or {}))
     stack.wait_ready(workers)
     return stack
+
+
+# ---- commands as a user types them (the README's `make` targets) ----------------------------------------
+
+
+def user_env(**extra: str) -> dict[str, str]:
+    """A user's shell: no settings or make state inherited from the test run (`make test` runs the tests)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMNIGATE_", "MAKE", "MFLAGS"))}
+    return {**env, **extra}
+
+
+def start_command(args: list[str], log: Path) -> subprocess.Popen:
+    """Starts ``args`` in the repository as a user would, output to ``log``, in its own process group:
+    `make` starts children (worker, gateway, http.server) and ``stop_process_group`` stops them all."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            args, cwd=REPO_DIR, env=user_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM to the process group (make, its shell and the services it started), SIGKILL what is left."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=40)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=10)

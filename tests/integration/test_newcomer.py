@@ -14,7 +14,6 @@ import os
 import re
 import select
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -24,15 +23,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from stack import REPO_DIR, start_command, stop_process_group, user_env
 
-REPO_DIR = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-def _user_env(**extra: str) -> dict[str, str]:
-    """A user's shell: no settings or make state inherited from the test run (`make test` runs this)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMNIGATE_", "MAKE", "MFLAGS"))}
-    return {**env, **extra}
 
 
 def _free_port() -> int:
@@ -123,18 +116,15 @@ def test_installs_started_together_take_turns_and_run_once(tmp_path):
     python.write_text(FAKE_PYTHON)
     python.chmod(0o755)
     log = tmp_path / "calls.log"
-    env = _user_env(FAKE_LOG=str(log))
-    makes = [
-        subprocess.Popen(
-            ["make", "--no-print-directory", "install", f"PYTHON={python}"],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+    env = user_env(FAKE_LOG=str(log))
+
+    def make_install() -> subprocess.Popen:
+        args = ["make", "--no-print-directory", "install", f"PYTHON={python}"]
+        return subprocess.Popen(
+            args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
-        for _ in range(3)
-    ]
+
+    makes = [make_install() for _ in range(3)]
     outputs = [m.communicate(timeout=60)[0] for m in makes]
     assert [m.returncode for m in makes] == [0, 0, 0], outputs
     calls = log.read_text().splitlines()
@@ -147,14 +137,7 @@ def test_installs_started_together_take_turns_and_run_once(tmp_path):
     # (flock(1) locks with flock(2), as fcntl.flock does.)
     with open(tmp_path / ".stamps" / "setup.lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        waiting = subprocess.Popen(
-            ["make", "--no-print-directory", "install", f"PYTHON={python}"],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        waiting = make_install()
         ready, _, _ = select.select([waiting.stdout], [], [], 60)
         assert ready, "make printed nothing while the setup lock was held"
         assert "waiting for another make to finish setting up" in waiting.stdout.readline()
@@ -249,7 +232,7 @@ def test_make_test_installs_the_system_tools_first():
         cwd=REPO_DIR,
         capture_output=True,
         text=True,
-        env=_user_env(),
+        env=user_env(),
     )
     assert dry.returncode == 0, dry.stderr
     lines = dry.stdout.splitlines()
@@ -283,7 +266,7 @@ def test_ci_fails_a_run_in_which_a_test_skipped_for_another_reason_than_cuda(tmp
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest", "-c", os.devnull,
              "--rootdir", str(tmp_path), "test_skipping.py"],
             cwd=tmp_path,
-            env=_user_env(PYTHONPATH=str(REPO_DIR / "tests"), OMNIGATE_TESTS_NO_SKIPS=value),
+            env=user_env(PYTHONPATH=str(REPO_DIR / "tests"), OMNIGATE_TESTS_NO_SKIPS=value),
             capture_output=True,
             text=True,
             timeout=120,
@@ -319,7 +302,7 @@ def test_help_says_what_the_service_does_and_lists_settings_as_env_vars(command,
         capture_output=True,
         text=True,
         timeout=120,
-        env=_user_env(COLUMNS="200"),
+        env=user_env(COLUMNS="200"),
     )
     assert result.returncode == 0, result.stderr
     text = result.stdout
@@ -341,7 +324,7 @@ def test_an_invalid_setting_is_one_message_not_a_traceback(command):
         capture_output=True,
         text=True,
         timeout=120,
-        env=_user_env(**{f"{prefix}PORT": "fifty", f"{prefix}METRICS_PORT": "-1"}),
+        env=user_env(**{f"{prefix}PORT": "fifty", f"{prefix}METRICS_PORT": "-1"}),
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
@@ -390,7 +373,7 @@ def _start_on(service, setting: str, port: int) -> subprocess.CompletedProcess:
     if module == WORKER[0]:
         env["OMNIGATE_WORKER_MODEL"] = str(REPO_DIR / "models" / "no-such-model")  # never reached
     return subprocess.run(
-        [sys.executable, "-m", module], capture_output=True, text=True, timeout=120, env=_user_env(**env)
+        [sys.executable, "-m", module], capture_output=True, text=True, timeout=120, env=user_env(**env)
     )
 
 
@@ -424,21 +407,9 @@ def test_a_grpc_port_another_grpc_server_holds_is_refused_too(service):
 
 
 def _make_run(ports: dict[str, int], log: Path) -> subprocess.Popen:
-    args = ["make", "--no-print-directory", "run", *(f"{name}={port}" for name, port in ports.items())]
-    with open(log, "wb") as out:
-        return subprocess.Popen(
-            args, cwd=REPO_DIR, env=_user_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
-def _stop(process: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=40)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=10)
+    return start_command(
+        ["make", "--no-print-directory", "run", *(f"{n}={p}" for n, p in ports.items())], log
+    )
 
 
 def _run_ports() -> dict[str, int]:
@@ -460,7 +431,7 @@ def test_make_run_logs_text_and_one_ready_line_without_warning_noise(tmp_path):
             time.sleep(0.5)
         time.sleep(1)  # anything the services print right after
     finally:
-        _stop(run)
+        stop_process_group(run)
     lines = log.read_text(errors="replace").splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("Omnigate local stack"))
     service_lines = [line for line in lines[start + 3 :] if line.strip()]
@@ -485,7 +456,7 @@ def test_make_run_with_a_taken_port_exits_with_the_make_variable_to_change(tmp_p
         try:
             run.wait(timeout=300)
         finally:
-            _stop(run)
+            stop_process_group(run)
     text = log.read_text(errors="replace")
     assert run.returncode != 0, text[-4000:]
     assert "Traceback" not in text, text[-4000:]

@@ -8,12 +8,9 @@ Python, and checks what they print and write. Skipped when one of the default po
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -24,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+from stack import REPO_DIR, start_command, stop_process_group
 
 pytestmark = pytest.mark.slow
 
-REPO_DIR = Path(__file__).resolve().parents[2]
 SECTION = "## OpenAI-compatible HTTP API"
 PORTS = {50051: "gateway gRPC", 50061: "worker gRPC", 9400: "gateway metrics", 9401: "worker metrics"}
 PORTS |= {8000: "HTTP API", 8088: "demo media"}
@@ -55,27 +52,6 @@ def _busy(port: int) -> bool:
     return False
 
 
-def _start(args: list[str], log: Path) -> subprocess.Popen:
-    # A user's shell: no settings or make state inherited from the test run (`make test` runs this test).
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMNIGATE_", "MAKE", "MFLAGS"))}
-    with open(log, "wb") as out:
-        # Its own process group: `make` starts children (worker, gateway, http.server); all are stopped.
-        return subprocess.Popen(
-            args, cwd=REPO_DIR, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM to the process group (make, its shell and the services it started), SIGKILL what is left."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=40)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=10)
-
-
 def _wait_http(url: str, process: subprocess.Popen, log: Path, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -97,18 +73,18 @@ def make_run(tmp_path_factory):
     if busy:
         pytest.skip(f"the README examples use the default ports, and these are taken: {', '.join(busy)}")
     logs = tmp_path_factory.mktemp("make-run")
-    run = _start(["make", "run"], logs / "run.log")
+    run = start_command(["make", "run"], logs / "run.log")
     media = None
     try:
         _wait_http("http://127.0.0.1:8000/health", run, logs / "run.log", START_TIMEOUT_S)
         # Only now: both targets install what is missing first, and two pip runs must not share the venv.
-        media = _start(["make", "serve-demo-media"], logs / "media.log")
+        media = start_command(["make", "serve-demo-media"], logs / "media.log")
         _wait_http("http://127.0.0.1:8088/picture.png", media, logs / "media.log", START_TIMEOUT_S)
         yield logs / "run.log"
     finally:
-        _stop(run)
+        stop_process_group(run)
         if media is not None:
-            _stop(media)
+            stop_process_group(media)
 
 
 def _run_bash(block: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -224,20 +224,26 @@ def create_app(core: GatewayCore, settings: GatewaySettings, health: HealthProbe
 
     chat_body = oc.bounded_chat_request(RequestLimits(settings.max_messages, settings.max_content_parts))
 
+    async def complete(request: Request, body, info, proto, options, prefix: str, answer, stream_class):
+        """Runs a chat or text completion through the core: one JSON answer, or server-sent events."""
+        call = call_for(request, "Generate", streamed=options.stream)
+        model = info.model_id if info is not None else (body.model or "")
+        completion_id = f"{prefix}-{call.request_id}"
+        created = int(time.time())
+        events = core.generate(proto, call)
+        if not options.stream:
+            collected, _ = await _until_disconnect(request, _collect(events))
+            return answer(completion_id, created, model, options, collected)
+        return await _event_stream(request, events, stream_class(completion_id, created, model, options))
+
     async def chat_completions(body, request: Request):
         info = served_model(body.model)
         proto, options = oc.chat_request(body, info.max_new_tokens if info is not None else None)
         if info is not None and options.voice:
             proto.speaker = oc.pick_voice(options.voice, info.speakers)
-        call = call_for(request, "Generate", streamed=options.stream)
-        model = info.model_id if info is not None else (body.model or "")
-        completion_id = f"chatcmpl-{call.request_id}"
-        created = int(time.time())
-        events = core.generate(proto, call)
-        if not options.stream:
-            collected, _ = await _until_disconnect(request, _collect(events))
-            return oc.chat_completion(completion_id, created, model, options, collected)
-        return await _event_stream(request, events, oc.ChatStream(completion_id, created, model, options))
+        return await complete(
+            request, body, info, proto, options, "chatcmpl", oc.chat_completion, oc.ChatStream
+        )
 
     chat_completions.__annotations__["body"] = chat_body  # a class built here: not a name FastAPI can look up
     app.post("/v1/chat/completions")(chat_completions)
@@ -246,16 +252,8 @@ def create_app(core: GatewayCore, settings: GatewaySettings, health: HealthProbe
     async def completions(body: oc.CompletionRequest, request: Request):
         info = served_model(body.model)
         proto, options = oc.completion_request(body, info.max_new_tokens if info is not None else None)
-        call = call_for(request, "Generate", streamed=options.stream)
-        model = info.model_id if info is not None else (body.model or "")
-        completion_id = f"cmpl-{call.request_id}"
-        created = int(time.time())
-        events = core.generate(proto, call)
-        if not options.stream:
-            collected, _ = await _until_disconnect(request, _collect(events))
-            return oc.text_completion(completion_id, created, model, options, collected)
-        return await _event_stream(
-            request, events, oc.CompletionStream(completion_id, created, model, options)
+        return await complete(
+            request, body, info, proto, options, "cmpl", oc.text_completion, oc.CompletionStream
         )
 
     @app.post("/v1/images/generations")

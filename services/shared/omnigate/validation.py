@@ -26,6 +26,12 @@ MIN_TEMPERATURE = 1e-5
 MAX_TEMPERATURE = 100.0
 MIN_REPETITION_PENALTY = 0.01
 MAX_REPETITION_PENALTY = 100.0
+MAX_TOP_K = 2**31 - 1
+MAX_SEED = 2**64 - 1
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1024
+ROLE_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")
+MAX_SPEAKER_CHARS = 128
 
 
 def _float32(value: float) -> float:
@@ -36,12 +42,6 @@ def _float32(value: float) -> float:
 # The lower bounds as the wire can state them: a client sending exactly the documented minimum is accepted.
 _MIN_TEMPERATURE_F32 = _float32(MIN_TEMPERATURE)
 _MIN_REPETITION_PENALTY_F32 = _float32(MIN_REPETITION_PENALTY)
-MAX_TOP_K = 2**31 - 1
-MAX_SEED = 2**64 - 1
-MAX_STOP_STRINGS = 16
-MAX_STOP_CHARS = 1024
-ROLE_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")
-MAX_SPEAKER_CHARS = 128
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,21 @@ OMNI = str(MODELS_DIR / "tiny-qwen2.5-omni")
 
 
 @pytest.fixture(scope="session")
-def engine() -> TransformersEngine:
-    engine = TransformersEngine(
-        loading.load(OMNI, "cpu", "auto", "auto", False), WorkerSettings(model=OMNI), OMNI
-    )
+def loaded_omni() -> loading.LoadedModel:
+    return loading.load(OMNI, "cpu", "auto", "auto", False)
+
+
+@pytest.fixture(scope="session")
+def engine(loaded_omni) -> TransformersEngine:
+    """The default engine: batched decoding over KV-cache slots."""
+    engine = TransformersEngine(loaded_omni, WorkerSettings(model=OMNI), OMNI)
+    engine.warmup()
+    return engine
+
+
+@pytest.fixture(scope="session")
+def dynamic_engine(loaded_omni) -> TransformersEngine:
+    """The same model with the dynamic-cache batch (decode_runner=dynamic)."""
+    engine = TransformersEngine(loaded_omni, WorkerSettings(model=OMNI, decode_runner="dynamic"), OMNI)
     engine.warmup()
     return engine

@@ -83,7 +83,9 @@ async def _collect(job) -> tuple[str, list]:
     return "".join(e.text for e in events if isinstance(e, TextDelta)), events
 
 
-async def test_batched_greedy_outputs_equal_unbatched(engine):
+@pytest.mark.parametrize("runner", ["slots", "dynamic"])
+async def test_batched_greedy_outputs_equal_unbatched(runner, engine, dynamic_engine):
+    engine = engine if runner == "slots" else dynamic_engine
     requests = _bench_set()
     expected = [_unbatched(engine, r) for r in requests]
     scheduler = _scheduler(engine)
@@ -330,10 +332,13 @@ def test_the_loaded_model_is_frozen(engine):
     assert not any(p.requires_grad for p in engine._model.parameters())
 
 
-def test_batched_decode_steps_record_no_autograd_history(engine):
+@pytest.mark.parametrize("runner", ["slots", "dynamic"])
+def test_batched_decode_steps_record_no_autograd_history(runner, engine, dynamic_engine):
     """Each decode step runs under inference_mode, like the prefill: no cache, id or logits tensor can
     carry autograd history (with it on, a GPU worker kept one KV-cache copy alive per step), even where a
     parameter requires grad (a model loaded some other way)."""
+    engine = engine if runner == "slots" else dynamic_engine
+    assert engine.info.decode_runner.startswith(runner.replace("dynamic", "dynamic cache"))
     batch = engine.open_batch()
     done = []
     requests = [_request([_text("Tell me a story.")], 12), _request([_text("Hi")], 8)]
@@ -346,9 +351,8 @@ def test_batched_decode_steps_record_no_autograd_history(engine):
             )
         batch.step()
         batch.step()
-        cache = batch._kwargs["past_key_values"]
-        tensors = [batch._input_ids] + [t for layer_ in cache.layers for t in (layer_.keys, layer_.values)]
-        assert tensors and all(torch.is_inference(t) and t.grad_fn is None for t in tensors)
+        tensors = batch.state_tensors()
+        assert tensors and all(t.grad_fn is None and not t.requires_grad for t in tensors)
     finally:
         layer.weight.requires_grad_(False)
         batch.fail_all(RuntimeError("test over"))

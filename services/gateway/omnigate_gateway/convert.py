@@ -260,6 +260,8 @@ def model_info_from_worker(message: wk.GetModelInfoResponse) -> ModelInfo:
         max_request_media_bytes=message.max_request_media_bytes,
         max_image_pixels=message.max_image_pixels,
         max_video_frame_pixels=message.max_video_frame_pixels,
+        attention=message.attention,
+        decode_runner=message.decode_runner,
     )
 
 

@@ -126,3 +126,5 @@ class ModelInfo:
     max_request_media_bytes: int = 0
     max_image_pixels: int = 0  # what the processor keeps of one image (0 = unknown)
     max_video_frame_pixels: int = 0  # what the processor keeps of one video frame (0 = unknown)
+    attention: str = ""  # the attention kernels of the prompt and the decode step
+    decode_runner: str = ""  # how batched decoding runs (KV slots and CUDA graphs, or the dynamic cache)

@@ -61,6 +61,7 @@ class Row:
     started: float
     stop_flag: threading.Event = field(default_factory=threading.Event)
     finished_reason: str | None = None
+    cache_len: int = 0  # tokens in the row's KV cache (slot runner)
 
     @property
     def generated(self) -> int:
@@ -70,9 +71,11 @@ class Row:
 class DecodeBatch(Batch):
     """The rows decoding together, with their batched cache and generate-style model kwargs."""
 
-    def __init__(self, gen_model, pad_token_id: int) -> None:
+    def __init__(self, gen_model, pad_token_id: int, max_rows: int = 32, max_tokens: int = 131072) -> None:
         self._gen = gen_model  # the module whose generate() produces the text (Qwen-Omni: the thinker)
         self._pad = pad_token_id
+        self._max_rows = max_rows
+        self._max_tokens = max_tokens
         self.rows: list[Row] = []
         self._input_ids: torch.Tensor | None = None  # (B, L) left-padded history
         self._kwargs: dict = {}  # past_key_values, attention_mask, position_ids, use_cache
@@ -84,6 +87,13 @@ class DecodeBatch(Batch):
     def length(self) -> int:
         return 0 if self._input_ids is None else int(self._input_ids.shape[1])
 
+    def admits(self, prompt_tokens: int, admitted: list[int]) -> bool:
+        """Room for one more row: below max_batch_size rows and max_batch_tokens padded tokens."""
+        if len(self.rows) + len(admitted) >= self._max_rows:
+            return False
+        tokens = self.length * len(self.rows) + sum(admitted)
+        return not admitted or tokens + prompt_tokens <= self._max_tokens
+
     # -- joining -----------------------------------------------------------------------------------
 
     def add(self, row: Row, input_ids: torch.Tensor, kwargs: dict, first_logits: torch.Tensor) -> None:
@@ -93,7 +103,7 @@ class DecodeBatch(Batch):
         outputs; once the first token is appended to ``input_ids``, the row is in the same phase as the
         batch (ids, mask and positions one longer than the cache), so it can be left-padded and stacked.
         """
-        (token,) = _pick_all([row], first_logits, input_ids)
+        (token,) = pick_tokens([row], first_logits, lambda i: input_ids)
         input_ids = torch.cat([input_ids, input_ids.new_full((1, 1), token)], dim=1)
         if not self.rows:
             self._input_ids, self._kwargs = input_ids, kwargs
@@ -126,7 +136,8 @@ class DecodeBatch(Batch):
         self._kwargs = gen._update_model_kwargs_for_generation(outputs, self._kwargs)
         logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32)
         del outputs
-        tokens = _pick_all(self.rows, logits, self._input_ids)
+        history = self._input_ids
+        tokens = pick_tokens(self.rows, logits, lambda i: history[i : i + 1, history.shape[1] - len(self.rows[i].tokens) :])
         column = torch.tensor(tokens, dtype=torch.long, device=self._input_ids.device).unsqueeze(1)
         self._input_ids = torch.cat([self._input_ids, column], dim=1)
         self._drop_finished()
@@ -162,6 +173,13 @@ class DecodeBatch(Batch):
             self._input_ids = self._input_ids[:, start:]
             self._kwargs = _slice_kwargs(self._kwargs, start)
 
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The tensors carried from one step to the next (ids, mask, positions, cache)."""
+        kwargs = self._kwargs
+        cache = kwargs.get("past_key_values")
+        tensors = [t for t in (self._input_ids, kwargs.get("attention_mask"), kwargs.get("position_ids")) if t is not None]
+        return tensors + ([t for layer in cache.layers for t in (layer.keys, layer.values)] if cache else [])
+
     def fail_all(self, error: BaseException) -> None:
         for row in self.rows:
             row.done(error)
@@ -169,13 +187,13 @@ class DecodeBatch(Batch):
         self._input_ids, self._kwargs = None, {}
 
 
-def _pick_all(rows: list[Row], logits: torch.Tensor, history: torch.Tensor) -> list[int]:
-    """Chooses every row's next token as generate() would (``history``: the left-padded ids so far)."""
+def pick_tokens(rows: list[Row], logits: torch.Tensor, history: Callable[[int], torch.Tensor]) -> list[int]:
+    """Chooses every row's next token as generate() would (``history(i)``: row i's ids so far, (1, n))."""
     scores = logits
     for i, row in enumerate(rows):
         if row.processors:
             # Each processor directly: LogitsProcessorList.__call__ inspects signatures on every call (slow).
-            row_history = history[i : i + 1, history.shape[1] - len(row.tokens) :]
+            row_history = history(i)
             row_scores = scores[i : i + 1]
             for processor in row.processors:
                 row_scores = processor(row_history, row_scores)

@@ -251,4 +251,6 @@ def model_info_to_proto(
         device=info.device,
         max_image_pixels=info.max_image_pixels,
         max_video_frame_pixels=info.max_video_frame_pixels,
+        attention=info.attention,
+        decode_runner=info.decode_runner,
     )

@@ -38,8 +38,17 @@ class Batch(abc.ABC):
         """Sequence length of the batch (tokens per row, padding included)."""
 
     @abc.abstractmethod
+    def admits(self, prompt_tokens: int, admitted: list[int]) -> bool:
+        """Whether a request of ``prompt_tokens`` may join now, after the prompts in ``admitted`` (already
+        chosen to join before the next step)."""
+
+    @abc.abstractmethod
     def step(self) -> None:
         """One decode step for every row; rows that finish emit their summary and call their ``done``."""
+
+    def state_tensors(self) -> list:
+        """The tensors carried from one step to the next (for checks: none may carry autograd history)."""
+        return []
 
     @abc.abstractmethod
     def fail_all(self, error: BaseException) -> None:
@@ -85,3 +94,6 @@ class Engine(abc.ABC):
 
     def warmup(self) -> None:  # noqa: B027 - optional hook
         """Runs a tiny request so the first real one does not pay one-off costs."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Releases what the engine holds beside the model (KV-cache slots, CUDA graphs)."""

@@ -72,6 +72,13 @@ class WorkerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.decode_step = Histogram(
+            "omnigate_worker_decode_step_seconds",
+            "Wall time of one batched decode step (forward, sampling, bookkeeping), by batch-size bucket.",
+            ["batch"],
+            buckets=TOKEN_BUCKETS,
+            registry=registry,
+        )
         self.batch_size = Histogram(
             "omnigate_worker_batch_size",
             "Requests in the continuous batch, observed once per decode step.",

@@ -269,9 +269,14 @@ class Scheduler:
             if alone is not None:
                 self._run_alone(alone)
             if len(batch):
-                self._metrics.batch_size.observe(len(batch))
+                size = len(batch)
+                self._metrics.batch_size.observe(size)
+                step_started = time.perf_counter()
                 try:
                     batch.step()
+                    self._metrics.decode_step.labels(str(_bucket(size))).observe(
+                        time.perf_counter() - step_started
+                    )
                 except Exception as exc:  # noqa: BLE001 - every row of a failed step gets the error
                     log.exception("decode step failed")
                     batch.fail_all(self._resource_error(exc, len(batch), shared=True))
@@ -288,8 +293,8 @@ class Scheduler:
                 # Idle and more requests are being prepared: give them a moment to start together.
                 self._cond.wait(timeout=s.max_batch_wait_ms / 1000)
             admitted: list[Job] = []
+            prompts: list[int] = []
             alone = None
-            tokens = batch.length * len(batch)
             while self._ready:
                 job = self._ready[0]
                 if job.cancelled.is_set() or job.expired():
@@ -302,11 +307,12 @@ class Scheduler:
                     )
                     continue
                 if self._engine.can_batch(job.prepared):
-                    if len(batch) + len(admitted) >= s.max_batch_size:
-                        break
-                    if admitted and tokens + job.prepared.prompt_len > s.max_batch_tokens:
-                        break
-                    tokens += job.prepared.prompt_len
+                    prompt = job.prepared.prompt_len
+                    if not batch.admits(prompt, prompts):
+                        break  # waits for a row to leave (slots, batch size, batch tokens)
+                    if prompts and sum(prompts) + prompt > s.prefill_tokens_per_step:
+                        break  # the rest joins after the next decode step
+                    prompts.append(prompt)
                     admitted.append(self._ready.popleft())
                 else:
                     if not len(batch) and not admitted:
@@ -390,6 +396,11 @@ class Scheduler:
             self._ready.clear()
         for job in jobs:
             job.finish(error)
+
+
+def _bucket(size: int) -> int:
+    """The power of two at or above ``size`` (the decode-step metric's label)."""
+    return 1 << max(0, size - 1).bit_length()
 
 
 class _Cancelled(Exception):

@@ -77,6 +77,55 @@ class WorkerSettings(ServiceSettings):
     max_batch_tokens: int = Field(
         131072, description="Prompt tokens of all requests in a batch together; more waits for room."
     )
+    decode_runner: str = Field(
+        "auto",
+        description="'slots' (preallocated KV-cache slots, CUDA graphs on CUDA), 'dynamic' (transformers' "
+        "DynamicCache, merged and re-padded per join), or 'auto' (slots when the model's decoder supports them).",
+    )
+    kv_cache_memory_fraction: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="CUDA: share of the GPU's memory the worker may fill (weights, KV-cache slots and activations), "
+        "like vLLM's gpu_memory_utilization; the KV-cache slots get what is left after the weights and the "
+        "activation reserve.",
+    )
+    activation_reserve_fraction: float = Field(
+        0.08,
+        ge=0,
+        lt=1,
+        description="CUDA: share of the GPU's memory kept free for prefill activations and the media encoders.",
+    )
+    kv_cache_bytes: int = Field(
+        0,
+        ge=0,
+        description="Bytes of KV-cache slots; 0 = from kv_cache_memory_fraction on CUDA, a quarter of the "
+        "machine's memory on CPU (CPU slots are reserved, not touched, until used).",
+    )
+    kv_slot_tokens: int = Field(
+        0,
+        ge=0,
+        description="Tokens one request may hold in the KV cache (prompt + max_new_tokens); 0 = "
+        "max_prompt_tokens + max_new_tokens_limit, lowered to fit max_batch_size slots in the budget. A batchable "
+        "request that needs more is refused.",
+    )
+    cuda_graphs: bool = Field(
+        True,
+        description="Capture the slot runner's decode step as CUDA graphs, one per batch-size and "
+        "context-length bucket, and replay them (CUDA only; eager elsewhere).",
+    )
+    sdpa_backends: str = Field(
+        "auto",
+        description="SDPA kernels the decode step may use, comma-separated from flash, efficient, cudnn, math; "
+        "'auto' = flash,efficient on CUDA (cuDNN builds a new plan for every new sequence length) and torch's "
+        "choice on CPU.",
+    )
+    prefill_tokens_per_step: int = Field(
+        2048,
+        ge=1,
+        description="Prompt tokens prefilled between two decode steps (joiners and chunks of long prompts), so a "
+        "long prompt does not stall the rows already decoding.",
+    )
     preprocess_threads: int = Field(1, description="Threads running chat templates and processors.")
     max_preprocess_s: float = Field(
         30.0,

@@ -43,7 +43,9 @@ from omnigate.conversation import (
 from omnigate.errors import InvalidInput, LimitExceeded, quote
 from omnigate_worker import inputs as model_inputs
 from omnigate_worker.batching import DecodeBatch, Row, cache_is_batchable
-from omnigate_worker.engine import Engine, EventSink, Prepared
+from omnigate_worker import slots
+from omnigate_worker.engine import Batch, Engine, EventSink, Prepared
+from omnigate_worker.families import family_for
 from omnigate_worker.loading import LoadedModel
 from omnigate_worker.metrics import WorkerMetrics
 from omnigate_worker.settings import WorkerSettings
@@ -95,6 +97,11 @@ class TransformersEngine(Engine):
         # The module whose generate() produces text: Qwen-Omni's thinker, else the model itself.
         self._gen_model = self._model.thinker if self._is_omni else self._model
         self._batchable = settings.max_batch_size > 1 and hasattr(self._gen_model, "_prefill")
+        self._attn_implementation = loaded.attn_implementation
+        self._family = family_for(self._gen_model)
+        self._pool: slots.SlotPool | None = None
+        if self._batchable:
+            self._pool = self._slot_pool(settings)
         pad = getattr(self._gen_model.generation_config, "pad_token_id", None)
         if pad is None:
             pad = getattr(self._tokenizer, "pad_token_id", None) or 0
@@ -130,6 +137,65 @@ class TransformersEngine(Engine):
             max_image_pixels=model_inputs.max_pixels(getattr(self._processor, "image_processor", None)),
             max_video_frame_pixels=model_inputs.max_pixels(getattr(self._processor, "video_processor", None)),
         )
+        self._describe_runner()
+
+    # -- the decode runner ----------------------------------------------------------------------
+
+    def _slot_pool(self, settings: WorkerSettings) -> slots.SlotPool | None:
+        """The KV-cache slots, or None where the dynamic-cache batch runs (setting, or a family the slot
+        runner cannot serve exactly)."""
+        if settings.decode_runner not in ("auto", "slots", "dynamic"):
+            raise ValueError(f"decode_runner: use auto, slots or dynamic, not {settings.decode_runner!r}")
+        slots.sdpa_backends(settings.sdpa_backends, self._device)  # a bad setting fails at start-up
+        if settings.decode_runner == "dynamic":
+            return None
+        reason = self._family.unsupported()
+        if reason is not None:
+            if settings.decode_runner == "slots":
+                raise ValueError(f"decode_runner=slots cannot serve {type(self._model).__name__}: {reason}")
+            log.info("batched decoding uses the dynamic cache: %s", reason)
+            return None
+        plan = slots.plan(settings, self._family.geometry(self._dtype), self._device)
+        shape = self._family.position_shape(self._sample_positions())
+        pool = slots.SlotPool(plan, self._family, self._device, shape)
+        log.info("batched decoding over %s", plan.describe())
+        return pool
+
+    def _sample_positions(self):
+        """The positions generate() carries for a one-token prompt (their shape tells 1-D from 3-D rope)."""
+        if "position_ids" not in inspect.signature(self._gen_model.forward).parameters:
+            return None
+        ids = torch.zeros((1, 1), dtype=torch.long, device=self._device)
+        kwargs = {"attention_mask": torch.ones_like(ids), "past_key_values": DynamicCache(config=self._gen_model.config)}
+        return self._gen_model._prepare_position_ids_for_generation(ids, kwargs)
+
+    def _describe_runner(self) -> None:
+        backends = self._settings.sdpa_backends
+        if backends == "auto":
+            backends = "flash, efficient" if self._device.type == "cuda" else "torch's choice"
+        if self._pool is not None:
+            graphs = self._settings.cuda_graphs and self._device.type == "cuda"
+            self.info.decode_runner = f"slots: {self._pool.plan.describe()}, " + (
+                "CUDA graphs" if graphs else "eager"
+            )
+            decode = self._attn_implementation if self._attn_implementation == "eager" else "sdpa"
+            self.info.attention = f"prompt {self._attn_implementation}; decode {decode} ({backends})"
+        else:
+            self.info.decode_runner = "dynamic cache" if self._batchable else "one request at a time"
+            self.info.attention = f"prompt and decode {self._attn_implementation}"
+        log.info("decode runner: %s; attention: %s", self.info.decode_runner, self.info.attention)
+
+    def _use_dynamic_cache(self, why: str) -> None:
+        log.warning("batched decoding falls back to the dynamic cache: %s", why)
+        self.close()
+        self._describe_runner()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.release()
+            self._pool = None
+            if self._device.type == "cuda":
+                torch.cuda.empty_cache()
 
     # -- checks before a request is queued ------------------------------------------------------
 
@@ -185,18 +251,33 @@ class TransformersEngine(Engine):
             self._metrics = metrics
 
     def _warmup(self, prepared: Prepared) -> None:
+        if self._batchable and self._pool is not None:
+            try:
+                self._warm_batch(prepared)
+            except (TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
+                # A family whose decoder does not take the slot runner's inputs (checked, not assumed).
+                self._use_dynamic_cache(f"{type(exc).__name__}: {exc}")
         if self._batchable:
             try:
-                batch = self.open_batch()
-                self.start_row(
-                    batch, prepared, lambda event: None, lambda error: None, threading.Event(), None
-                )
-                while len(batch):
-                    batch.step()
+                self._warm_batch(prepared)
             except _NotBatchable as exc:
                 log.warning("continuous batching is off for this model: %s", exc)
                 self._batchable = False
+                self.close()
+                self._describe_runner()
         self.run(prepared, lambda event: None, threading.Event())
+
+    def _warm_batch(self, prepared: Prepared) -> None:
+        failures: list[BaseException] = []
+        batch = self.open_batch()
+        self.start_row(
+            batch, prepared, lambda event: None, lambda error: failures.append(error), threading.Event(), None
+        )
+        while len(batch):
+            batch.step()
+        failures = [error for error in failures if error is not None]
+        if failures:
+            raise failures[0]
 
     def generate(self, request: GenerationRequest, emit: EventSink, cancelled: threading.Event) -> None:
         """Prepares and runs one request on its own (the unbatched path)."""
@@ -228,7 +309,17 @@ class TransformersEngine(Engine):
             ) from exc
         inputs = inputs.to(self._device).to(dtype=self._dtype)  # BatchFeature casts floating tensors only
         prompt_len = int(inputs["input_ids"].shape[1])
-        return Prepared(request=request, inputs=inputs, prompt_len=prompt_len)
+        prepared = Prepared(request=request, inputs=inputs, prompt_len=prompt_len)
+        pool = self._pool
+        if pool is not None and self.can_batch(prepared):
+            need = prompt_len + request.params.max_new_tokens
+            if need > pool.slot_tokens:
+                raise LimitExceeded(
+                    f"the prompt ({prompt_len} tokens) plus max_new_tokens ({request.params.max_new_tokens}) needs "
+                    f"{need} tokens of KV cache; this worker holds {pool.slot_tokens} per request (send less, or "
+                    "ask for fewer new tokens)"
+                )
+        return prepared
 
     def can_batch(self, prepared: Prepared) -> bool:
         return self._batchable and prepared.request.mode is GenerationMode.TEXT
@@ -300,13 +391,18 @@ class TransformersEngine(Engine):
 
     # -- the batch path ---------------------------------------------------------------------------
 
-    def open_batch(self) -> DecodeBatch:
-        return DecodeBatch(self._gen_model, self._pad_token_id)
+    def open_batch(self) -> Batch:
+        if self._pool is not None:
+            return slots.SlotBatch(
+                self._family, self._pool, self._settings, eager_attention=self._attn_implementation == "eager"
+            )
+        s = self._settings
+        return DecodeBatch(self._gen_model, self._pad_token_id, s.max_batch_size, s.max_batch_tokens)
 
     @torch.inference_mode()
     def start_row(
         self,
-        batch: DecodeBatch,
+        batch: Batch,
         prepared: Prepared,
         emit: EventSink,
         done,

@@ -9,7 +9,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 from prometheus_client import CollectorRegistry
 from stack import MODELS_DIR
 

@@ -137,7 +137,9 @@ class DecodeBatch(Batch):
         logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32)
         del outputs
         history = self._input_ids
-        tokens = pick_tokens(self.rows, logits, lambda i: history[i : i + 1, history.shape[1] - len(self.rows[i].tokens) :])
+        tokens = pick_tokens(
+            self.rows, logits, lambda i: history[i : i + 1, history.shape[1] - len(self.rows[i].tokens) :]
+        )
         column = torch.tensor(tokens, dtype=torch.long, device=self._input_ids.device).unsqueeze(1)
         self._input_ids = torch.cat([self._input_ids, column], dim=1)
         self._drop_finished()
@@ -177,7 +179,11 @@ class DecodeBatch(Batch):
         """The tensors carried from one step to the next (ids, mask, positions, cache)."""
         kwargs = self._kwargs
         cache = kwargs.get("past_key_values")
-        tensors = [t for t in (self._input_ids, kwargs.get("attention_mask"), kwargs.get("position_ids")) if t is not None]
+        tensors = [
+            t
+            for t in (self._input_ids, kwargs.get("attention_mask"), kwargs.get("position_ids"))
+            if t is not None
+        ]
         return tensors + ([t for layer in cache.layers for t in (layer.keys, layer.values)] if cache else [])
 
     def fail_all(self, error: BaseException) -> None:

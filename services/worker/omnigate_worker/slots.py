@@ -62,7 +62,9 @@ def sdpa_backends(setting: str, device: torch.device) -> list[SDPBackend] | None
     names = [name.strip() for name in setting.split(",") if name.strip()]
     unknown = [name for name in names if name not in BACKENDS]
     if unknown or not names:
-        raise ValueError(f"sdpa_backends: unknown {unknown or setting!r}; use auto or some of {', '.join(BACKENDS)}")
+        raise ValueError(
+            f"sdpa_backends: unknown {unknown or setting!r}; use auto or some of {', '.join(BACKENDS)}"
+        )
     return [BACKENDS[name] for name in names]
 
 
@@ -389,11 +391,18 @@ class SlotBatch(Batch):
             with torch.cuda.graph(graph, pool=pool.graph_pool):
                 logits = self._run(width, length)
         except Exception:  # noqa: BLE001 - the step runs eagerly for this shape instead
-            log.warning("CUDA graph capture failed for batch %d, length %d; eager for it", width, length, exc_info=True)
+            log.warning(
+                "CUDA graph capture failed for batch %d, length %d; eager for it",
+                width,
+                length,
+                exc_info=True,
+            )
             pool.graph_failures.add(key)
             return None
         pool.graphs[key] = (graph, logits)
-        log.info("captured the decode step for batch %d, length %d (%d graphs)", width, length, len(pool.graphs))
+        log.info(
+            "captured the decode step for batch %d, length %d (%d graphs)", width, length, len(pool.graphs)
+        )
         return pool.graphs[key]
 
     def _history(self, i: int) -> torch.Tensor:
@@ -443,7 +452,8 @@ class SlotBatch(Batch):
         self._remove(len(self.rows) - 1)
         row.done(
             LimitExceeded(
-                "the worker ran out of memory for this request; retry later or send less input", retry_after_s=5.0
+                "the worker ran out of memory for this request; retry later or send less input",
+                retry_after_s=5.0,
             )
         )
 
@@ -463,4 +473,3 @@ class SlotBatch(Batch):
 def _batch_bucket(rows: int, slots: int) -> int:
     """Graph batch sizes: powers of two (1, 2, 4, ... 64, ...), never above the slot count."""
     return min(1 << max(0, rows - 1).bit_length(), slots)
-

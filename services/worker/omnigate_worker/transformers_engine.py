@@ -42,8 +42,8 @@ from omnigate.conversation import (
 )
 from omnigate.errors import InvalidInput, LimitExceeded, quote
 from omnigate_worker import inputs as model_inputs
-from omnigate_worker.batching import DecodeBatch, Row, cache_is_batchable
 from omnigate_worker import slots
+from omnigate_worker.batching import DecodeBatch, Row, cache_is_batchable
 from omnigate_worker.engine import Batch, Engine, EventSink, Prepared
 from omnigate_worker.families import family_for
 from omnigate_worker.loading import LoadedModel
@@ -166,7 +166,10 @@ class TransformersEngine(Engine):
         if "position_ids" not in inspect.signature(self._gen_model.forward).parameters:
             return None
         ids = torch.zeros((1, 1), dtype=torch.long, device=self._device)
-        kwargs = {"attention_mask": torch.ones_like(ids), "past_key_values": DynamicCache(config=self._gen_model.config)}
+        kwargs = {
+            "attention_mask": torch.ones_like(ids),
+            "past_key_values": DynamicCache(config=self._gen_model.config),
+        }
         return self._gen_model._prepare_position_ids_for_generation(ids, kwargs)
 
     def _describe_runner(self) -> None:

@@ -90,6 +90,39 @@ async def test_rows_wait_for_slots_join_and_leave_mid_batch_with_exact_outputs(l
     assert _largest_batch(metrics) == 2
 
 
+async def test_long_prompts_prefill_in_chunks_between_decode_steps_with_exact_outputs(loaded_omni, engine):
+    """With 16-token chunks every prompt of the mixed set (text, image, audio, video, video with its track)
+    is prefilled chunk by chunk while other rows decode: outputs equal generate()'s, and rows kept decoding
+    while a prompt was being prefilled."""
+    chunked = _engine(loaded_omni, max_batch_size=4, prefill_tokens_per_step=16)
+    requests = _bench_set()
+    expected = [_unbatched(engine, r) for r in requests]
+    chunks = []
+    decoder = chunked._family.decoder
+    handle = decoder.register_forward_pre_hook(
+        lambda module, args, kwargs: chunks.append(
+            (kwargs.get("input_ids") is None, getattr(kwargs.get("input_ids"), "shape", (0,))[0])
+        ),
+        with_kwargs=True,
+    )
+    scheduler, _ = _start(chunked, max_batch_size=4, prefill_tokens_per_step=16)
+    try:
+        results = await asyncio.gather(*(_collect(scheduler.submit(r)) for r in requests))
+    finally:
+        handle.remove()
+        scheduler.shutdown()
+        chunked.close()
+    for (want_text, want), (got_text, events) in zip(expected, results, strict=True):
+        assert got_text == want_text
+        assert (events[-1].output_tokens, events[-1].prompt_tokens) == (
+            want.output_tokens,
+            want.prompt_tokens,
+        )
+    # Chunk forwards (embeddings) interleaved with decode steps (ids): a decode step ran between two chunks.
+    kinds = [is_chunk for is_chunk, _ in chunks]
+    assert any(a and not b and c for a, b, c in zip(kinds, kinds[1:], kinds[2:], strict=False))
+
+
 @pytest.mark.parametrize(
     ("family", "parts"),
     [

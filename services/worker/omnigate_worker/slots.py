@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -137,11 +138,12 @@ class SlotLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         view = self._view
-        rows, length = key_states.shape[0], view.length
+        rows, length, first = key_states.shape[0], view.length, view.first
         index = view.write_index(key_states)
-        self.keys[:rows].scatter_(2, index, key_states)
-        self.values[:rows].scatter_(2, index, value_states)
-        return self.keys[:rows, :, :length], self.values[:rows, :, :length]
+        keys, values = self.keys[first : first + rows], self.values[first : first + rows]
+        keys.scatter_(2, index, key_states)
+        values.scatter_(2, index, value_states)
+        return keys[:, :, :length], values[:, :, :length]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self._view.length, 0
@@ -159,11 +161,12 @@ class _StepView:
     def __init__(self, lengths: torch.Tensor) -> None:
         self.lengths = lengths
         self.length = SMALLEST_LENGTH_BUCKET
+        self.first = 0  # the first slot of the rows run (a chunked prefill runs one slot at the top)
 
     def write_index(self, states: torch.Tensor) -> torch.Tensor:
         rows, heads, count, dim = states.shape
         offsets = torch.arange(count, device=states.device) if count > 1 else None
-        index = self.lengths[:rows].view(rows, 1, 1, 1)
+        index = self.lengths[self.first : self.first + rows].view(rows, 1, 1, 1)
         if offsets is not None:
             index = index + offsets.view(1, 1, count, 1)
         return index.expand(rows, heads, count, dim)
@@ -250,18 +253,24 @@ class SlotBatch(Batch):
         self._pool = pool
         self._backends = sdpa_backends(settings.sdpa_backends, pool.device)
         self._graphs = settings.cuda_graphs and pool.device.type == "cuda"
+        self._chunk = settings.prefill_tokens_per_step
         self._eager_attention = eager_attention  # the model runs eager attention: additive float masks
         self.rows: list[Row] = []
+        self._prefilling: _Prefill | None = None  # a long prompt being prefilled chunk by chunk
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.rows) + (self._prefilling is not None)
 
     @property
     def length(self) -> int:
         return max((row.cache_len for row in self.rows), default=0)
 
     def admits(self, prompt_tokens: int, admitted: list[int]) -> bool:
-        return len(self.rows) + len(admitted) < self._pool.slots
+        if len(self) + len(admitted) >= self._pool.slots:
+            return False
+        if prompt_tokens > self._chunk:  # one long prompt is prefilled in chunks at a time
+            return self._prefilling is None and all(tokens <= self._chunk for tokens in admitted)
+        return True
 
     # -- joining -----------------------------------------------------------------------------------
 
@@ -292,14 +301,36 @@ class SlotBatch(Batch):
         pool.owner = self
         self.rows.append(row)
 
+    def add_chunked(self, row: Row, input_ids: torch.Tensor, inputs: dict, chunk: int) -> None:
+        """Takes a long prompt's decoder inputs (``decoder_inputs``); its decoder runs ``chunk`` tokens after
+        each decode step in the top free slot, and the row joins the decoding rows when its prompt is in."""
+        pool = self._pool
+        if self._prefilling is not None or len(self) >= pool.slots:
+            raise LimitExceeded("no KV-cache slot is free for a prefill", retry_after_s=1.0)
+        total = int(inputs["positions"].shape[-1])
+        if total + row.max_new_tokens > pool.slot_tokens:
+            raise LimitExceeded(
+                f"the prompt ({total} tokens) plus max_new_tokens ({row.max_new_tokens}) does not fit one "
+                f"KV-cache slot ({pool.slot_tokens} tokens)"
+            )
+        slot = pool.slots - 1
+        pool.ensure_zeroed(slot, total)
+        pool.lengths[slot] = 0
+        pool.owner = self
+        self._prefilling = _Prefill(row, input_ids, inputs, slot, chunk)
+
     # -- stepping ----------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def step(self) -> None:
-        """One decode step for every row; finished rows report and leave."""
+        """One decode step for every row, then one chunk of a long prompt; finished rows report and leave."""
         self._drop_finished()
-        if not self.rows:
-            return
+        if self.rows:
+            self._decode()
+        if self._prefilling is not None:
+            self._prefill_chunk()
+
+    def _decode(self) -> None:
         while self.rows:
             try:
                 logits = self._forward()
@@ -330,6 +361,77 @@ class SlotBatch(Batch):
                 if logits is not None:
                     return logits[:rows]
         return self._run(width, length)[:rows]
+
+    def _prefill_chunk(self) -> None:
+        job = self._prefilling
+        row, pool = job.row, self._pool
+        if row.cancelled.is_set() or (row.deadline is not None and time.monotonic() > row.deadline):
+            self._end_prefill()
+            row.done(None if row.cancelled.is_set() else DeadlineExceeded("the request's deadline passed"))
+            return
+        start = job.done
+        end = min(start + job.chunk, job.total)
+        length = pool.length_bucket(end)
+        if pool.device.type != "cuda":
+            pool.ensure_zeroed(job.slot, length)
+        query = torch.arange(start, end, device=pool.device).view(-1, 1)
+        mask = (pool.arange[:length].view(1, length) <= query).view(1, 1, end - start, length)
+        if self._eager_attention:
+            dtype = pool.plan.geometry.dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+                ~mask, torch.finfo(dtype).min
+            )
+        inputs = job.inputs
+        feed = (
+            {"inputs_embeds": inputs["embeds"][:, start:end]}
+            if "embeds" in inputs
+            else {"input_ids": inputs["ids"][:, start:end]}
+        )
+        pool.view.first, pool.view.length = job.slot, length
+        try:
+            with self._kernels():
+                out = self._family.decoder(
+                    **feed,
+                    position_ids=inputs["positions"][..., start:end],
+                    attention_mask=mask,
+                    past_key_values=pool.cache,
+                    use_cache=True,
+                )
+        except torch.OutOfMemoryError:
+            self._end_prefill()
+            row.done(
+                LimitExceeded(
+                    "the worker ran out of memory for this request's prompt; retry later or send less input",
+                    retry_after_s=5.0,
+                )
+            )
+            return
+        finally:
+            pool.view.first = 0
+        pool.lengths[job.slot] = end
+        job.done = end
+        if end < job.total:
+            return
+        logits = self._family.logits(out.last_hidden_state)
+        self._end_prefill()
+        (token,) = pick_tokens([row], logits, lambda i: job.input_ids)
+        slot = len(self.rows)
+        if slot != job.slot:
+            pool.move(job.slot, slot, end)
+            pool.lengths[job.slot] = 0
+        pool.ids[slot, 0] = token
+        pool.lengths[slot] = end
+        pool.positions[..., slot, 0] = inputs["positions"][..., 0, -1] + 1
+        row.cache_len = end
+        pool.owner = self
+        self.rows.append(row)
+        self._drop_finished()
+
+    def _end_prefill(self) -> None:
+        job, self._prefilling = self._prefilling, None
+        self._pool.lengths[job.slot] = 0
+        if not self.rows:
+            self._pool.owner = None
 
     def _run(self, width: int, length: int) -> torch.Tensor:
         """The step's forward over slots [0, width) with attention cut at ``length`` (graph-capturable)."""
@@ -441,7 +543,7 @@ class SlotBatch(Batch):
         self.rows.pop()
         # A free slot is graph padding: it writes at its length, which must stay inside the slot.
         self._pool.lengths[last] = 0
-        if not self.rows:
+        if not self.rows and self._prefilling is None:
             self._pool.owner = None
 
     def _evict_newest(self) -> None:
@@ -465,9 +567,61 @@ class SlotBatch(Batch):
 
     def fail_all(self, error: BaseException) -> None:
         rows, self.rows = self.rows, []
+        if self._prefilling is not None:
+            rows.append(self._prefilling.row)
+            self._end_prefill()
         self._pool.owner = None
         for row in rows:
             row.done(error)
+
+
+@dataclass
+class _Prefill:
+    """A long prompt being prefilled into ``slot``, ``chunk`` tokens per decode step."""
+
+    row: Row
+    input_ids: torch.Tensor
+    inputs: dict  # embeds (1, L, hidden) or ids (1, L); positions (..., 1, L)
+    slot: int
+    chunk: int
+    done: int = 0
+
+    @property
+    def total(self) -> int:
+        return int(self.inputs["positions"].shape[-1])
+
+
+class _DecoderInputs(Exception):
+    """Raised by the hook in ``decoder_inputs`` once it has what the text decoder was given."""
+
+
+def decoder_inputs(family: DecoderFamily, prefill) -> dict:
+    """Runs ``prefill`` (the model's own forward over the prompt) up to its text decoder and returns what the
+    decoder would have been given: the prompt's embeddings (media features merged in, by the model's own
+    code) or its ids, and its positions (Qwen-Omni: the multimodal rope positions; else 0..L-1)."""
+    seen: dict = {}
+
+    def hook(module, args, kwargs):
+        seen.update(kwargs)
+        raise _DecoderInputs
+
+    handle = family.decoder.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        prefill()
+    except _DecoderInputs:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise RuntimeError("the model's forward did not reach its text decoder")
+    embeds, ids = seen.get("inputs_embeds"), seen.get("input_ids")
+    out = {"embeds": embeds} if embeds is not None else {"ids": ids}
+    length = int((embeds if embeds is not None else ids).shape[1])
+    positions = seen.get("position_ids")
+    if positions is None:
+        positions = torch.arange(length, device=family.head.weight.device).view(1, length)
+    out["positions"] = positions
+    return out
 
 
 def _batch_bucket(rows: int, slots: int) -> int:

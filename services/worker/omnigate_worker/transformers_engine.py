@@ -425,19 +425,29 @@ class TransformersEngine(Engine):
         if "position_ids" in inspect.signature(gen.forward).parameters:
             # As generate(): positions from the attention mask (Qwen-Omni: its multimodal rope positions).
             model_kwargs["position_ids"] = gen._prepare_position_ids_for_generation(input_ids, model_kwargs)
-        outputs = gen._prefill(input_ids, config, model_kwargs, is_first_iteration=True)
-        model_kwargs = gen._update_model_kwargs_for_generation(outputs, model_kwargs)
-        if not cache_is_batchable(model_kwargs["past_key_values"]):
-            raise _NotBatchable(
-                f"{type(model_kwargs['past_key_values']).__name__} cannot be padded and merged"
+        chunked = (
+            isinstance(batch, slots.SlotBatch) and input_ids.shape[1] > self._settings.prefill_tokens_per_step
+        )
+        if chunked:
+            # A long prompt: the model's own forward runs up to its text decoder (media encoders, embeddings,
+            # rope positions), and the decoder then runs in chunks between decode steps (SlotBatch).
+            decoder_inputs = slots.decoder_inputs(
+                self._family, lambda: gen._prefill(input_ids, config, model_kwargs, is_first_iteration=True)
             )
-        logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32)
-        del outputs
-        carried = {
-            k: model_kwargs[k]
-            for k in ("past_key_values", "attention_mask", "position_ids", "use_cache")
-            if k in model_kwargs
-        }
+        else:
+            outputs = gen._prefill(input_ids, config, model_kwargs, is_first_iteration=True)
+            model_kwargs = gen._update_model_kwargs_for_generation(outputs, model_kwargs)
+            if not cache_is_batchable(model_kwargs["past_key_values"]):
+                raise _NotBatchable(
+                    f"{type(model_kwargs['past_key_values']).__name__} cannot be padded and merged"
+                )
+            logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32)
+            del outputs
+            carried = {
+                k: model_kwargs[k]
+                for k in ("past_key_values", "attention_mask", "position_ids", "use_cache")
+                if k in model_kwargs
+            }
 
         stop_flag = threading.Event()
         text = TextOutput(emit, request.params.stop, stop_flag)
@@ -476,7 +486,10 @@ class TransformersEngine(Engine):
             started=started,
             stop_flag=stop_flag,
         )
-        batch.add(row, input_ids, carried, logits)
+        if chunked:
+            batch.add_chunked(row, input_ids, decoder_inputs, self._settings.prefill_tokens_per_step)
+        else:
+            batch.add(row, input_ids, carried, logits)
 
     def _generation_config(self, request: GenerationRequest):
         """The GenerationConfig generate() would use for this request (checkpoint defaults + request)."""

@@ -125,6 +125,19 @@ bench: install protos models
 bench-media: install
 	$(PY) bench/media.py
 
+BENCH_GPU_ARGS ?=
+.PHONY: bench-gpu bench-gpu-wheels
+## the worker at GPU speed: generate vs the engine in-process, decode steps, memory: bench/results/gpu.{json,md}
+# One process: transformers' generate one request at a time, then the engine + scheduler at concurrency 1, 16,
+# 64, 128; the decode step per batch size against its bandwidth floor; SDPA backends; a 180 s soak. On CUDA a
+# random-weights Qwen2.5-Omni-3B (BENCH_GPU_ARGS='--size 7b'), else the tiny model; '--quick' for ~15 s.
+bench-gpu: install protos models
+	$(PY) bench/gpu.py $(BENCH_GPU_ARGS)
+
+## download the wheels bench/gpu-device.sh installs on the lent GPU machine into .whl/ (cp312, ~17 MB)
+bench-gpu-wheels: install
+	bench/gpu-device.sh --download-wheels
+
 AUTOSCALE_ARGS ?=
 .PHONY: bench-autoscale
 ## HPA simulation on load steps, real Prometheus: bench/results/autoscale.{json,png}

@@ -145,16 +145,7 @@ class DecodeBatch(Batch):
         self._drop_finished()
 
     def _drop_finished(self) -> None:
-        keep = []
-        for i, row in enumerate(self.rows):
-            if row.cancelled.is_set():
-                row.done(None)
-            elif row.finished_reason == "deadline":
-                row.done(DeadlineExceeded("the request's deadline passed during generation"))
-            elif row.finished_reason is not None:
-                _finish(row)
-            else:
-                keep.append(i)
+        keep = [i for i, row in enumerate(self.rows) if not end_if_finished(row)]
         if len(keep) == len(self.rows):
             return
         self.rows = [self.rows[i] for i in keep]
@@ -228,6 +219,19 @@ def _accept(row: Row, token: int) -> None:
         row.finished_reason = "length"
     elif row.deadline is not None and time.monotonic() > row.deadline:
         row.finished_reason = "deadline"
+
+
+def end_if_finished(row: Row) -> bool:
+    """Ends a row that is cancelled, expired or done (its summary, or its error); True if it ended."""
+    if row.cancelled.is_set():
+        row.done(None)
+    elif row.finished_reason == "deadline":
+        row.done(DeadlineExceeded("the request's deadline passed during generation"))
+    elif row.finished_reason is not None:
+        _finish(row)
+    else:
+        return False
+    return True
 
 
 def _finish(row: Row) -> None:

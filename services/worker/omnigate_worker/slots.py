@@ -38,7 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from omnigate.errors import DeadlineExceeded, LimitExceeded
-from omnigate_worker.batching import Row, _finish, pick_tokens
+from omnigate_worker.batching import Row, end_if_finished, pick_tokens
 from omnigate_worker.engine import Batch
 from omnigate_worker.families import CacheGeometry, DecoderFamily
 
@@ -523,16 +523,8 @@ class SlotBatch(Batch):
 
     def _drop_finished(self) -> None:
         for i in reversed(range(len(self.rows))):
-            row = self.rows[i]
-            if row.cancelled.is_set():
-                row.done(None)
-            elif row.finished_reason == "deadline":
-                row.done(DeadlineExceeded("the request's deadline passed during generation"))
-            elif row.finished_reason is not None:
-                _finish(row)
-            else:
-                continue
-            self._remove(i)
+            if end_if_finished(self.rows[i]):
+                self._remove(i)
 
     def _remove(self, i: int) -> None:
         last = len(self.rows) - 1

@@ -16,7 +16,6 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 from stack import MODELS_DIR
-from test_batching import _bench_set, _collect, _request, _text, _unbatched
 
 from omnigate.conversation import ContentPart, Modality, Summary
 from omnigate.errors import LimitExceeded
@@ -27,6 +26,7 @@ from omnigate_worker.metrics import WorkerMetrics
 from omnigate_worker.scheduler import Scheduler
 from omnigate_worker.settings import WorkerSettings
 from omnigate_worker.transformers_engine import TransformersEngine
+from worker.test_batching import _bench_set, _collect, _request, _text, _unbatched
 
 OMNI = str(MODELS_DIR / "tiny-qwen2.5-omni")
 BYTES_PER_TOKEN = 2 * 2 * 2 * 16 * 4  # tiny Omni thinker: K and V, 2 layers, 2 KV heads, head_dim 16, fp32

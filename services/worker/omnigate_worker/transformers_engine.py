@@ -314,7 +314,8 @@ class TransformersEngine(Engine):
         prompt_len = int(inputs["input_ids"].shape[1])
         prepared = Prepared(request=request, inputs=inputs, prompt_len=prompt_len)
         pool = self._pool
-        if pool is not None and self.can_batch(prepared):
+        # A prompt over max_prompt_tokens is left to the scheduler's refusal (counted as too_long).
+        if pool is not None and self.can_batch(prepared) and prompt_len <= self._settings.max_prompt_tokens:
             need = prompt_len + request.params.max_new_tokens
             if need > pool.slot_tokens:
                 raise LimitExceeded(

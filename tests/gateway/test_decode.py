@@ -147,6 +147,33 @@ def test_audio_rejects_corrupt_data():
         decode_audio(make_m4a()[:200], 16000, LIMITS)
 
 
+def _wav_only_ffmpeg_reads(
+    channels: int, levels: np.ndarray, rate: int = 16000, seconds: float = 0.3
+) -> bytes:
+    """16-bit PCM, each channel a constant level, behind a nameless chunk: libsndfile refuses the file ("no
+    'data' chunk marker"), so it is decoded by FFmpeg (PyAV), the path the fuzzer crashed in."""
+    frames = int(rate * seconds)
+    pcm = (np.tile(levels, (frames, 1)) * 32767).astype("<i2").tobytes()
+    fmt = struct.pack("<HHIIHH", 1, channels, rate, rate * channels * 2, channels * 2, 16)
+    body = b"WAVEfmt " + struct.pack("<I", 16) + fmt + b"\x01\x00\x00\x00" + struct.pack("<I", 0)
+    body += b"data" + struct.pack("<I", len(pcm)) + pcm
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+@pytest.mark.parametrize("channels", [1, 2, 8, 9, 17, 64])
+def test_many_channel_audio_through_ffmpeg_is_averaged(channels):
+    # PyAV's planar to_ndarray crashed the process past 8 channels (fuzzer finding: a 17-channel PCM WAV).
+    levels = np.linspace(0.05, 0.6, channels).astype(np.float32)
+    data = _wav_only_ffmpeg_reads(channels, levels)
+    with pytest.raises(Exception, match="data"):
+        import soundfile
+
+        soundfile.SoundFile(io.BytesIO(data))
+    audio = decode_audio(data, 16000, LIMITS)
+    assert audio.samples.shape == (4800,)
+    np.testing.assert_allclose(audio.samples, levels.mean(), atol=2e-4)
+
+
 def test_audio_needs_a_positive_rate():
     with pytest.raises(InvalidInput, match="must be positive"):
         decode_audio(make_wav(0.1), 0, LIMITS)

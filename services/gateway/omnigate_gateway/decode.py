@@ -364,7 +364,10 @@ def _decode_audio_stream(
     if duration is not None:
         _check_decoded_bytes(int(duration * rate) * 4, f"the {what}", limits)  # mono float32
     max_samples = int(max_duration_s * rate) + rate  # one second of slack over the limit
-    resampler = av.AudioResampler(format="fltp")  # planar float, same layout and rate
+    # Packed (interleaved) float, same layout and rate. Not planar "fltp": PyAV 18's to_ndarray of a planar
+    # frame with more than 8 channels reads plane pointers past AVFrame.data[8] and crashes the process (a
+    # 17-channel PCM WAV found by the fuzzer); a packed frame is one plane whatever the channel count.
+    resampler = av.AudioResampler(format="flt")
     pieces: list[np.ndarray] = []
     total = 0
     for count, frame in enumerate(container.decode(stream)):
@@ -375,16 +378,22 @@ def _decode_audio_stream(
                 f"the {what} changes sample rate mid-stream ({rate} -> {frame.sample_rate} Hz)"
             )
         for converted in resampler.resample(frame):
-            planes = converted.to_ndarray()  # (channels, n) float32
-            pieces.append(_downmix(planes.T))
-            total += planes.shape[1]
+            block = _interleaved(converted)
+            pieces.append(_downmix(block))
+            total += len(block)
         if total > max_samples:  # duration unknown up front, or the header understated it
             _check_audio_duration(total / rate, max_duration_s, what)
         _check_decoded_bytes(total * 4, f"the {what}", limits)
     for converted in resampler.resample(None):
-        pieces.append(_downmix(converted.to_ndarray().T))
+        pieces.append(_downmix(_interleaved(converted)))
     samples = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
     return samples, rate
+
+
+def _interleaved(frame: av.AudioFrame) -> np.ndarray:
+    """A packed float32 frame as (samples, channels)."""
+    channels = len(frame.layout.channels)
+    return frame.to_ndarray().reshape(frame.samples, channels)
 
 
 def _finish_audio(

@@ -62,6 +62,7 @@ class Row:
     stop_flag: threading.Event = field(default_factory=threading.Event)
     finished_reason: str | None = None
     cache_len: int = 0  # tokens in the row's KV cache (slot runner)
+    speech: object | None = None  # a speech request's thinker tap (speech.ThinkerTap; slot runner only)
 
     @property
     def generated(self) -> int:

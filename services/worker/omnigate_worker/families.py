@@ -40,6 +40,8 @@ class DecoderFamily:
     """A causal text decoder with full attention in every layer (Qwen2/2.5/3, Llama, Qwen-Omni's thinker,
     Janus's language model, Qwen2-Audio's). Subclass and register for a family that differs."""
 
+    extra_width: int | None = None  # a per-slot input vector added to the step's embeddings (talker)
+
     def __init__(self, gen_model) -> None:
         self.gen = gen_model
         self.decoder = gen_model.get_decoder() if hasattr(gen_model, "get_decoder") else None
@@ -85,6 +87,14 @@ class DecoderFamily:
         if carried is None:
             return torch.tensor(cache_len)
         return carried[..., 0, -1]
+
+    def step_inputs(self, pool, width: int) -> dict:
+        """The decode step's input for slots [0, width) (graph-capturable: reads the pool's buffers)."""
+        return {"input_ids": pool.ids[:width]}
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The input embeddings of ``ids`` (what the decoder's first layer is given for them)."""
+        return self.gen.get_input_embeddings()(ids)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of the last position of each row, in float32."""

@@ -147,13 +147,39 @@ class WorkerSettings(ServiceSettings):
     )
     stream_speech: bool = Field(
         True,
-        description="Send speech chunk by chunk while it is generated (costs a second vocoder pass, see speech.py).",
+        description="Send speech chunk by chunk while it is generated: the speech pipeline (thinker, batched "
+        "talker and vocoder stages, speech.py) where the slot runner serves the model, else generate() "
+        "with a streamer (a second vocoder pass at the end). false: one waveform at the end, one request "
+        "at a time.",
     )
     speech_chunk_codes: int = Field(
         25, description="Speech codec codes per streamed chunk (25 = 0.5 s for Qwen2.5-Omni)."
     )
     speech_context_codes: int = Field(
-        8, description="Codes of left context vocoded with each chunk, for continuity."
+        25, ge=0, description="Codes of left context vocoded with each chunk, for continuity."
+    )
+    speech_lookahead_codes: int = Field(
+        8,
+        ge=0,
+        description="Codes after a chunk vocoded with it (and cut off), so its end matches an unstreamed "
+        "synthesis; each chunk waits for them (8 = 0.16 s of audio).",
+    )
+    speech_max_streams: int = Field(
+        8, ge=1, description="Speech requests whose talkers decode together (the talker's KV-cache slots)."
+    )
+    talker_do_sample: bool = Field(
+        True,
+        description="The talker samples codes with generate()'s talker defaults (top-k 40, top-p 0.8, "
+        "temperature 0.9); false: greedy.",
+    )
+    vocoder_steps: int = Field(
+        10,
+        ge=1,
+        description="ODE steps of the vocoder's DiT per chunk (generate() uses 10; fewer is faster and "
+        "changes the audio: measure before lowering it).",
+    )
+    vocoder_max_batch: int = Field(
+        16, ge=1, description="Speech chunks of different requests vocoded in one call at most."
     )
     audio_chunk_seconds: float = Field(0.5, description="Seconds of speech per streamed audio chunk.")
     warmup: bool = Field(True, description="Run one tiny generation before reporting SERVING.")

@@ -195,13 +195,20 @@ class SlotPool:
         self.ids = torch.zeros((plan_.slots, 1), dtype=torch.long, device=device)
         self.positions = torch.zeros((*position_shape, plan_.slots, 1), dtype=torch.long, device=device)
         self.lengths = torch.zeros((plan_.slots,), dtype=torch.long, device=device)
+        # A per-slot input vector the family adds to the step's embeddings (the talker: the thinker's reply).
+        self.extra = (
+            torch.zeros((plan_.slots, 1, family.extra_width), dtype=g.dtype, device=device)
+            if family.extra_width
+            else None
+        )
         self.arange = torch.arange(plan_.slot_tokens, device=device)
         self.view = _StepView(self.lengths)
         self.cache = SlotCache(
             [SlotLayer(k, v, self.view) for k, v in zip(self.keys, self.values, strict=True)]
         )
         self.owner: object | None = None
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (batch, length) -> (graph, (logits, last hidden states)): the graph's static outputs
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.graph_pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
         self.graph_failures: set[tuple[int, int]] = set()
 
@@ -232,6 +239,8 @@ class SlotPool:
         for tensor in (*self.keys, *self.values):
             tensor[target, :, :length].copy_(tensor[source, :, :length])
         self.ids[target] = self.ids[source]
+        if self.extra is not None:
+            self.extra[target] = self.extra[source]
         self.positions[..., target, :] = self.positions[..., source, :]
         self.lengths[target] = self.lengths[source]
         self.zeroed[target] = max(self.zeroed[target], length)
@@ -333,7 +342,7 @@ class SlotBatch(Batch):
     def _decode(self) -> None:
         while self.rows:
             try:
-                logits = self._forward()
+                logits, hidden = self._forward()
                 break
             except torch.OutOfMemoryError:
                 # Not the rows before it: the newest row pushed the step over the memory it had. It
@@ -342,11 +351,24 @@ class SlotBatch(Batch):
                 self._evict_newest()
         else:
             return
+        self._tap(hidden)
         tokens = pick_tokens(self.rows, logits, self._history)
         self._advance(tokens)
         self._drop_finished()
 
-    def _forward(self) -> torch.Tensor:
+    def _tap(self, hidden: torch.Tensor) -> None:
+        """Hands speech rows the step's last hidden state plus the embedding of the token it was fed (what
+        the talker takes from the thinker per reply token), before the graph's buffers are reused."""
+        tapped = [i for i, row in enumerate(self.rows) if row.speech is not None]
+        if not tapped:
+            return
+        index = torch.tensor(tapped, device=hidden.device)
+        vectors = hidden.index_select(0, index) + self._family.embed(self._pool.ids[index, 0])
+        for n, i in enumerate(tapped):
+            row = self.rows[i]
+            row.speech.fed(vectors[n], row.tokens[-1])
+
+    def _forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         pool = self._pool
         rows = len(self.rows)
         length = pool.length_bucket(max(row.cache_len for row in self.rows) + 1)
@@ -357,10 +379,11 @@ class SlotBatch(Batch):
         key = (width, length)
         if self._graphs and key not in pool.graph_failures:
             if key in pool.graphs or len(pool.graphs) < MAX_GRAPHS:
-                logits = self._replay(key)
-                if logits is not None:
-                    return logits[:rows]
-        return self._run(width, length)[:rows]
+                outputs = self._replay(key)
+                if outputs is not None:
+                    return outputs[0][:rows], outputs[1][:rows]
+        logits, hidden = self._run(width, length)
+        return logits[:rows], hidden[:rows]
 
     def _prefill_chunk(self) -> None:
         job = self._prefilling
@@ -410,6 +433,8 @@ class SlotBatch(Batch):
             pool.view.first = 0
         pool.lengths[job.slot] = end
         job.done = end
+        if row.speech is not None:
+            row.speech.add_prompt_hidden(out.last_hidden_state)
         if end < job.total:
             return
         logits = self._family.logits(out.last_hidden_state)
@@ -433,7 +458,7 @@ class SlotBatch(Batch):
         if not self.rows:
             self._pool.owner = None
 
-    def _run(self, width: int, length: int) -> torch.Tensor:
+    def _run(self, width: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's forward over slots [0, width) with attention cut at ``length`` (graph-capturable)."""
         pool = self._pool
         pool.view.length = length
@@ -446,13 +471,14 @@ class SlotBatch(Batch):
             )
         with self._kernels():
             out = self._family.decoder(
-                input_ids=pool.ids[:width],
+                **self._family.step_inputs(pool, width),
                 position_ids=pool.positions[..., :width, :],
                 attention_mask=mask,
                 past_key_values=pool.cache,
                 use_cache=True,
             )
-            return self._family.logits(out.last_hidden_state)
+            hidden = out.last_hidden_state[:, -1]
+            return self._family.logits(out.last_hidden_state), hidden
 
     @contextlib.contextmanager
     def _kernels(self):
@@ -468,17 +494,17 @@ class SlotBatch(Batch):
             if swap:
                 config._attn_implementation_internal = implementation
 
-    def _replay(self, key: tuple[int, int]) -> torch.Tensor | None:
+    def _replay(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
         pool = self._pool
         entry = pool.graphs.get(key)
         if entry is None:
             entry = self._capture(key)
             if entry is None:
                 return None
-        graph, logits = entry
+        graph, outputs = entry
         pool.view.length = key[1]
         graph.replay()
-        return logits
+        return outputs
 
     def _capture(self, key: tuple[int, int]):
         pool = self._pool
@@ -491,7 +517,7 @@ class SlotBatch(Batch):
             torch.cuda.current_stream(pool.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool.graph_pool):
-                logits = self._run(width, length)
+                outputs = self._run(width, length)
         except Exception:  # noqa: BLE001 - the step runs eagerly for this shape instead
             log.warning(
                 "CUDA graph capture failed for batch %d, length %d; eager for it",
@@ -501,7 +527,7 @@ class SlotBatch(Batch):
             )
             pool.graph_failures.add(key)
             return None
-        pool.graphs[key] = (graph, logits)
+        pool.graphs[key] = (graph, outputs)
         log.info(
             "captured the decode step for batch %d, length %d (%d graphs)", width, length, len(pool.graphs)
         )
@@ -554,8 +580,9 @@ class SlotBatch(Batch):
     def state_tensors(self) -> list[torch.Tensor]:
         """The tensors carried from one step to the next (slots, ids, positions, lengths, graph outputs)."""
         pool = self._pool
-        outputs = [logits for _, logits in pool.graphs.values()]
-        return [*pool.keys, *pool.values, pool.ids, pool.positions, pool.lengths, *outputs]
+        outputs = [tensor for _, pair in pool.graphs.values() for tensor in pair]
+        extra = [pool.extra] if pool.extra is not None else []
+        return [*pool.keys, *pool.values, pool.ids, pool.positions, pool.lengths, *extra, *outputs]
 
     def fail_all(self, error: BaseException) -> None:
         rows, self.rows = self.rows, []

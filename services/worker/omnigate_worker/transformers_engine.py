@@ -12,6 +12,7 @@ Family differences handled here (transformers 5.23, each reproduced; see the mod
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import io
@@ -49,17 +50,23 @@ from omnigate_worker.families import family_for
 from omnigate_worker.loading import LoadedModel
 from omnigate_worker.metrics import WorkerMetrics
 from omnigate_worker.settings import WorkerSettings
-from omnigate_worker.speech import SpeechStreamer
+from omnigate_worker.speech import (
+    SpeechBatch,
+    SpeechPipeline,
+    SpeechRequest,
+    SpeechStreamer,
+    TalkerFeed,
+    ThinkerTap,
+)
 from omnigate_worker.streaming import TextOutput, TokenStreamer
+from omnigate_worker.talker import TALKER_STOP_CODES, TalkerBatch, TalkerFamily, start_talker
+from omnigate_worker.vocoder import Vocoder
 
 log = logging.getLogger(__name__)
 
 # Speech output rate of model families whose config does not state it (the published models' rate).
 OUTPUT_AUDIO_RATES = {"Qwen2_5OmniForConditionalGeneration": 24000}
 ROLES = {"system", "user", "assistant"}
-# Qwen2.5-Omni generate()'s default talker end-of-speech codes (talker_eos_token_id).
-TALKER_STOP_CODES = (8292, 8294)
-
 
 class _NotBatchable(Exception):
     """This model's cache cannot be merged across requests; it runs one request at a time."""
@@ -100,8 +107,13 @@ class TransformersEngine(Engine):
         self._attn_implementation = loaded.attn_implementation
         self._family = family_for(self._gen_model)
         self._pool: slots.SlotPool | None = None
+        self._talker_pool: slots.SlotPool | None = None
+        self._speech: SpeechPipeline | None = None
         if self._batchable:
+            self._talker_pool = self._talker_slots(settings)  # first: on CUDA the thinker's budget counts it
             self._pool = self._slot_pool(settings)
+            if self._pool is None:
+                self._talker_pool = None
         pad = getattr(self._gen_model.generation_config, "pad_token_id", None)
         if pad is None:
             pad = getattr(self._tokenizer, "pad_token_id", None) or 0
@@ -137,9 +149,46 @@ class TransformersEngine(Engine):
             max_image_pixels=model_inputs.max_pixels(getattr(self._processor, "image_processor", None)),
             max_video_frame_pixels=model_inputs.max_pixels(getattr(self._processor, "video_processor", None)),
         )
+        if self._talker_pool is not None:
+            self._speech = self._speech_pipeline(settings)
         self._describe_runner()
 
     # -- the decode runner ----------------------------------------------------------------------
+
+    def _talker_slots(self, settings: WorkerSettings) -> slots.SlotPool | None:
+        """KV-cache slots for Qwen2.5-Omni's talker, when speech runs as pipelined stages (speech.py)."""
+        if not (self._is_omni and getattr(self._model, "has_talker", False) and settings.stream_speech):
+            return None
+        if settings.decode_runner == "dynamic" or self._family.unsupported() is not None:
+            return None
+        family = TalkerFamily(self._model.talker)
+        reason = family.unsupported()
+        if reason is not None:
+            log.info("speech runs one request at a time: the talker %s", reason)
+            return None
+        prompt = min(settings.max_prompt_tokens, settings.kv_slot_tokens or settings.max_prompt_tokens)
+        plan = slots.SlotPlan(
+            settings.speech_max_streams, prompt + 2 + settings.max_talker_tokens, family.geometry(self._dtype)
+        )
+        log.info("talker decoding over %s", plan.describe())
+        return slots.SlotPool(plan, family, self._device, (3,))
+
+    def _speech_pipeline(self, settings: WorkerSettings) -> SpeechPipeline:
+        talker = self._model.talker
+        family = TalkerFamily(talker)
+        batch = TalkerBatch(
+            family,
+            self._talker_pool,
+            settings,
+            eager_attention=talker.config._attn_implementation == "eager",
+        )
+        device = next(self._model.token2wav.parameters()).device
+        vocoder = Vocoder(
+            self._model.token2wav, device, num_steps=settings.vocoder_steps, max_batch=settings.vocoder_max_batch
+        )
+        return SpeechPipeline(
+            self._model, batch, vocoder, settings, self.info.output_audio_sample_rate, self._start_talker
+        )
 
     def _slot_pool(self, settings: WorkerSettings) -> slots.SlotPool | None:
         """The KV-cache slots, or None where the dynamic-cache batch runs (setting, or a family the slot
@@ -186,6 +235,10 @@ class TransformersEngine(Engine):
         else:
             self.info.decode_runner = "dynamic cache" if self._batchable else "one request at a time"
             self.info.attention = f"prompt and decode {self._attn_implementation}"
+        if self._speech is not None:
+            self.info.decode_runner += (
+                f"; speech: batched talker over {self._talker_pool.plan.describe()}, vocoder thread"
+            )
         log.info("decode runner: %s; attention: %s", self.info.decode_runner, self.info.attention)
 
     def _use_dynamic_cache(self, why: str) -> None:
@@ -194,6 +247,12 @@ class TransformersEngine(Engine):
         self._describe_runner()
 
     def close(self) -> None:
+        if self._speech is not None:
+            self._speech.vocoder.close()
+            self._speech = None
+        if self._talker_pool is not None:
+            self._talker_pool.release()
+            self._talker_pool = None
         if self._pool is not None:
             self._pool.release()
             self._pool = None
@@ -323,10 +382,25 @@ class TransformersEngine(Engine):
                     f"{need} tokens of KV cache; this worker holds {pool.slot_tokens} per request (send less, or "
                     "ask for fewer new tokens)"
                 )
+            talker = self._talker_pool
+            if request.mode is GenerationMode.AUDIO and talker is not None:
+                need = prompt_len + 2 + self._talker_tokens(request)
+                if need > talker.slot_tokens:
+                    raise LimitExceeded(
+                        f"speaking this prompt ({prompt_len} tokens) needs {need} tokens of the talker's KV cache; "
+                        f"this worker holds {talker.slot_tokens} per request (send less)"
+                    )
         return prepared
 
+    def _talker_tokens(self, request: GenerationRequest) -> int:
+        s = self._settings
+        return min(s.max_talker_tokens, request.params.max_new_tokens * s.talker_tokens_per_text_token)
+
     def can_batch(self, prepared: Prepared) -> bool:
-        return self._batchable and prepared.request.mode is GenerationMode.TEXT
+        mode = prepared.request.mode
+        if mode is GenerationMode.AUDIO:
+            return self._batchable and self._speech is not None
+        return self._batchable and mode is GenerationMode.TEXT
 
     @torch.inference_mode()
     def run(self, prepared: Prepared, emit: EventSink, cancelled: threading.Event) -> None:
@@ -397,9 +471,10 @@ class TransformersEngine(Engine):
 
     def open_batch(self) -> Batch:
         if self._pool is not None:
-            return slots.SlotBatch(
+            batch = slots.SlotBatch(
                 self._family, self._pool, self._settings, eager_attention=self._attn_implementation == "eager"
             )
+            return SpeechBatch(batch, self._speech) if self._speech is not None else batch
         s = self._settings
         return DecodeBatch(self._gen_model, self._pad_token_id, s.max_batch_size, s.max_batch_tokens)
 
@@ -418,6 +493,12 @@ class TransformersEngine(Engine):
         gen = self._gen_model
         started = time.monotonic()
         input_ids = inputs.pop("input_ids")
+        if isinstance(batch, SpeechBatch):
+            batch = batch.text
+        speech = None
+        if request.mode is GenerationMode.AUDIO:
+            speech = self._speech_request(prepared, emit, done, cancelled, deadline, started, input_ids)
+            emit, done = speech.thinker_emit, speech.thinker_done
         config = self._generation_config(request)
         gen._prepare_special_tokens(config, True, device=input_ids.device)
         model_kwargs = {**inputs, "use_cache": True, "past_key_values": DynamicCache(config=gen.config)}
@@ -435,8 +516,15 @@ class TransformersEngine(Engine):
             decoder_inputs = slots.decoder_inputs(
                 self._family, lambda: gen._prefill(input_ids, config, model_kwargs, is_first_iteration=True)
             )
+            if speech is not None:
+                speech.tap.prompt_embeds = (
+                    decoder_inputs["embeds"]
+                    if "embeds" in decoder_inputs
+                    else self._family.embed(decoder_inputs["ids"])
+                )
         else:
-            outputs = gen._prefill(input_ids, config, model_kwargs, is_first_iteration=True)
+            with _prompt_capture(self._family, speech.tap if speech is not None else None):
+                outputs = gen._prefill(input_ids, config, model_kwargs, is_first_iteration=True)
             model_kwargs = gen._update_model_kwargs_for_generation(outputs, model_kwargs)
             if not cache_is_batchable(model_kwargs["past_key_values"]):
                 raise _NotBatchable(
@@ -486,11 +574,72 @@ class TransformersEngine(Engine):
             ),
             started=started,
             stop_flag=stop_flag,
+            speech=speech.tap if speech is not None else None,
         )
         if chunked:
             batch.add_chunked(row, input_ids, decoder_inputs, self._settings.prefill_tokens_per_step)
         else:
             batch.add(row, input_ids, carried, logits)
+        if speech is not None:
+            self._speech.begin(speech)
+
+    # -- speech as pipelined stages (speech.py) ----------------------------------------------------
+
+    def _speech_request(self, prepared, emit, done, cancelled, deadline, started, input_ids) -> SpeechRequest:
+        request, inputs = prepared.request, prepared.inputs
+        tap = ThinkerTap(
+            input_ids,
+            has_audio=inputs.get("input_features") is not None,
+            has_images=inputs.get("pixel_values") is not None,
+            has_videos=inputs.get("pixel_values_videos") is not None,
+        )
+        speech = SpeechRequest(
+            self._speech,
+            tap,
+            emit=emit,
+            done=done,
+            cancelled=cancelled,
+            deadline=deadline,
+            speaker=request.speaker or self._default_speaker(),
+            seed=request.params.seed,
+            started=started,
+        )
+        speech.prepared = prepared
+        return speech
+
+    def _start_talker(self, speech: SpeechRequest) -> None:
+        """Prefills a speech request's talker (its first reply vector exists) and adds it to the talker batch."""
+        request, inputs = speech.prepared.request, speech.prepared.inputs
+        rope = {"use_audio_in_video": request.use_audio_in_video}
+        for name in ("image_grid_thw", "video_grid_thw", "video_second_per_grid"):
+            if inputs.get(name) is not None:
+                rope[name] = inputs[name]
+        if inputs.get("feature_attention_mask") is not None:
+            rope["audio_feature_lengths"] = torch.sum(inputs["feature_attention_mask"], dim=1)
+        talker = self._model.talker
+        embed = self._model.thinker.get_input_embeddings()
+        marks = torch.tensor([talker.text_eos_token, talker.text_pad_token], device=self._device)
+        end, pad = embed(marks)
+        do_sample = self._settings.talker_do_sample
+        generator = None
+        if do_sample and request.params.seed is not None:
+            generator = torch.Generator(device=self._device).manual_seed(request.params.seed)
+        feed = TalkerFeed(speech.tap, end, pad, speech.on_code)
+        start_talker(
+            self._model,
+            self._speech.talker,
+            speech.tap,
+            feed,
+            speaker=speech.speaker,
+            max_new_tokens=self._talker_tokens(request),
+            do_sample=do_sample,
+            generator=generator,
+            rope_inputs=rope,
+            done=speech.talker_done,
+            cancelled=speech.talker_cancelled,
+            deadline=speech.deadline,
+            request=request,
+        )
 
     def _generation_config(self, request: GenerationRequest):
         """The GenerationConfig generate() would use for this request (checkpoint defaults + request)."""
@@ -642,6 +791,32 @@ class _SpeechStart:
             self._cancelled,
         )
         return self.streamer
+
+
+@contextlib.contextmanager
+def _prompt_capture(family, tap: ThinkerTap | None):
+    """While the prompt is prefilled, keeps what the text decoder is given (the prompt's embeddings) and
+    its last hidden states for a speech request's talker."""
+    if tap is None:
+        yield
+        return
+
+    def before(module, args, kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        tap.prompt_embeds = embeds if embeds is not None else family.embed(kwargs["input_ids"])
+
+    def after(module, args, kwargs, output):
+        tap.add_prompt_hidden(output.last_hidden_state)
+
+    handles = [
+        family.decoder.register_forward_pre_hook(before, with_kwargs=True),
+        family.decoder.register_forward_hook(after, with_kwargs=True),
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _as_tuple(value) -> tuple:

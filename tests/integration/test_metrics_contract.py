@@ -346,6 +346,10 @@ def test_worker_values_follow_the_traffic(scrapes):
     assert audio > 0
     assert d(w, "omnigate_worker_speech_real_time_factor", "_count") >= 1
     assert d(w, "omnigate_worker_speech_real_time_factor", "_sum") > 0
+    assert d(w, "omnigate_worker_time_to_first_audio_seconds", "_count") >= 1
+    assert 0 < d(w, "omnigate_worker_time_to_first_audio_seconds", "_sum") < 60
+    assert d(w, "omnigate_worker_audio_underrun_seconds", "_count") >= 1
+    assert d(w, "omnigate_worker_audio_underrun_seconds", "_sum") >= 0
     assert d(w, "omnigate_worker_cancelled_requests_total", reason="client") >= 1
     assert d(w, "omnigate_worker_cancelled_requests_total", reason="deadline") >= 1
     assert d(w, "omnigate_worker_rejected_requests_total", reason="invalid_argument") >= 1

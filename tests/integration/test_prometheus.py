@@ -307,6 +307,8 @@ EXPECTATIONS = [
     ),
     (f"sum(omnigate_worker_inter_token_latency_seconds_count{{{WK}}})", lambda v: v >= 4 * CONCURRENCY),
     (f"sum(omnigate_worker_speech_real_time_factor_count{{{WK}}})", lambda v: v >= 1),
+    (f"sum(omnigate_worker_time_to_first_audio_seconds_count{{{WK}}})", lambda v: v >= 1),
+    (f"sum(omnigate_worker_audio_underrun_seconds_count{{{WK}}})", lambda v: v >= 1),
     (f"sum(omnigate_gateway_time_to_first_audio_seconds_count{{{GW}}})", lambda v: v >= 1),
     # Time to first token is never after the end of the request. (Not p50 <= p50: the durations also count
     # requests refused in milliseconds, which have no first token, so their p50 can fall below TTFT's.)

@@ -31,3 +31,14 @@ def dynamic_engine(loaded_omni) -> TransformersEngine:
     engine = TransformersEngine(loaded_omni, WorkerSettings(model=OMNI, decode_runner="dynamic"), OMNI)
     engine.warmup()
     return engine
+
+
+@pytest.fixture(scope="session")
+def greedy_speech_engine(loaded_omni) -> TransformersEngine:
+    """Greedy talker (talker_do_sample=false), and prompts over 100 tokens prefilled in chunks, so both
+    prefill paths feed the talker."""
+    settings = WorkerSettings(model=OMNI, talker_do_sample=False, prefill_tokens_per_step=100)
+    engine = TransformersEngine(loaded_omni, settings, OMNI)
+    engine.warmup()
+    yield engine
+    engine.close()

@@ -314,8 +314,9 @@ def test_settings_that_cannot_work_fail_at_start(loaded_omni):
 
 def test_model_info_names_the_attention_kernels_and_the_runner(engine, dynamic_engine):
     info = model_info_to_proto(engine.info, 4096, 1 << 20)
-    assert info.decode_runner.startswith("slots: 32 KV slots x 36864 tokens") and info.decode_runner.endswith(
-        "eager"
+    assert info.decode_runner == (
+        "slots: 32 KV slots x 36864 tokens (0.56 GiB), eager; speech: batched talker over 8 KV slots x 36866 "
+        "tokens (0.07 GiB), vocoder thread"
     )
     assert info.attention == "prompt sdpa; decode sdpa (torch's choice)"
     assert model_info_to_proto(dynamic_engine.info, 4096, 1 << 20).decode_runner == "dynamic cache"

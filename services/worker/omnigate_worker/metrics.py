@@ -100,6 +100,19 @@ class WorkerMetrics:
             buckets=REAL_TIME_FACTOR_BUCKETS,
             registry=registry,
         )
+        self.time_to_first_audio = Histogram(
+            "omnigate_worker_time_to_first_audio_seconds",
+            "Per speech request: time from receiving the Generate request to its first audio chunk.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.audio_underrun = Histogram(
+            "omnigate_worker_audio_underrun_seconds",
+            "Per speech request: seconds a client playing the stream in real time from its first chunk would "
+            "have had nothing to play.",
+            buckets=(0, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+            registry=registry,
+        )
         self.queue_depth = Gauge(
             "omnigate_worker_queue_depth", "Requests waiting for the engine.", registry=registry
         )
@@ -210,3 +223,21 @@ class GpuMemoryCollector(Collector):
 
     def describe(self) -> list:
         return []  # nothing to check at registration; names appear only when CUDA is in use
+
+
+class Playback:
+    """A listener playing a speech stream in real time from its first chunk: how long it would have waited
+    with nothing to play (underrun) after that first chunk."""
+
+    def __init__(self) -> None:
+        self.first_at: float | None = None
+        self._play_end = 0.0
+        self.underrun_s = 0.0
+
+    def chunk(self, seconds: float, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        if self.first_at is None:
+            self.first_at = now
+        elif now > self._play_end:
+            self.underrun_s += now - self._play_end
+        self._play_end = max(self._play_end, now) + seconds

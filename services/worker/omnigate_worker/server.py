@@ -17,7 +17,7 @@ from omnigate.grpc_server import add_service, finish_server
 from omnigate.worker.v1 import worker_pb2, worker_pb2_grpc
 from omnigate_worker import convert
 from omnigate_worker.engine import Engine
-from omnigate_worker.metrics import WorkerMetrics
+from omnigate_worker.metrics import Playback, WorkerMetrics
 from omnigate_worker.scheduler import Scheduler
 from omnigate_worker.settings import WorkerSettings
 
@@ -86,6 +86,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         scope = contextlib.ExitStack()
         scope.enter_context(tracing.activate(span, request_id=request_id))
         summary = stream_span = None
+        playback = Playback()
         try:
             engine, scheduler = self._ready()
             stage = "queue"
@@ -109,6 +110,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     first_output = time.monotonic()
                     self._metrics.time_to_first_output.labels(mode).observe(first_output - started)
                     stream_span = tracer.start_span("worker.stream")  # first output to the end
+                if isinstance(event, AudioChunk) and event.sample_rate > 0:
+                    if playback.first_at is None:
+                        self._metrics.time_to_first_audio.observe(time.monotonic() - started)
+                    playback.chunk(len(event.samples) / event.sample_rate)
                 if not first_token and isinstance(event, TextDelta):
                     first_token = True
                     self._metrics.time_to_first_token.labels(mode).observe(time.monotonic() - started)
@@ -119,6 +124,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     self._metrics.prompt_tokens.inc(event.prompt_tokens)
                     if event.audio_seconds > 0:
                         self._metrics.audio_generated.inc(event.audio_seconds)
+                        self._metrics.audio_underrun.observe(playback.underrun_s)
                         self._metrics.speech_real_time_factor.observe(
                             event.timings.generate_s / event.audio_seconds
                         )

@@ -208,7 +208,9 @@ class SlotPool:
         )
         self.owner: object | None = None
         # (batch, length) -> (graph, (logits, last hidden states)): the graph's static outputs
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.graphs: dict[
+            tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]
+        ] = {}
         self.graph_pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
         self.graph_failures: set[tuple[int, int]] = set()
 

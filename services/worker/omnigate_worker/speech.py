@@ -43,7 +43,9 @@ log = logging.getLogger(__name__)
 class ThinkerTap:
     """What a speech request's thinker row hands the talker (filled on the engine thread)."""
 
-    def __init__(self, input_ids: torch.Tensor, *, has_audio: bool, has_images: bool, has_videos: bool) -> None:
+    def __init__(
+        self, input_ids: torch.Tensor, *, has_audio: bool, has_images: bool, has_videos: bool
+    ) -> None:
         self.input_ids = input_ids  # (1, L)
         self.has_audio, self.has_images, self.has_videos = has_audio, has_images, has_videos
         self.prompt_embeds: torch.Tensor | None = None  # (1, L, H), what the decoder was given
@@ -281,7 +283,9 @@ class SpeechRequest:
 class SpeechPipeline:
     """The talker batch, the vocoder and the speech requests between them (one per engine)."""
 
-    def __init__(self, model, talker_batch, vocoder: Vocoder, settings, sample_rate: int, start_talker) -> None:
+    def __init__(
+        self, model, talker_batch, vocoder: Vocoder, settings, sample_rate: int, start_talker
+    ) -> None:
         self.model = model
         self.talker = talker_batch
         self.vocoder = vocoder
@@ -332,7 +336,8 @@ class SpeechPipeline:
                 log.info("starting a talker failed", exc_info=True)
                 if "out of memory" in str(exc).lower():
                     exc = LimitExceeded(
-                        "the worker ran out of memory for this request's speech; retry later", retry_after_s=5.0
+                        "the worker ran out of memory for this request's speech; retry later",
+                        retry_after_s=5.0,
                     )
                 request.fail(exc)
 

@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 OUTPUT_AUDIO_RATES = {"Qwen2_5OmniForConditionalGeneration": 24000}
 ROLES = {"system", "user", "assistant"}
 
+
 class _NotBatchable(Exception):
     """This model's cache cannot be merged across requests; it runs one request at a time."""
 
@@ -184,7 +185,10 @@ class TransformersEngine(Engine):
         )
         device = next(self._model.token2wav.parameters()).device
         vocoder = Vocoder(
-            self._model.token2wav, device, num_steps=settings.vocoder_steps, max_batch=settings.vocoder_max_batch
+            self._model.token2wav,
+            device,
+            num_steps=settings.vocoder_steps,
+            max_batch=settings.vocoder_max_batch,
         )
         return SpeechPipeline(
             self._model, batch, vocoder, settings, self.info.output_audio_sample_rate, self._start_talker
@@ -720,6 +724,7 @@ class TransformersEngine(Engine):
                 generation_mode="audio",
                 speaker=speaker,
                 talker_max_new_tokens=talker_tokens,
+                talker_do_sample=self._settings.talker_do_sample,
                 talker_stopping_criteria=talker_criteria,
                 **kwargs,
             )

@@ -428,3 +428,62 @@ def test_playback_counts_gaps_after_the_first_chunk():
 def test_the_engine_reports_the_speech_pipeline(engine):
     assert "speech: batched talker" in engine.info.decode_runner
     assert engine.can_batch(engine.prepare(_request("Hi", 4)))
+
+
+# ---- one request's failure (fault injection: named fakes of a failing stage) --------------------------
+
+
+async def test_a_failing_vocoder_call_fails_only_its_request(engine, monkeypatch):
+    """FakeBrokenVocoder: synthesis raises whenever Ethan's voice is in the call. The batched call is retried
+    chunk by chunk, so Chelsie's request, vocoded alongside, still gets all its audio."""
+    from omnigate_worker import vocoder as vocoder_module
+
+    ethan = engine._speech.speaker_tensors("Ethan")[0]
+    real = vocoder_module.synthesize
+
+    def fake_broken_vocoder(token2wav, codes, conditioning, *args, **kwargs):
+        if any(torch.equal(row, ethan[0]) for row in conditioning):
+            raise RuntimeError("FakeBrokenVocoder: this voice fails")
+        return real(token2wav, codes, conditioning, *args, **kwargs)
+
+    monkeypatch.setattr(vocoder_module, "synthesize", fake_broken_vocoder)
+    scheduler = _scheduler(engine)
+    try:
+        ethan_request, chelsie_request = _request("One.", 8), _request("Two.", 8)
+        ethan_request.speaker, chelsie_request.speaker = "Ethan", "Chelsie"
+        failed, spoken = await asyncio.gather(
+            _collect(scheduler.submit(ethan_request)), _collect(scheduler.submit(chelsie_request))
+        )
+        await _wait_idle(engine)
+    finally:
+        scheduler.shutdown()
+    assert isinstance(failed.error, RuntimeError) and "FakeBrokenVocoder" in str(failed.error)
+    assert spoken.error is None and spoken.events[-1].audio_seconds == pytest.approx(64 * 480 / 24000)
+
+
+async def test_a_failing_talker_step_fails_the_speech_not_the_text(engine, monkeypatch):
+    """FakeBrokenTalker: the talker's decoder raises on its fifth step. The spoken request fails; a text
+    request decoding in the same loop finishes with all its tokens."""
+    talker_model = engine._model.talker.model
+    real = talker_model.forward
+    calls = []
+
+    def fake_broken_talker(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("FakeBrokenTalker: a device error")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(talker_model, "forward", fake_broken_talker)
+    scheduler = _scheduler(engine)
+    try:
+        spoken, written = await asyncio.gather(
+            _collect(scheduler.submit(_request("Speak.", 16))),
+            _collect(scheduler.submit(_request("Write.", 40, GenerationMode.TEXT))),
+        )
+        await _wait_idle(engine)
+    finally:
+        scheduler.shutdown()
+    assert isinstance(spoken.error, RuntimeError) and "FakeBrokenTalker" in str(spoken.error)
+    assert written.error is None and written.events[-1].output_tokens == 40
+    assert engine._talker_pool.owner is None

@@ -61,6 +61,11 @@ class ThinkerTap:
             self._hidden = [torch.cat(self._hidden, dim=1)]
         return self._hidden[0]
 
+    def drop_prompt(self) -> None:
+        """The talker's prompt is built: its inputs are not needed any more (frees L x hidden x 2)."""
+        self.prompt_embeds = None
+        self._hidden = []
+
     def add_prompt_hidden(self, hidden: torch.Tensor) -> None:
         self._hidden.append(hidden.detach().clone())
 
@@ -231,17 +236,32 @@ class SpeechRequest:
             owner=self,
         )
 
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
     def _alive(self) -> bool:
-        return not (self.stopped.is_set() or self.cancelled.is_set())
+        expired = self.deadline is not None and time.monotonic() > self.deadline
+        return not (self.stopped.is_set() or self.cancelled.is_set() or expired)
 
     def _vocoded(self, samples: np.ndarray | None, error: BaseException | None) -> None:
+        """A chunk's audio (on the vocoder thread); no samples and no error: the chunk was dropped."""
         if error is not None:
+            if "out of memory" in str(error).lower():
+                error = LimitExceeded(
+                    "the worker ran out of memory synthesizing this request's speech; retry later",
+                    retry_after_s=5.0,
+                )
             self._end(error)
             return
-        if not self._alive():
+        if self.cancelled.is_set():
+            self._end(None)
+            return
+        if self.stopped.is_set():
             return
         if self.deadline is not None and time.monotonic() > self.deadline:
             self._end(DeadlineExceeded("the request's deadline passed while its speech was synthesized"))
+            return
+        if samples is None:  # pragma: no cover - only dropped chunks come without samples
             return
         rate = self.pipeline.sample_rate
         with self._lock:
@@ -324,9 +344,16 @@ class SpeechPipeline:
 
     def start_waiting(self) -> None:
         """Starts the talkers whose first reply vector exists, while talker slots are free (engine thread)."""
+        for request in [r for r in self._waiting if r.cancelled.is_set() or r.expired()]:
+            self._waiting.remove(request)  # ended here: its thinker may be done, and no talker will run
+            request.fail(
+                DeadlineExceeded("the request's deadline passed before it spoke")
+                if request.expired()
+                else None
+            )
         while self._waiting and len(self.talker) < self.talker._pool.slots:
             request = self._waiting.pop(0)
-            if request.stopped.is_set() or request.cancelled.is_set():
+            if request.stopped.is_set():
                 continue
             request.talker_started = True
             try:
@@ -351,11 +378,15 @@ class SpeechPipeline:
 
 
 class SpeechBatch(Batch):
-    """The text batch and the talker batch stepped together (what the scheduler drives)."""
+    """The text batch and the talker batch stepped together (what the scheduler drives).
+
+    A failed step fails only the rows it ran: the scheduler fails the text batch's rows when the text step
+    raised, and a failed talker step ends the talkers' requests here, never the text rows."""
 
     def __init__(self, text: Batch, pipeline: SpeechPipeline) -> None:
         self.text = text
         self.pipeline = pipeline
+        self._text_failed = False
 
     def __len__(self) -> int:
         return len(self.text) + len(self.pipeline.talker) + self.pipeline.waiting
@@ -368,17 +399,32 @@ class SpeechBatch(Batch):
         return self.text.admits(prompt_tokens, admitted)
 
     def step(self) -> None:
+        failure = None
         if len(self.text):
-            self.text.step()
+            try:
+                self.text.step()
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after the talkers stepped
+                failure = exc
         self.pipeline.start_waiting()
-        if len(self.pipeline.talker):
-            self.pipeline.talker.step()
+        talker = self.pipeline.talker
+        if len(talker):
+            try:
+                talker.step()
+            except Exception as exc:  # noqa: BLE001 - the talkers' requests fail, nothing else
+                log.exception("a talker step failed")
+                talker.fail_all(exc)
+        if failure is not None:
+            self._text_failed = True
+            raise failure
 
     def state_tensors(self) -> list:
         return [*self.text.state_tensors(), *self.pipeline.talker.state_tensors()]
 
     def fail_all(self, error: BaseException) -> None:
         self.text.fail_all(error)
+        if self._text_failed:  # the scheduler failing a text step: the talkers did not run in it
+            self._text_failed = False
+            return
         self.pipeline.talker.fail_all(error)
         self.pipeline.fail_all(error)
 

@@ -72,8 +72,11 @@ class TalkerBatch(SlotBatch):
             if not ready:
                 return
             pool = self._pool
-            for i in ready:
-                pool.extra[i, 0].copy_(vectors[i])
+            if len(ready) == len(self.rows):
+                pool.extra[: len(ready), 0].copy_(torch.stack(vectors))
+            else:
+                for i in ready:
+                    pool.extra[i, 0].copy_(vectors[i])
             try:
                 logits, _ = self._forward()
                 break

@@ -250,13 +250,16 @@ class TransformersEngine(Engine):
         self.close()
         self._describe_runner()
 
-    def close(self) -> None:
+    def _close_speech(self) -> None:
         if self._speech is not None:
             self._speech.vocoder.close()
             self._speech = None
         if self._talker_pool is not None:
             self._talker_pool.release()
             self._talker_pool = None
+
+    def close(self) -> None:
+        self._close_speech()
         if self._pool is not None:
             self._pool.release()
             self._pool = None
@@ -331,7 +334,37 @@ class TransformersEngine(Engine):
                 self._batchable = False
                 self.close()
                 self._describe_runner()
+        if self._speech is not None:
+            try:
+                self._warm_speech()
+            except Exception as exc:  # noqa: BLE001 - speech falls back to generate(), one request at a time
+                log.warning("the speech pipeline is off: %s: %s", type(exc).__name__, exc, exc_info=True)
+                self._close_speech()
+                self._describe_runner()
         self.run(prepared, lambda event: None, threading.Event())
+
+    def _warm_speech(self) -> None:
+        """One short spoken answer through all three stages (first talker step and vocoder call paid here)."""
+        request = GenerationRequest(
+            messages=[Message("user", [ContentPart(Modality.TEXT, text="Hello")])],
+            params=GenerationParams(max_new_tokens=2, min_new_tokens=2),
+            mode=GenerationMode.AUDIO,
+        )
+        ended = threading.Event()
+        failures: list[BaseException | None] = []
+
+        def done(error):
+            failures.append(error)
+            ended.set()
+
+        batch = self.open_batch()
+        self.start_row(batch, self.prepare(request), lambda event: None, done, threading.Event(), None)
+        while len(batch):
+            batch.step()
+        if not ended.wait(timeout=300):
+            raise RuntimeError("the vocoder did not finish the warm-up speech")
+        if failures[0] is not None:
+            raise failures[0]
 
     def _warm_batch(self, prepared: Prepared) -> None:
         failures: list[BaseException] = []
@@ -644,6 +677,7 @@ class TransformersEngine(Engine):
             deadline=speech.deadline,
             request=request,
         )
+        speech.tap.drop_prompt()
 
     def _generation_config(self, request: GenerationRequest):
         """The GenerationConfig generate() would use for this request (checkpoint defaults + request)."""

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 MAX_VOCODER_BATCH = 16
 
 
-@dataclass
+@dataclass(eq=False)
 class VocodeJob:
     """One chunk of one request: ``codes`` (window, context and look-ahead included) to audio; the samples
     of codes [keep_from, keep_to) of the window are kept."""
@@ -189,13 +189,12 @@ class Vocoder:
                 self._cond.wait()
             if self._closed:
                 return None
-            kept = collections.deque(job for job in self._pending if job.alive())
-            dropped = len(self._pending) - len(kept)
+            alive = [(job, job.alive()) for job in self._pending]
+            kept = collections.deque(job for job, ok in alive if ok)
+            dropped = [job for job, ok in alive if not ok]
             self._pending = kept
-            if dropped:
-                log.debug("dropped %d chunks of cancelled speech", dropped)
-            if not kept:
-                return []
+            if dropped or not kept:
+                return dropped  # their requests end (cancelled, expired or failed) outside the lock
             head = kept[0]
             batch, owners = [head], {id(head.owner)}
             for job in list(kept)[1:]:
@@ -215,7 +214,10 @@ class Vocoder:
             batch = self._take()
             if batch is None:
                 return
-            if batch:
+            if batch and not batch[0].alive():
+                for job in batch:  # dropped: the request learns it from its own state
+                    job.on_done(None, None)
+            elif batch:
                 self._run(batch)
 
     def _run(self, batch: list[VocodeJob]) -> None:
@@ -243,7 +245,11 @@ class Vocoder:
         self.calls += 1
         if len(batch) > 1:
             self.batched_jobs += len(batch)
-        stream = torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
+        stream = contextlib.nullcontext()
+        if self._stream is not None:
+            # The chunks' codes and noise were written on the engine thread's stream.
+            self._stream.wait_stream(torch.cuda.current_stream(self._device))
+            stream = torch.cuda.stream(self._stream)
         with stream:
             waves = synthesize(
                 self._token2wav,

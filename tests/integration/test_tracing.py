@@ -269,14 +269,21 @@ async def test_one_trace_covers_gateway_and_worker(in_process, media_server):
 
 
 async def test_speech_spans_and_a_callers_trace_context(in_process):
-    """A caller's traceparent is continued; a speech request (run alone through generate()) shows its
-    vocoder chunks inside its decode span."""
+    """A caller's traceparent is continued; a speech request (thinker row, batched talker, vocoder thread)
+    shows its talker prefill, its talker's decoding and each vocoded chunk in the worker's trace."""
     request = _request(pb.ContentPart(text="Say something."), mode=pb.GENERATION_MODE_AUDIO, max_new_tokens=3)
     events, metadata = await _generate(in_process.target, request, [("traceparent", CALLER_TRACEPARENT)])
     assert any(event.HasField("audio") for event in events)
     assert GENERATED_ID.fullmatch(metadata["x-request-id"])
 
-    spans = await _finished_spans(in_process.spans, {"worker.generate", "worker.vocode", "gateway.generate"})
+    wanted = {
+        "worker.generate",
+        "worker.vocode",
+        "worker.talker",
+        "worker.talker_prefill",
+        "gateway.generate",
+    }
+    spans = await _finished_spans(in_process.spans, wanted)
     named = _by_name(spans)
     assert {format_trace_id(span.context.trace_id) for span in spans} == {CALLER_TRACE_ID}
     root = _one(named, "gateway.generate")
@@ -285,11 +292,14 @@ async def test_speech_spans_and_a_callers_trace_context(in_process):
     served = _one(named, "worker.generate")
     decode = _one(named, "worker.decode")
     assert _child_of(decode, served)
-    assert _child_of(_one(named, "worker.prefill"), decode)
-    assert named["worker.vocode"] and all(_child_of(span, decode) for span in named["worker.vocode"])
-    assert [span.attributes["omnigate.sequence"] for span in named["worker.vocode"]] == list(
-        range(len(named["worker.vocode"]))
-    )
+    assert _child_of(_one(named, "worker.prefill"), served)
+    talker = _one(named, "worker.talker")
+    assert _child_of(talker, served) and talker.attributes["omnigate.codes"] > 0
+    assert _child_of(_one(named, "worker.talker_prefill"), served)
+    chunks = named["worker.vocode"]
+    assert chunks and all(_child_of(span, served) for span in chunks)
+    assert sorted(span.attributes["omnigate.sequence"] for span in chunks) == list(range(len(chunks)))
+    assert all(decode.start_time <= span.start_time <= decode.end_time for span in chunks)
 
 
 async def test_errors_end_the_trace_with_their_code(in_process, media_server):

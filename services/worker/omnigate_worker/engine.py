@@ -24,6 +24,7 @@ class Prepared:
     request: GenerationRequest
     inputs: Any  # the processor's BatchFeature (or whatever the engine needs)
     prompt_len: int
+    trace_context: Any = None  # the request's trace (its worker.generate span), for spans recorded later
 
 
 class Batch(abc.ABC):

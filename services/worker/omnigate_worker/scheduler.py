@@ -228,6 +228,7 @@ class Scheduler:
             started = time.monotonic()
             with job.activated(), tracing.tracer(tracing.WORKER).start_as_current_span("worker.preprocess"):
                 job.prepared = self._engine.prepare(job.request)
+                job.prepared.trace_context = job.trace_context
             # Preprocessing is bounded by the request limits (messages, parts, media, prompt text); this
             # catches whatever still took too long, so such a request never also takes the engine's time.
             took = time.monotonic() - started

@@ -158,6 +158,8 @@ class SpeechRequest:
         self._sequence = 0  # chunks submitted
         self._emitted = 0  # chunks emitted
         self._samples = 0
+        self.trace_context = None  # the request's trace (worker.talker and worker.vocode spans go there)
+        self._talker_started_at: float | None = None
         self._noise = NoiseSource(pipeline.vocoder.mel_dim, pipeline.vocoder.repeats, pipeline.device, seed)
         conditioning, reference = pipeline.speaker_tensors(speaker)
         self._conditioning, self._reference = conditioning, reference
@@ -196,7 +198,21 @@ class SpeechRequest:
         self.codes.append(code)
         self._submit_ready(final=False)
 
+    def talker_began(self) -> None:
+        self._talker_started_at = time.monotonic()
+
     def talker_done(self, error: BaseException | None) -> None:
+        if self._talker_started_at is not None and self.trace_context is not None:
+            attributes = {"omnigate.codes": len(self.codes), "omnigate.cancelled": self.cancelled.is_set()}
+            tracing.record_span(
+                tracing.WORKER,
+                "worker.talker",
+                self.trace_context,
+                self._talker_started_at,
+                time.monotonic(),
+                attributes,
+                error,
+            )
         if error is not None or self.cancelled.is_set():
             self._end(error)
             return
@@ -234,6 +250,8 @@ class SpeechRequest:
             on_done=self._vocoded,
             alive=self._alive,
             owner=self,
+            sequence=self._sequence - 1,
+            trace_context=self.trace_context,
         )
 
     def expired(self) -> bool:
@@ -357,7 +375,10 @@ class SpeechPipeline:
                 continue
             request.talker_started = True
             try:
-                with tracing.tracer(tracing.WORKER).start_as_current_span("worker.talker_prefill"):
+                with (
+                    tracing.activate(context=request.trace_context),
+                    tracing.tracer(tracing.WORKER).start_as_current_span("worker.talker_prefill"),
+                ):
                     self._start_talker(request)
             except Exception as exc:  # noqa: BLE001 - only this request fails
                 log.info("starting a talker failed", exc_info=True)

@@ -642,6 +642,7 @@ class TransformersEngine(Engine):
             started=started,
         )
         speech.prepared = prepared
+        speech.trace_context = prepared.trace_context
         return speech
 
     def _start_talker(self, speech: SpeechRequest) -> None:
@@ -678,6 +679,7 @@ class TransformersEngine(Engine):
             request=request,
         )
         speech.tap.drop_prompt()
+        speech.talker_began()
 
     def _generation_config(self, request: GenerationRequest):
         """The GenerationConfig generate() would use for this request (checkpoint defaults + request)."""

@@ -23,12 +23,15 @@ import collections
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import RungeKutta4ODESolver
+
+from omnigate import tracing
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,8 @@ class VocodeJob:
     on_done: Callable[[np.ndarray | None, BaseException | None], None]
     alive: Callable[[], bool]
     owner: object  # the request; its chunks are vocoded in order
+    sequence: int = 0  # the chunk's place in its request's audio
+    trace_context: object = None  # the request's trace: each call is a worker.vocode span in it
     key: tuple = field(init=False)
 
     def __post_init__(self) -> None:
@@ -221,6 +226,7 @@ class Vocoder:
                 self._run(batch)
 
     def _run(self, batch: list[VocodeJob]) -> None:
+        started = time.monotonic()
         try:
             waves = self._synthesize(batch)
         except Exception as exc:  # noqa: BLE001 - a shared call failed: each job gets its own try
@@ -233,12 +239,26 @@ class Vocoder:
                 self._run([job])
             return
         for job, wave in zip(batch, waves, strict=True):
+            self._trace(job, started, len(batch))
             per_code = len(wave) // int(job.codes.shape[1])
             samples = wave[job.keep_from * per_code : job.keep_to * per_code]
             if not np.all(np.isfinite(samples)):
                 job.on_done(None, RuntimeError("speech synthesis produced invalid samples"))
             else:
                 job.on_done(samples, None)
+
+    @staticmethod
+    def _trace(job: VocodeJob, started: float, batch: int, error: BaseException | None = None) -> None:
+        if job.trace_context is None:
+            return
+        attributes = {
+            "omnigate.codes": job.keep_to - job.keep_from,
+            "omnigate.sequence": job.sequence,
+            "omnigate.batch": batch,
+        }
+        tracing.record_span(
+            tracing.WORKER, "worker.vocode", job.trace_context, started, time.monotonic(), attributes, error
+        )
 
     @torch.inference_mode()
     def _synthesize(self, batch: list[VocodeJob]) -> list[np.ndarray]:

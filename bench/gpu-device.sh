@@ -22,8 +22,11 @@
 #   Arguments after the script go to bench/gpu.py (`bash bench/gpu-device.sh --soak-seconds 60 --no-sdpa`,
 #   `--size 7b`). The run stops itself after BENCH_GPU_TIMEOUT seconds (default 540, inside the call's 590)
 #   with what it measured so far (gpu.json says "partial": true), so the files always come back: gpu.json,
-#   gpu.md and gpu.log under the reply's files_at. A full run takes ~6-8 min of the session's 15 min of device
-#   time, machine start included: leave room, or shorten it, before a second try.
+#   gpu.md and gpu.log under the reply's files_at. A full run without the speech section took ~6-8 min of the
+#   session's 15 min of device time, machine start included: leave room, or shorten it, before a second try.
+#   The speech section (concurrency 1, 4, 8 and 8 requests one at a time; it runs after the text levels and
+#   before the soak) adds an estimated 2-3 min, not yet measured on the GPU: `--soak-seconds 60` makes room,
+#   `--no-speech` skips it, `--speech-levels 1,8` shortens it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

@@ -2,6 +2,7 @@
 
     python bench/gpu.py [--size tiny|3b|7b] [--device auto|cpu|cuda] [--levels 1,16,64,128]
                         [--output-tokens 128] [--soak-seconds 180] [--step-batches 1,2,4,...,64] [--quick]
+                        [--speech-levels 1,4,8] [--speech-tokens 32] [--no-speech]
 
 1. The model. ``--size tiny`` (the default without CUDA) loads models/tiny-qwen2.5-omni through the worker's
    own loader. ``--size 3b`` (the default on CUDA) and ``7b`` build a random-weights Qwen2.5-Omni with the
@@ -13,11 +14,20 @@
    ``max_new_tokens``), on a mixed set: text, text+image, text+audio, text+video, video with its audio track.
 3. Omnigate: ``TransformersEngine`` + ``Scheduler`` in this process (no gRPC, no media fetching), the same
    requests submitted from asyncio by closed-loop clients at each concurrency level.
-4. One batched decode step per batch size (``engine.open_batch`` / ``start_row`` / ``batch.step``), next to
+4. Speech (issue 14): spoken answers (``GenerationMode.AUDIO``, a short text prompt, greedy thinker with
+   min = max tokens, a seed per request) submitted to the same scheduler by closed-loop clients at each
+   speech level (the pipelined thinker, talker and vocoder stages, speech.py), then the same requests as the
+   highest level one after another through ``engine.generate`` (transformers' generate with the talker
+   streamer: how speech ran before the pipeline, alone and one at a time). Per request, as the client sees
+   it: time to first audio (submit to the first ``AudioChunk``), real-time factor (submit to the stream's
+   end over the seconds of audio), and underrun (a client that starts playing at the first chunk and plays
+   in real time waits this long for later chunks); per level, audio seconds per wall second. The scheduler's
+   decode-step histogram below leaves these steps out (a speech step includes the talker's).
+5. One batched decode step per batch size (``engine.open_batch`` / ``start_row`` / ``batch.step``), next to
    its bandwidth floor: the bytes a step must read (decoder and lm-head weights, the batch's KV cache) over
    the device's measured copy bandwidth.
-5. On CUDA, the decode step with each SDPA backend choice (``WorkerSettings.sdpa_backends``).
-6. Memory (CUDA: allocated and peak; CPU: the process's RSS) after warm-up, then during a soak at
+6. On CUDA, the decode step with each SDPA backend choice (``WorkerSettings.sdpa_backends``).
+7. Memory (CUDA: allocated and peak; CPU: the process's RSS) after warm-up, then during a soak at
    concurrency 64, at a third of it and at its end, and once idle after it.
 
 How tokens are timed: with random weights the tiny tokenizer decodes real-size ids to empty text, so text
@@ -30,8 +40,9 @@ within buckets as Prometheus' ``histogram_quantile`` does; the per-request mean 
 to the end over output tokens - 1) is reported next to it.
 
 Writes bench/results/gpu.json and gpu.md (``--out-dir``), also after each section (``"partial": true``
-until the end, so a run cut short still leaves its numbers), and prints the table. The targets (issue 13)
-are printed next to the numbers and never enforced: it exits 1 only when a request or a section failed.
+until the end, so a run cut short still leaves its numbers), and prints the table. The targets (issues 13
+and 14; speech: PASS/FAIL marks on CUDA only) are printed next to the numbers and never enforced: it exits 1
+only when a request or a section failed.
 """
 
 from __future__ import annotations
@@ -58,7 +69,9 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from omnigate.conversation import (
+    AudioChunk,
     ContentPart,
+    GenerationMode,
     GenerationParams,
     GenerationRequest,
     Message,
@@ -103,8 +116,8 @@ SIZES = {
         "talker": _TALKER_3B,
     },
     # 10.73 B parameters (published: ~10.7 B). The 7B talker is the 3B one widened (intermediate 18944,
-    # 12 heads / 4 kv of 128); with the 3B talker the count would be 9.78 B. The talker does not run here
-    # (text output only): it changes the memory in use, not the decode numbers.
+    # 12 heads / 4 kv of 128); with the 3B talker the count would be 9.78 B. The talker runs in the speech
+    # section only: elsewhere it changes the memory in use, not the decode numbers.
     "7b": {
         "text": dict(
             vocab_size=152064,
@@ -146,6 +159,14 @@ TARGETS = {
     "latency_ratio_at_1": 0.5,
     "memory_growth_pct": 2.0,
 }
+# Issue 14's speech targets (GPU, 3B size, bf16), printed next to the numbers with pass/fail marks on CUDA.
+SPEECH_TARGETS = {
+    "ttfa_p50_s": {1: 0.5, 8: 1.0},
+    "rtf_max_at_8": 0.3,
+    "underrun_total_s_at_8": 0.0,
+    "throughput_ratio_at_8": 6.0,
+}
+SPEECH_PROMPT = "Tell me a story about a lighthouse keeper and a storm."
 
 KINDS = ("text", "image", "audio", "video", "video_audio")
 PROMPTS = {
@@ -165,6 +186,10 @@ FULL = dict(
     steps=20,
     baseline_requests=5,
     requests_per_level=0,
+    speech_levels="1,4,8",
+    speech_tokens=32,
+    speech_requests_per_level=0,
+    speech_timeout_s=180.0,
 )
 QUICK = dict(
     levels="1,4",
@@ -174,6 +199,10 @@ QUICK = dict(
     steps=5,
     baseline_requests=5,
     requests_per_level=0,
+    speech_levels="1,4",
+    speech_tokens=16,
+    speech_requests_per_level=0,
+    speech_timeout_s=45.0,
 )
 SDPA_CHOICES = ("cudnn", "flash,efficient", "efficient")
 SDPA_BATCHES = (1, 16, 64)
@@ -610,10 +639,13 @@ async def soak(scheduler, requests, concurrency: int, seconds: float, sample) ->
     return results, time.monotonic() - started
 
 
-def decode_step_metric(metrics: WorkerMetrics) -> dict:
-    """Mean and median of the scheduler's decode-step histogram per batch-size bucket (levels + soak)."""
+def decode_step_metric(metrics: WorkerMetrics, exclude: dict | None = None) -> dict:
+    """Mean and median of the scheduler's decode-step histogram per batch-size bucket (levels + soak);
+    ``exclude``: series to leave out (the speech section's steps, which include the talker's step)."""
     out = {}
     for labels, entry in histogram(metrics.registry, STEP_METRIC).items():
+        if exclude and labels in exclude:
+            entry = histogram_delta(entry, exclude[labels])
         if entry["count"]:
             batch = dict(labels).get("batch", "?")
             out[batch] = {
@@ -622,6 +654,232 @@ def decode_step_metric(metrics: WorkerMetrics) -> dict:
                 "p50_ms": 1000 * (histogram_quantile(0.5, entry) or 0.0),
             }
     return dict(sorted(out.items(), key=lambda item: int(item[0]) if item[0].isdigit() else 0))
+
+
+# ---- speech: pipelined stages through the scheduler vs generate one request at a time ---------------
+
+
+def speech_request(tokens: int, seed: int) -> GenerationRequest:
+    """A short spoken answer of a fixed length: greedy thinker (min = max tokens); the talker samples
+    (``talker_do_sample``) from the request's seed, so a run repeats."""
+    return GenerationRequest(
+        messages=[Message("user", [ContentPart(Modality.TEXT, text=SPEECH_PROMPT)])],
+        params=GenerationParams(max_new_tokens=tokens, min_new_tokens=tokens, seed=seed),
+        mode=GenerationMode.AUDIO,
+    )
+
+
+def playback_underrun(chunks: list[tuple[float, float]]) -> float:
+    """Seconds a client that starts playing at the first chunk's arrival and plays in real time waits for
+    audio after that: ``chunks`` are (arrival s, duration s) in order."""
+    underrun, play_end = 0.0, None
+    for arrived, duration in chunks:
+        if play_end is None:
+            play_end = arrived + duration
+            continue
+        if arrived > play_end:
+            underrun += arrived - play_end
+        play_end = max(play_end, arrived) + duration
+    return underrun
+
+
+def speech_outcome(submitted: float, chunks: list[tuple[float, float]], summary, ended: float) -> dict:
+    """One speech request's numbers from its chunks' (arrival time, seconds) and its summary."""
+    audio = sum(duration for _, duration in chunks)
+    out = {
+        "e2e_s": ended - submitted,
+        "chunks": len(chunks),
+        "audio_s": audio,
+        "tokens": summary.output_tokens if summary is not None else 0,
+    }
+    if summary is not None:
+        out["summary_audio_s"] = summary.audio_seconds
+    if chunks:
+        out["ttfa_s"] = chunks[0][0] - submitted
+        out["underrun_s"] = playback_underrun(chunks)
+    if audio > 0:
+        out["rtf"] = out["e2e_s"] / audio
+    if summary is None:
+        out["error"] = "the stream ended without a summary"
+    elif not chunks or audio <= 0:
+        out["error"] = "the speech request's stream carried no audio"
+    return out
+
+
+async def one_speech_request(scheduler: Scheduler, request: GenerationRequest, timeout_s: float) -> dict:
+    """One speech request as a client sees it; a stream that has not ended after ``timeout_s`` is cancelled
+    and counted as failed (a stalled stage must fail the run, not hang it)."""
+    submitted = time.monotonic()
+    chunks: list[tuple[float, float]] = []
+    summary = None
+    job = None
+    try:
+        job = scheduler.submit(request)
+        async with asyncio.timeout(timeout_s):
+            async for event in job.events():
+                if isinstance(event, AudioChunk):
+                    chunks.append((time.monotonic(), len(event.samples) / event.sample_rate))
+                elif isinstance(event, Summary):
+                    summary = event
+    except TimeoutError:
+        job.cancel()
+        return {
+            "error": f"the stream had not ended after {timeout_s:g} s ({len(chunks)} audio chunks by then)"
+        }
+    except Exception as exc:  # noqa: BLE001 - counted and reported per level
+        return {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    return speech_outcome(submitted, chunks, summary, time.monotonic())
+
+
+async def run_speech_level(scheduler: Scheduler, tokens: int, concurrency: int, total: int, timeout_s: float):
+    """Closed-loop clients; request i has seed i (the one-at-a-time run repeats the first ones)."""
+    counter = iter(range(total))
+    results: list[dict] = []
+
+    async def client() -> None:
+        for i in counter:
+            results.append(await one_speech_request(scheduler, speech_request(tokens, i), timeout_s))
+
+    started = time.monotonic()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return results, time.monotonic() - started
+
+
+def summarize_speech(results: list[dict], elapsed: float) -> dict:
+    ok = [r for r in results if "error" not in r]
+    errors = [r["error"] for r in results if "error" in r]
+    audio = sum(r["audio_s"] for r in ok)
+    rtf = [r["rtf"] for r in ok]
+    underrun = [r["underrun_s"] for r in ok]
+    return {
+        "requests": len(results),
+        "errors": len(errors),
+        "error_examples": sorted(set(errors))[:3],
+        "elapsed_s": elapsed,
+        "output_tokens": sum(r["tokens"] for r in ok),
+        "chunks": sum(r["chunks"] for r in ok),
+        "audio_s": audio,
+        "summary_audio_s": sum(r.get("summary_audio_s", 0.0) for r in ok),
+        "audio_s_per_s": audio / elapsed if elapsed > 0 else None,
+        "ttfa_p50_s": percentile([r["ttfa_s"] for r in ok], 50),
+        "ttfa_p90_s": percentile([r["ttfa_s"] for r in ok], 90),
+        "e2e_p50_s": percentile([r["e2e_s"] for r in ok], 50),
+        "rtf_p50": percentile(rtf, 50),
+        "rtf_p90": percentile(rtf, 90),
+        "rtf_max": max(rtf) if rtf else None,
+        "underrun_total_s": sum(underrun),
+        "underrun_max_s": max(underrun) if underrun else None,
+    }
+
+
+def run_speech_one_at_a_time(engine, tokens: int, requests: int) -> dict:
+    """Today's one-at-a-time path: ``engine.generate`` (transformers' generate with the talker streamer,
+    vocoded on the same thread) for each request in turn, as the scheduler ran speech before the pipeline.
+    The requests arrive together, so each one's time to first audio counts from the start of the run."""
+    engine.generate(speech_request(4, 0), lambda event: None, threading.Event())  # warm-up
+    results: list[dict] = []
+    ttfa_from_start: list[float] = []
+    started = time.monotonic()
+    for i in range(requests):
+        submitted = time.monotonic()
+        chunks: list[tuple[float, float]] = []
+        summaries: list[Summary] = []
+
+        def emit(event, chunks=chunks, summaries=summaries) -> None:
+            if isinstance(event, AudioChunk):
+                chunks.append((time.monotonic(), len(event.samples) / event.sample_rate))
+            elif isinstance(event, Summary):
+                summaries.append(event)
+
+        try:
+            engine.generate(speech_request(tokens, i), emit, threading.Event())
+        except Exception as exc:  # noqa: BLE001 - counted and reported
+            results.append({"error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+            continue
+        outcome = speech_outcome(submitted, chunks, summaries[-1] if summaries else None, time.monotonic())
+        if chunks:
+            ttfa_from_start.append(chunks[0][0] - started)
+        results.append(outcome)
+    entry = summarize_speech(results, time.monotonic() - started)
+    entry["ttfa_own_p50_s"] = entry["ttfa_p50_s"]  # from each request's own start
+    entry["ttfa_p50_s"] = percentile(ttfa_from_start, 50)
+    entry["ttfa_p90_s"] = percentile(ttfa_from_start, 90)
+    return entry
+
+
+def run_speech(scheduler, engine, args, levels: list[int], out: dict, report) -> dict:
+    """Speech at each concurrency level through the scheduler, then the same requests one at a time."""
+    tokens = args.speech_tokens
+    engine.validate(speech_request(tokens, 0))
+    warm = max(levels)
+    print(f"speech: warming up ({warm} requests of 4 tokens) ...", flush=True)
+    results, _ = asyncio.run(run_speech_level(scheduler, 4, warm, warm, args.speech_timeout_s))
+    failed = [r["error"] for r in results if "error" in r]
+    if failed:
+        raise RuntimeError(f"speech warm-up failed: {failed[0]}")
+    out["levels"] = []
+    for level in levels:
+        total = args.speech_requests_per_level or 2 * level
+        print(f"speech: concurrency {level}, {total} requests of {tokens} tokens ...", flush=True)
+        results, elapsed = asyncio.run(
+            run_speech_level(scheduler, tokens, level, total, args.speech_timeout_s)
+        )
+        entry = {"concurrency": level, **summarize_speech(results, elapsed)}
+        print(
+            f"  {fmt(entry['audio_s_per_s'], digits=2)} audio s/s, TTFA p50 {fmt(entry['ttfa_p50_s'], digits=3)} s, "
+            f"RTF max {fmt(entry['rtf_max'], digits=3)}, underrun {fmt(entry['underrun_total_s'], digits=3)} s, "
+            f"errors {entry['errors']}",
+            flush=True,
+        )
+        out["levels"].append(entry)
+        report()
+    level = max(levels)
+    print(f"speech: the same {level} requests one at a time through engine.generate ...", flush=True)
+    base = {"concurrency": level, **run_speech_one_at_a_time(engine, tokens, level)}
+    out["one_at_a_time"] = base
+    pipelined = next(lvl for lvl in out["levels"] if lvl["concurrency"] == level)
+    if base["audio_s_per_s"] and pipelined["audio_s_per_s"]:
+        out["throughput_ratio"] = {
+            "level": level,
+            "value": pipelined["audio_s_per_s"] / base["audio_s_per_s"],
+        }
+    print(
+        f"  {fmt(base['audio_s_per_s'], digits=2)} audio s/s, TTFA p50 from the start "
+        f"{fmt(base['ttfa_p50_s'], digits=3)} s, errors {base['errors']}",
+        flush=True,
+    )
+    return out
+
+
+def speech_conditions(args, settings: WorkerSettings, engine, levels: list[int]) -> dict:
+    keys = (
+        "stream_speech",
+        "speech_chunk_codes",
+        "speech_context_codes",
+        "speech_lookahead_codes",
+        "speech_max_streams",
+        "talker_do_sample",
+        "vocoder_steps",
+        "vocoder_max_batch",
+        "max_talker_tokens",
+        "talker_tokens_per_text_token",
+    )
+    runner = getattr(engine.info, "decode_runner", "")
+    return {
+        # The engine turns the pipeline off (back to generate(), one request at a time) when its speech
+        # warm-up fails; GetModelInfo's decode runner says which runs.
+        "pipelined": "speech:" in runner,
+        "decode_runner": runner,
+        "levels": levels,
+        "output_tokens": args.speech_tokens,
+        "requests_per_level": args.speech_requests_per_level or "2 x concurrency",
+        "prompt": SPEECH_PROMPT,
+        "thinker": "greedy, min_new_tokens = max_new_tokens",
+        "seeds": "request i of a level: seed i",
+        "timeout_s": args.speech_timeout_s,
+        "sample_rate": engine.info.output_audio_sample_rate,
+        "settings": {key: getattr(settings, key) for key in keys if hasattr(settings, key)},
+    }
 
 
 # ---- decode step per batch size -------------------------------------------------------------------
@@ -803,6 +1061,11 @@ def write_report(result: dict, out_dir: Path) -> str:
             "- TTFT: submit to the engine picking the first token; ITL: the worker's inter-token histogram "
             "(bucket-interpolated); ITL/request: (end - first token) / (tokens - 1)"
         )
+    speech = result.get("speech")
+    if isinstance(speech, dict) and speech.get("levels"):
+        lines += ["", *speech_report(speech, c)]
+    elif isinstance(speech, str):
+        lines += ["", f"Speech: {speech}"]
     if result.get("decode_steps"):
         lines += [
             "",
@@ -877,6 +1140,93 @@ def write_report(result: dict, out_dir: Path) -> str:
     table = "\n".join(lines)
     (out_dir / "gpu.md").write_text(table + "\n")
     return table
+
+
+def speech_report(speech: dict, c: dict) -> list[str]:
+    """The speech section's table, its conditions and issue 14's targets (marked pass/fail on CUDA only)."""
+    sc, st = speech["conditions"], speech["conditions"]["settings"]
+    lines = [
+        "## Speech: pipelined thinker, talker and vocoder through the scheduler",
+        "",
+        f"{c['size']} on {c['device']} ({c['dtype']}); {sc['output_tokens']} reply tokens per request (greedy "
+        f"thinker, min = max), talker {'sampled' if st.get('talker_do_sample') else 'greedy'} (seed per "
+        f"request), up to {sc['output_tokens'] * st.get('talker_tokens_per_text_token', 0)} codes; chunks of "
+        f"{st.get('speech_chunk_codes')} codes (doubling to 8x; {st.get('speech_context_codes')} context, "
+        f"{st.get('speech_lookahead_codes')} look-ahead), vocoder {st.get('vocoder_steps')} steps, batch <= "
+        f"{st.get('vocoder_max_batch')}, talker streams <= {st.get('speech_max_streams')}"
+        + (
+            ""
+            if sc.get("pipelined")
+            else ". THE SPEECH PIPELINE IS OFF: the levels ran generate() one request at a time"
+        ),
+        "",
+        "| concurrency | requests | errors | audio s | audio s/s | TTFA p50 s | TTFA p90 s | RTF p50 | RTF max | "
+        "underrun total s | underrun max s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def row(name, lvl: dict) -> str:
+        return (
+            f"| {name} | {lvl['requests']} | {lvl['errors']} | {fmt(lvl['audio_s'], digits=2)} | "
+            f"{fmt(lvl['audio_s_per_s'], digits=2)} | {fmt(lvl['ttfa_p50_s'], digits=3)} | "
+            f"{fmt(lvl['ttfa_p90_s'], digits=3)} | {fmt(lvl['rtf_p50'], digits=3)} | {fmt(lvl['rtf_max'], digits=3)} | "
+            f"{fmt(lvl['underrun_total_s'], digits=3)} | {fmt(lvl['underrun_max_s'], digits=3)} |"
+        )
+
+    for lvl in speech["levels"]:
+        lines.append(row(lvl["concurrency"], lvl))
+    base = speech.get("one_at_a_time")
+    if base:
+        lines.append(row(f"{base['concurrency']}, one at a time (generate)", base))
+    lines += [
+        "",
+        "- TTFA: submit to the first audio chunk (one at a time: from the start of the run, as the requests "
+        "queue); RTF: submit to the last event over the audio's seconds; underrun: a client playing from the "
+        "first chunk in real time waits this long for later chunks",
+    ]
+    ratio = speech.get("throughput_ratio")
+    if ratio:
+        lines.append(
+            f"- audio throughput at concurrency {ratio['level']} / one at a time = {fmt(ratio['value'], digits=2)}x"
+        )
+    lines.append("- targets (issue 14; GPU, 3B size, bf16): " + speech_targets(speech, c))
+    return lines
+
+
+def speech_targets(speech: dict, c: dict) -> str:
+    """The targets next to the measured values; PASS/FAIL marks only on CUDA."""
+    by_level = {lvl["concurrency"]: lvl for lvl in speech.get("levels") or []}
+    t = SPEECH_TARGETS
+    ratio = (speech.get("throughput_ratio") or {}).get("value") if 8 in by_level else None
+    checks = [
+        (
+            f"TTFA p50 <= {t['ttfa_p50_s'][1]:g} s at 1",
+            by_level.get(1, {}).get("ttfa_p50_s"),
+            t["ttfa_p50_s"][1],
+        ),
+        (f"<= {t['ttfa_p50_s'][8]:g} s at 8", by_level.get(8, {}).get("ttfa_p50_s"), t["ttfa_p50_s"][8]),
+        (f"RTF max <= {t['rtf_max_at_8']:g} at 8", by_level.get(8, {}).get("rtf_max"), t["rtf_max_at_8"]),
+        (
+            "underrun 0 s at 8",
+            by_level.get(8, {}).get("underrun_total_s"),
+            t["underrun_total_s_at_8"],
+        ),
+    ]
+    cuda = c["device"].startswith("cuda")
+    parts = []
+    for name, value, limit in checks:
+        mark = "" if not cuda or value is None else (" PASS" if value <= limit else " FAIL")
+        parts.append(f"{name} ({fmt(value, digits=3)}{mark})")
+    mark = "" if not cuda or ratio is None else (" PASS" if ratio >= t["throughput_ratio_at_8"] else " FAIL")
+    parts.append(
+        f"throughput at 8 >= {t['throughput_ratio_at_8']:g}x one at a time ({fmt(ratio, digits=2)}{mark})"
+    )
+    text = "; ".join(parts)
+    if not cuda:
+        return text + " (targets are for the GPU)"
+    if c["size"] != "3b" or c["dtype"] != "bfloat16":
+        return text + f" (the targets are for 3B bf16; this run is {c['size']} {c['dtype']})"
+    return text
 
 
 def commit() -> str:
@@ -957,6 +1307,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="decode steps timed per batch size (default 20)")
     parser.add_argument("--baseline-requests", type=int, help="baseline requests, kinds in turn (default 5)")
     parser.add_argument("--requests-per-level", type=int, help="0 (default) = max(5, 2 x concurrency)")
+    parser.add_argument(
+        "--speech-levels", help=f"speech concurrency levels (default {FULL['speech_levels']})"
+    )
+    parser.add_argument(
+        "--speech-tokens", type=int, help=f"reply tokens per speech request (default {FULL['speech_tokens']})"
+    )
+    parser.add_argument(
+        "--speech-requests-per-level",
+        type=int,
+        help="speech requests per level; 0 (default) = 2 x concurrency",
+    )
+    parser.add_argument(
+        "--speech-timeout-s",
+        type=float,
+        help=f"a speech stream not ended after this long fails (default {FULL['speech_timeout_s']:g})",
+    )
+    parser.add_argument("--no-speech", action="store_true", help="skip the speech section")
     parser.add_argument("--max-batch-size", type=int, default=64, help="WorkerSettings.max_batch_size")
     parser.add_argument(
         "--set",
@@ -1067,6 +1434,7 @@ def run(args: argparse.Namespace) -> int:
         engine.validate(request)
     scheduler = Scheduler(engine, settings, metrics)
     scheduler.start()
+    speech_steps: dict = {}
     memory: dict = {"measure": "allocated_bytes" if device.type == "cuda" else "rss_bytes", "samples": []}
     result["memory"] = memory
 
@@ -1090,6 +1458,30 @@ def run(args: argparse.Namespace) -> int:
                 lambda: write_report(result, args.out_dir),
             ),
         )
+        if args.no_speech:
+            result["speech"] = "not measured (--no-speech)"
+        elif Modality.AUDIO not in engine.info.output_modalities:
+            result["speech"] = f"not measured: {model_id} has no speech output"
+        else:
+            speech_levels = ints(args.speech_levels)
+            result["speech"] = {"conditions": speech_conditions(args, settings, engine, speech_levels)}
+            steps_before = histogram(metrics.registry, STEP_METRIC)
+            section(
+                "speech",
+                lambda: run_speech(
+                    scheduler,
+                    engine,
+                    args,
+                    speech_levels,
+                    result["speech"],
+                    lambda: write_report(result, args.out_dir),
+                ),
+            )
+            speech_steps = {
+                labels: histogram_delta(entry, steps_before.get(labels))
+                for labels, entry in histogram(metrics.registry, STEP_METRIC).items()
+            }
+            release(device)
         print(f"soak: concurrency {args.soak_concurrency} for {args.soak_seconds:g} s ...", flush=True)
         soaked = section(
             "soak",
@@ -1101,7 +1493,9 @@ def run(args: argparse.Namespace) -> int:
         sample("after the soak (idle)")
     finally:
         scheduler.shutdown()
-    result["decode_step_metric"] = decode_step_metric(metrics) if hasattr(metrics, "decode_step") else {}
+    result["decode_step_metric"] = (
+        decode_step_metric(metrics, exclude=speech_steps) if hasattr(metrics, "decode_step") else {}
+    )
     samples, key = memory["samples"], memory["measure"]
     under_load = [s for s in samples if "under load" in s["label"]]
     if len(under_load) == 2:
@@ -1115,7 +1509,9 @@ def run(args: argparse.Namespace) -> int:
         "decode steps",
         lambda: run_step_times(engine, loaded, batches, args.steps, result["copy_bandwidth_bytes_per_s"]),
     )
-    close_engine(engine, device)
+    # A speech request a stalled stage left unfinished fails as the engine closes (its client's event loop is
+    # gone): reported with the section errors, and the run goes on.
+    section("close engine", lambda: close_engine(engine, device))
     engine = scheduler = None  # the SDPA runs below build engines of their own
     release(device)
 
@@ -1147,12 +1543,20 @@ def run(args: argparse.Namespace) -> int:
 
     failed = {lvl["concurrency"]: lvl["errors"] for lvl in result.get("levels") or [] if lvl["errors"]}
     soak_errors = memory.get("soak", {}).get("errors", 0)
-    if failed or soak_errors or section_errors:
+    speech = result.get("speech") if isinstance(result.get("speech"), dict) else {}
+    speech_failed = {
+        name: entry["errors"]
+        for name, entry in [(f"concurrency {lvl['concurrency']}", lvl) for lvl in speech.get("levels") or []]
+        + [("one at a time", speech.get("one_at_a_time") or {"errors": 0})]
+        if entry["errors"]
+    }
+    if failed or soak_errors or speech_failed or section_errors:
         print(
             "\nbench-gpu: FAILED: "
             + "; ".join(
                 [f"{n} request(s) failed at concurrency {c}" for c, n in failed.items()]
                 + ([f"{soak_errors} request(s) failed in the soak"] if soak_errors else [])
+                + [f"{n} speech request(s) failed at {name}" for name, n in speech_failed.items()]
                 + [f"section {name} failed ({error})" for name, error in section_errors.items()]
             )
             + f". The numbers are in {args.out_dir / 'gpu.json'}.",

@@ -6,11 +6,13 @@ this checks that one quick run writes all of them, finite and positive, and exit
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
 import sys
 
+import pytest
 from stack import MODELS_DIR, REPO_DIR
 
 BENCH = REPO_DIR / "bench" / "gpu.py"
@@ -18,6 +20,27 @@ BENCH = REPO_DIR / "bench" / "gpu.py"
 
 def positive(value) -> bool:
     return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_gpu", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("chunks", "underrun"),
+    [
+        ([], 0.0),
+        ([(5.0, 0.5)], 0.0),  # a late first chunk is time to first audio, not an underrun
+        ([(1.0, 0.5), (1.2, 1.0), (2.5, 1.0)], 0.0),  # each chunk arrives before the audio before it ends
+        ([(1.0, 0.5), (1.2, 1.0), (3.0, 1.0)], 0.5),  # playing ends at 2.5; the third arrives at 3.0
+        ([(0.0, 1.0), (2.0, 1.0), (3.5, 1.0)], 1.5),  # 1.0 s waiting, then plays 2-3, waits 0.5 s again
+    ],
+)
+def test_playback_underrun(chunks, underrun):
+    assert load_bench().playback_underrun(chunks) == pytest.approx(underrun)
 
 
 def test_quick_run_reports_every_section(tmp_path):
@@ -94,8 +117,50 @@ def test_quick_run_reports_every_section(tmp_path):
     assert math.isfinite(memory["growth_pct"]) and math.isfinite(memory["growth_first_to_last_pct"])
     assert memory["soak"]["errors"] == 0 and memory["soak"]["requests"] > 0
 
+    speech = result["speech"]
+    assert speech["conditions"]["pipelined"], speech["conditions"]["decode_runner"]
+    assert speech["conditions"]["output_tokens"] == 16 and speech["conditions"]["levels"] == [1, 4]
+    assert speech["conditions"]["settings"]["speech_chunk_codes"] > 0
+    speech_levels = {level["concurrency"]: level for level in speech["levels"]}
+    assert set(speech_levels) == {1, 4}
+    for concurrency, level in speech_levels.items():
+        assert level["errors"] == 0 and level["requests"] == 2 * concurrency
+        assert level["output_tokens"] == 16 * level["requests"]  # the thinker's reply has its fixed length
+        assert level["chunks"] >= level["requests"]
+        for key in (
+            "audio_s",
+            "audio_s_per_s",
+            "ttfa_p50_s",
+            "ttfa_p90_s",
+            "e2e_p50_s",
+            "rtf_p50",
+            "rtf_max",
+        ):
+            assert positive(level[key]), (concurrency, key)
+        # each request's summary counts the audio its stream carried
+        assert level["summary_audio_s"] == pytest.approx(level["audio_s"], rel=1e-6)
+        assert level["ttfa_p50_s"] <= level["ttfa_p90_s"] and level["ttfa_p50_s"] <= level["e2e_p50_s"]
+        assert level["rtf_p50"] <= level["rtf_max"]
+        assert 0 <= level["underrun_max_s"] <= level["underrun_total_s"]
+    alone = speech["one_at_a_time"]
+    assert alone["concurrency"] == 4 and alone["requests"] == 4 and alone["errors"] == 0
+    assert alone["output_tokens"] == 4 * 16
+    for key in ("audio_s", "audio_s_per_s", "ttfa_p50_s", "ttfa_own_p50_s", "rtf_max"):
+        assert positive(alone[key]), key
+    assert alone["ttfa_p50_s"] >= alone["ttfa_own_p50_s"]  # queued requests wait for the ones before them
+    assert alone["underrun_total_s"] >= 0
+    assert speech["throughput_ratio"]["level"] == 4 and positive(speech["throughput_ratio"]["value"])
+
     table = (tmp_path / "gpu.md").read_text()
-    for heading in ("## Baseline", "## Omnigate engine", "## Decode step per batch size", "## Memory"):
+    for heading in (
+        "## Baseline",
+        "## Omnigate engine",
+        "## Speech",
+        "## Decode step per batch size",
+        "## Memory",
+    ):
         assert heading in table
     assert "| 4 | 8 | 0 |" in table  # concurrency 4: 8 requests, no error
+    assert "| 4, one at a time (generate) | 4 | 0 |" in table
+    assert "(targets are for the GPU)" in table and "PASS" not in table and "FAIL" not in table
     assert table.strip() in run.stdout  # the table is printed too

@@ -451,6 +451,11 @@ class SpeechBatch(Batch):
 
 
 class SpeechStreamer(BaseStreamer):
+    """The one-request path's streaming (``generate`` with ``talker_streamer``): receives the talker's codes
+    as ``generate`` produces them and vocodes growing chunks with left context, on the engine thread.
+    transformers 5.23 still synthesizes the whole waveform at the end of ``generate``, so this path pays
+    for synthesis twice; the pipeline above does not."""
+
     def __init__(
         self,
         token2wav,
@@ -497,9 +502,7 @@ class SpeechStreamer(BaseStreamer):
             self._vocode(self._sent + self._next_chunk())
 
     def _next_chunk(self) -> int:
-        """The first chunk is small (early audio); each next one doubles, up to 8x, since every vocoder
-        call has a fixed cost (the DiT's ODE steps) that small chunks would pay over and over."""
-        return self._chunk * min(8, 2**self.sequence)
+        return chunk_plan(self._chunk, self.sequence)
 
     def end(self) -> None:
         if len(self.codes) > self._sent and not self._cancelled.is_set():

@@ -9,6 +9,7 @@ join into.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import numpy as np
@@ -487,3 +488,66 @@ async def test_a_failing_talker_step_fails_the_speech_not_the_text(engine, monke
     assert isinstance(spoken.error, RuntimeError) and "FakeBrokenTalker" in str(spoken.error)
     assert written.error is None and written.events[-1].output_tokens == 40
     assert engine._talker_pool.owner is None
+
+
+def test_the_vocoder_thread_outlives_a_failing_callback(engine):
+    """A request's callback raising (its event loop gone, say) must not kill the thread every later speech
+    request needs."""
+    from omnigate_worker.vocoder import VocodeJob, Vocoder
+
+    model = engine._model
+    vocoder = Vocoder(model.token2wav, torch.device("cpu"), num_steps=2, max_batch=4)
+    conditioning, reference = engine._speech.speaker_tensors("Chelsie")
+    results: list = []
+    finished = threading.Event()
+
+    def job(on_done, owner):
+        return VocodeJob(
+            codes=torch.randint(0, 8000, (1, 10)),
+            noise=torch.randn(1, 20, 80),
+            conditioning=conditioning,
+            reference_mel=reference,
+            keep_from=0,
+            keep_to=10,
+            on_done=on_done,
+            alive=lambda: True,
+            owner=owner,
+        )
+
+    def raising(samples, error):
+        raise RuntimeError("FakeClosedLoop: the listener is gone")
+
+    def keep(samples, error):
+        results.append((samples, error))
+        finished.set()
+
+    try:
+        vocoder.submit(job(raising, object()))
+        vocoder.submit(job(keep, object()))
+        assert finished.wait(60)
+    finally:
+        vocoder.close()
+    ((samples, error),) = results
+    assert error is None and len(samples) == 10 * 480
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_vocoder_graphs_equal_the_eager_solve():
+    from omnigate_worker import loading
+    from omnigate_worker.vocoder import DitGraphs, dit_mel, ode_times
+
+    model = loading.load(OMNI, "cuda", "float32", "auto", False).model
+    token2wav = model.token2wav.float()
+    graphs = DitGraphs(token2wav, torch.device("cuda"), 10, 8)
+    params = model.speaker_map["Chelsie"]
+    for rows, window in ((1, 33), (3, 33), (4, 83)):
+        codes = torch.randint(0, 8000, (rows, window), device="cuda")
+        conditioning = params["cond"].float().cuda().reshape(1, -1).repeat(rows, 1)
+        reference = params["ref_mel"].float().cuda().reshape(1, 32, 80).repeat(rows, 1, 1)
+        noise = torch.randn(rows, window * 2, 80, device="cuda")
+        with torch.inference_mode():
+            got = graphs(codes, conditioning, reference, noise)
+            speaker = conditioning.unsqueeze(1).repeat(1, window * 2, 1)
+            want = dit_mel(token2wav, codes, speaker, reference, noise, ode_times(10, -1.0, "cuda"))
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    assert not graphs.failed

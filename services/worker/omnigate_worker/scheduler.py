@@ -64,14 +64,20 @@ class Job:
     def emit(self, event: Event) -> None:
         if isinstance(event, Summary):
             self.summary = event
-        self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+        self._deliver(event)
+
+    def _deliver(self, item) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, item)
+        except RuntimeError:  # the request's event loop is closed: no one is listening any more
+            log.debug("request %s: its event loop is closed; an event is dropped", self.request_id)
 
     def finish(self, error: BaseException | None = None) -> None:
         if self._finished:
             return
         self._finished = True
         self._trace_finished(error)
-        self._loop.call_soon_threadsafe(self._events.put_nowait, error if error is not None else _DONE)
+        self._deliver(error if error is not None else _DONE)
 
     def activated(self):
         """Makes the request's trace context and request id current on this thread (logs, child spans)."""

@@ -178,6 +178,11 @@ class WorkerSettings(ServiceSettings):
         description="ODE steps of the vocoder's DiT per chunk (generate() uses 10; fewer is faster and "
         "changes the audio: measure before lowering it).",
     )
+    vocoder_cuda_graphs: bool = Field(
+        True,
+        description="On CUDA, capture the vocoder's DiT ODE solve as a CUDA graph per chunk shape (checked "
+        "against the eager solve at capture; eager where capture fails).",
+    )
     vocoder_max_batch: int = Field(
         16, ge=1, description="Speech chunks of different requests vocoded in one call at most."
     )

@@ -189,6 +189,7 @@ class TransformersEngine(Engine):
             device,
             num_steps=settings.vocoder_steps,
             max_batch=settings.vocoder_max_batch,
+            cuda_graphs=settings.vocoder_cuda_graphs,
         )
         return SpeechPipeline(
             self._model, batch, vocoder, settings, self.info.output_audio_sample_rate, self._start_talker

@@ -13,8 +13,8 @@ code (~0.85 s for 25 to 100 codes on an H200, fp32 eager: ../shared/notes/gpu.md
   Here each request draws its noise from its own generator, once per mel frame position, and every chunk
   uses the slice at its own positions: a chunk's audio depends only on its request, and the chunks joined
   track the waveform of one unstreamed synthesis with the same noise (tests/worker/test_speech.py). The
-  ODE function and the Runge-Kutta solver are transformers' own (``RungeKutta4ODESolver``, the DiT's
-  forward); only the noise is ours.
+  DiT's forward and the BigVGAN are transformers' own; the ODE solve repeats ``RungeKutta4ODESolver``'s
+  arithmetic in a form a CUDA graph can capture (``dit_mel``, ``DitGraphs``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import RungeKutta4ODESolver
 
 from omnigate import tracing
 
@@ -60,24 +59,31 @@ class VocodeJob:
         self.key = (int(self.codes.shape[1]), tuple(self.reference_mel.shape))
 
 
-def synthesize(
+def ode_times(num_steps: int, sway_coefficient: float | None, device, dtype=torch.float32) -> torch.Tensor:
+    """The DiT's ODE time points, as ``Qwen2_5OmniToken2WavDiTModel.sample`` computes them."""
+    times = torch.linspace(0, 1, num_steps, device=device, dtype=dtype)
+    if sway_coefficient is not None:
+        times += sway_coefficient * (torch.cos(torch.pi / 2 * times) - 1 + times)
+    return times
+
+
+def dit_mel(
     token2wav,
     codes: torch.Tensor,
-    conditioning: torch.Tensor,
+    speaker: torch.Tensor,
     reference_mel: torch.Tensor,
     noise: torch.Tensor,
-    *,
-    num_steps: int = 10,
+    times: torch.Tensor,
     guidance_scale: float = 0.5,
-    sway_coefficient: float = -1.0,
 ) -> torch.Tensor:
-    """token2wav's forward (``Qwen2_5OmniToken2WavModel.forward`` and its DiT's ``sample``, transformers
-    5.23) with the initial noise given: (B, window) codes to (B, samples) float32 waveforms."""
+    """The DiT's ``sample`` (transformers 5.23) from the noise given: (B, window) codes to (B, mel, frames).
+
+    ``speaker`` is the conditioning vector repeated per frame, (B, frames, C). The ODE is solved with the
+    arithmetic of transformers' ``RungeKutta4ODESolver.integrate`` for increasing time points (where its
+    interpolation returns each step's end value), without its Python comparisons of device scalars, which
+    synchronize with the GPU every step and so cannot be captured in a CUDA graph (equality with the solver
+    is tested)."""
     dit = token2wav.code2wav_dit_model
-    frames = codes.shape[1] * dit.repeats
-    if frames > dit.config.max_position_embeddings:
-        raise ValueError(f"{frames} mel frames exceed the DiT's {dit.config.max_position_embeddings}")
-    speaker = conditioning.unsqueeze(1).repeat(1, frames, 1)
 
     def ode_function(time_step, hidden_states):
         if guidance_scale < 1e-5:
@@ -102,13 +108,134 @@ def synthesize(
         guided, null = torch.chunk(output, 2, dim=0)
         return guided + (guided - null) * guidance_scale
 
-    times = torch.linspace(0, 1, num_steps, device=codes.device, dtype=speaker.dtype)
-    if sway_coefficient is not None:
-        times += sway_coefficient * (torch.cos(torch.pi / 2 * times) - 1 + times)
-    trajectory = RungeKutta4ODESolver(function=ode_function, initial_value=noise).integrate(times)
-    mel = trajectory[-1].permute(0, 2, 1)
+    value = noise
+    one_third, two_thirds = 1 / 3, 2 / 3
+    for i in range(len(times) - 1):
+        start, end = times[i], times[i + 1]
+        step = end - start
+        k1 = ode_function(start, value)
+        k2 = ode_function(start + step * one_third, value + step * k1 * one_third)
+        k3 = ode_function(start + step * two_thirds, value + step * (k2 - k1 * one_third))
+        k4 = ode_function(end, value + step * (k1 - k2 + k3))
+        value = value + (k1 + 3 * (k2 + k3) + k4) * step / 8
+    return value.permute(0, 2, 1)
+
+
+def check_window(token2wav, codes: torch.Tensor) -> None:
+    dit = token2wav.code2wav_dit_model
+    frames = codes.shape[1] * dit.repeats
+    if frames > dit.config.max_position_embeddings:
+        raise ValueError(f"{frames} mel frames exceed the DiT's {dit.config.max_position_embeddings}")
+
+
+def synthesize(
+    token2wav,
+    codes: torch.Tensor,
+    conditioning: torch.Tensor,
+    reference_mel: torch.Tensor,
+    noise: torch.Tensor,
+    *,
+    num_steps: int = 10,
+    guidance_scale: float = 0.5,
+    sway_coefficient: float = -1.0,
+    mel_fn=None,
+) -> torch.Tensor:
+    """token2wav's forward (``Qwen2_5OmniToken2WavModel.forward`` and its DiT's ``sample``, transformers
+    5.23) with the initial noise given: (B, window) codes to (B, samples) float32 waveforms. ``mel_fn``
+    replaces the eager DiT solve (the vocoder's CUDA graphs)."""
+    check_window(token2wav, codes)
+    if mel_fn is not None:
+        mel = mel_fn(codes, conditioning, reference_mel, noise)
+    else:
+        frames = codes.shape[1] * token2wav.code2wav_dit_model.repeats
+        speaker = conditioning.unsqueeze(1).repeat(1, frames, 1)
+        times = ode_times(num_steps, sway_coefficient, codes.device, speaker.dtype)
+        mel = dit_mel(token2wav, codes, speaker, reference_mel, noise, times, guidance_scale)
     waveform = token2wav.code2wav_bigvgan_model(mel)  # squeezed, on the CPU
     return waveform.reshape(codes.shape[0], -1).float()
+
+
+class DitGraphs:
+    """The DiT's whole ODE solve (``num_steps`` Runge-Kutta steps, four guided forwards each) captured as
+    one CUDA graph per (batch bucket, window codes, reference frames) and replayed: a vocoder call is then
+    one replay instead of ~36 eager forwards of many small kernels, whose launches are most of its ~0.85 s
+    on an H200 (../shared/notes/gpu.md). Rows past the batch in a bucket are padding (rows are independent).
+    Each capture is checked against the eager solve on its first inputs; a shape whose capture fails or
+    differs runs eagerly (logged). At most ``max_graphs`` shapes; one shared memory pool."""
+
+    def __init__(self, token2wav, device: torch.device, num_steps: int, max_batch: int, max_graphs: int = 32):
+        self._token2wav = token2wav
+        self._device = device
+        self._times = ode_times(num_steps, -1.0, device)
+        self._max_batch = max_batch
+        self._max_graphs = max_graphs
+        self._pool = torch.cuda.graph_pool_handle()
+        self._graphs: dict[tuple, tuple] = {}
+        self.failed: set[tuple] = set()
+
+    def _eager(self, codes, conditioning, reference_mel, noise) -> torch.Tensor:
+        frames = noise.shape[1]
+        speaker = conditioning.unsqueeze(1).repeat(1, frames, 1)
+        return dit_mel(self._token2wav, codes, speaker, reference_mel, noise, self._times)
+
+    def __call__(self, codes, conditioning, reference_mel, noise) -> torch.Tensor:
+        rows = int(codes.shape[0])
+        width = min(1 << max(0, rows - 1).bit_length(), max(self._max_batch, rows))
+        key = (width, int(codes.shape[1]), tuple(reference_mel.shape[1:]))
+        entry = self._graphs.get(key)
+        if entry is None:
+            if key in self.failed or len(self._graphs) >= self._max_graphs:
+                return self._eager(codes, conditioning, reference_mel, noise)
+            entry = self._capture(key, codes, conditioning, reference_mel, noise)
+            if entry is None:
+                return self._eager(codes, conditioning, reference_mel, noise)
+        graph, inputs, output = entry
+        for static, value in zip(inputs, (codes, conditioning, reference_mel, noise), strict=True):
+            static[:rows].copy_(value)
+        graph.replay()
+        return output[:rows].clone()
+
+    def _capture(self, key, codes, conditioning, reference_mel, noise):
+        width, window, _ = key
+        rows = int(codes.shape[0])
+        statics = [
+            torch.zeros((width, *value.shape[1:]), dtype=value.dtype, device=self._device)
+            for value in (codes, conditioning, reference_mel, noise)
+        ]
+        for static, value in zip(statics, (codes, conditioning, reference_mel, noise), strict=True):
+            static[:rows].copy_(value)
+        try:
+            stream = torch.cuda.Stream(device=self._device)
+            stream.wait_stream(torch.cuda.current_stream(self._device))
+            with torch.cuda.stream(stream):
+                self._eager(*statics)  # warms kernels and workspaces outside the capture
+            torch.cuda.current_stream(self._device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                output = self._eager(*statics)
+            graph.replay()
+            want = self._eager(codes, conditioning, reference_mel, noise)
+            if not torch.allclose(output[:rows], want, rtol=1e-3, atol=1e-3):
+                raise RuntimeError(
+                    f"the replay differs from the eager solve by {(output[:rows] - want).abs().max():.3g}"
+                )
+        except Exception:  # noqa: BLE001 - this shape runs eagerly instead
+            log.warning(
+                "vocoder CUDA graph for batch %d, window %d failed; eager for it",
+                width,
+                window,
+                exc_info=True,
+            )
+            self.failed.add(key)
+            return None
+        self._graphs[key] = (graph, statics, output)
+        log.info(
+            "captured the vocoder's ODE solve for batch %d, window %d codes (%d graphs)",
+            width,
+            window,
+            len(self._graphs),
+        )
+        return self._graphs[key]
 
 
 class NoiseSource:
@@ -143,8 +270,15 @@ class NoiseSource:
 class Vocoder:
     """The vocoder thread: takes ``VocodeJob``s, runs them in batches, calls each job's ``on_done``."""
 
-    def __init__(self, token2wav, device: torch.device, *, num_steps: int, max_batch: int) -> None:
+    def __init__(
+        self, token2wav, device: torch.device, *, num_steps: int, max_batch: int, cuda_graphs: bool = True
+    ) -> None:
         self._token2wav = token2wav
+        self._graphs = (
+            DitGraphs(token2wav, device, num_steps, max_batch)
+            if cuda_graphs and device.type == "cuda"
+            else None
+        )
         self._device = device
         self._num_steps = num_steps
         self._max_batch = max(1, max_batch)
@@ -183,7 +317,8 @@ class Vocoder:
             self._pending.clear()
             self._cond.notify_all()
         for job in jobs:
-            job.on_done(None, RuntimeError("the worker shut down before this speech was synthesized"))
+            with contextlib.suppress(Exception):  # e.g. the request's event loop is already closed
+                job.on_done(None, RuntimeError("the worker shut down before this speech was synthesized"))
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=30)
 
@@ -219,11 +354,17 @@ class Vocoder:
             batch = self._take()
             if batch is None:
                 return
-            if batch and not batch[0].alive():
-                for job in batch:  # dropped: the request learns it from its own state
-                    job.on_done(None, None)
-            elif batch:
-                self._run(batch)
+            try:
+                if batch and not batch[0].alive():
+                    for job in batch:  # dropped: the request learns it from its own state
+                        job.on_done(None, None)
+                elif batch:
+                    self._run(batch)
+            except Exception as exc:  # noqa: BLE001 - the thread must live on: every later request needs it
+                log.exception("the vocoder loop failed on %d chunks", len(batch))
+                for job in batch:
+                    with contextlib.suppress(Exception):
+                        job.on_done(None, exc)  # a request ends once: later calls are no-ops
 
     def _run(self, batch: list[VocodeJob]) -> None:
         started = time.monotonic()
@@ -232,7 +373,8 @@ class Vocoder:
         except Exception as exc:  # noqa: BLE001 - a shared call failed: each job gets its own try
             if len(batch) == 1:
                 log.warning("vocoding a speech chunk failed", exc_info=True)
-                batch[0].on_done(None, exc)
+                self._trace(batch[0], started, 1, exc)
+                _answer(batch[0], None, exc)
                 return
             log.warning("a batched vocoder call failed (%r); its %d chunks run one by one", exc, len(batch))
             for job in batch:
@@ -243,9 +385,9 @@ class Vocoder:
             per_code = len(wave) // int(job.codes.shape[1])
             samples = wave[job.keep_from * per_code : job.keep_to * per_code]
             if not np.all(np.isfinite(samples)):
-                job.on_done(None, RuntimeError("speech synthesis produced invalid samples"))
+                _answer(job, None, RuntimeError("speech synthesis produced invalid samples"))
             else:
-                job.on_done(samples, None)
+                _answer(job, samples, None)
 
     @staticmethod
     def _trace(job: VocodeJob, started: float, batch: int, error: BaseException | None = None) -> None:
@@ -278,8 +420,17 @@ class Vocoder:
                 torch.cat([job.reference_mel for job in batch]),
                 torch.cat([job.noise for job in batch]),
                 num_steps=self._num_steps,
+                mel_fn=self._graphs,
             )
         return [wave.numpy() for wave in waves]
+
+
+def _answer(job: VocodeJob, samples: np.ndarray | None, error: BaseException | None) -> None:
+    """Hands a job its result; one request's failing callback never reaches the others in the call."""
+    try:
+        job.on_done(samples, error)
+    except Exception:  # noqa: BLE001 - e.g. the request's event loop is gone
+        log.warning("a speech request's chunk callback failed", exc_info=True)
 
 
 def chunk_plan(first: int, sequence: int) -> int:

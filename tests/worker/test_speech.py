@@ -551,3 +551,20 @@ def test_vocoder_graphs_equal_the_eager_solve():
             want = dit_mel(token2wav, codes, speaker, reference, noise, ode_times(10, -1.0, "cuda"))
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
     assert not graphs.failed
+
+
+async def test_a_seed_makes_sampled_speech_repeatable(engine):
+    """The talker samples (generate()'s defaults) from the request's seed, and the DiT's noise comes from it
+    too: the same seeded request speaks the same codes and audio, alone or beside another request."""
+    scheduler = _scheduler(engine)
+    try:
+        alone = await _collect(scheduler.submit(_request("Seeded.", 8, seed=3)))
+        together, _ = await asyncio.gather(
+            _collect(scheduler.submit(_request("Seeded.", 8, seed=3))),
+            _collect(scheduler.submit(_request("Other.", 8, seed=4))),
+        )
+    finally:
+        scheduler.shutdown()
+    assert alone.error is None and together.error is None
+    assert len(alone.samples) == len(together.samples) > 0
+    np.testing.assert_allclose(together.samples, alone.samples, atol=1e-4)

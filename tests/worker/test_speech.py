@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from stack import MODELS_DIR
 from transformers import LogitsProcessorList
 from transformers.cache_utils import DynamicCache
+from transformers.generation.streamers import BaseStreamer
 
 from omnigate.conversation import (
     AudioChunk,
@@ -568,3 +569,68 @@ async def test_a_seed_makes_sampled_speech_repeatable(engine):
     assert alone.error is None and together.error is None
     assert len(alone.samples) == len(together.samples) > 0
     np.testing.assert_allclose(together.samples, alone.samples, atol=1e-4)
+
+
+class _BatchCodes(BaseStreamer):
+    """Codes per row of a batched talker ``generate`` (its first put is the prompt)."""
+
+    def __init__(self) -> None:
+        self.rows: list[list[int]] | None = None
+        self._prompt = True
+
+    def put(self, value) -> None:
+        if self._prompt:
+            self._prompt = False
+            return
+        codes = value.reshape(-1).tolist()
+        if self.rows is None:
+            self.rows = [[] for _ in codes]
+        for row, code in zip(self.rows, codes, strict=True):
+            if not row or row[-1] not in TALKER_STOP_CODES:
+                row.append(int(code))
+
+    def end(self) -> None:
+        pass
+
+
+async def test_talker_codes_equal_transformers_generate_on_a_padded_batch(
+    greedy_speech_engine, recorded_codes
+):
+    """transformers' own generate() on a batch of two prompts of different lengths (left-padded, so it keeps
+    the attention mask the talker needs; see _talker_reference) speaks exactly the codes the pipeline
+    speaks for the same two requests: thinker and talker greedy."""
+    engine = greedy_speech_engine
+    requests = [_request("Say something short.", 8), _request("Hi", 8)]
+    prepared = [engine.prepare(r) for r in requests]
+    length = max(p.prompt_len for p in prepared)
+    assert len({p.prompt_len for p in prepared}) == 2  # one row is padded
+    ids, masks = [], []
+    for p in prepared:
+        missing = length - p.prompt_len
+        ids.append(torch.cat([torch.full((1, missing), engine._pad_token_id), p.inputs["input_ids"]], 1))
+        masks.append(torch.cat([torch.zeros((1, missing), dtype=torch.long), p.inputs["attention_mask"]], 1))
+    streamer = _BatchCodes()
+    with torch.inference_mode():
+        engine._model.generate(
+            input_ids=torch.cat(ids),
+            attention_mask=torch.cat(masks),
+            generation_mode="audio",
+            speaker=engine._default_speaker(),
+            thinker_max_new_tokens=8,
+            thinker_min_new_tokens=8,
+            thinker_do_sample=False,
+            talker_do_sample=False,
+            talker_max_new_tokens=engine._talker_tokens(requests[0]),
+            talker_streamer=streamer,
+        )
+    scheduler = _scheduler(engine)
+    try:
+        results = await asyncio.gather(*(_collect(scheduler.submit(r)) for r in requests))
+    finally:
+        scheduler.shutdown()
+    assert all(r.error is None for r in results)
+    spoken = {tuple(prompt): codes for prompt, codes in recorded_codes}
+    for p, row in zip(prepared, streamer.rows, strict=True):
+        want = [code for code in row if code not in TALKER_STOP_CODES]
+        assert len(want) > 8
+        assert spoken[tuple(p.inputs["input_ids"][0].tolist())] == want

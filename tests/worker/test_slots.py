@@ -98,7 +98,7 @@ async def test_long_prompts_prefill_in_chunks_between_decode_steps_with_exact_ou
     requests = _bench_set()
     expected = [_unbatched(engine, r) for r in requests]
     chunks = []
-    decoder = chunked._family.decoder
+    decoder = chunked._decoder.decoder
     handle = decoder.register_forward_pre_hook(
         lambda module, args, kwargs: chunks.append(
             (kwargs.get("input_ids") is None, getattr(kwargs.get("input_ids"), "shape", (0,))[0])
@@ -208,7 +208,7 @@ async def test_out_of_memory_in_a_shared_decode_step_fails_only_the_newest_row(l
     slot_engine = _engine(loaded_omni, max_batch_size=4)
     requests = [_request([_text(f"Story number {i}, please.")], 24) for i in range(3)]
     expected = [_unbatched(engine, r) for r in requests]
-    decoder = slot_engine._family.decoder
+    decoder = slot_engine._decoder.decoder
     # Decode steps feed the decoder token ids (the prefill feeds it embeddings): the step at three rows.
     fake = _FakeOutOfMemory(
         decoder, lambda args, kwargs: getattr(kwargs.get("input_ids"), "shape", (0,))[0] == 3

@@ -22,7 +22,7 @@ launches ~1,300 kernels for ~10 ms of GPU work, so a step cost 26-95 ms. Here:
 
 The prompt itself is prefilled by the model's own ``_prefill`` exactly as ``generate`` does it (vision,
 audio, 3-D rope positions; transformers_engine.py), into a DynamicCache that is copied into the slot.
-Family specifics reach this file only through ``families.DecoderFamily``.
+Family specifics reach this file only through ``decoders.DecoderFamily``.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from omnigate.errors import DeadlineExceeded, LimitExceeded
 from omnigate_worker.batching import Row, end_if_finished, pick_tokens
+from omnigate_worker.decoders import CacheGeometry, DecoderFamily
 from omnigate_worker.engine import Batch
-from omnigate_worker.families import CacheGeometry, DecoderFamily
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from transformers.cache_utils import DynamicCache
 
 from omnigate.errors import DeadlineExceeded
 from omnigate_worker.batching import Row, pick_tokens
-from omnigate_worker.families import DecoderFamily
+from omnigate_worker.decoders import DecoderFamily
 from omnigate_worker.slots import SlotBatch
 
 log = logging.getLogger(__name__)

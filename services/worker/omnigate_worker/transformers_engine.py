@@ -45,8 +45,8 @@ from omnigate.errors import InvalidInput, LimitExceeded, quote
 from omnigate_worker import inputs as model_inputs
 from omnigate_worker import slots
 from omnigate_worker.batching import DecodeBatch, Row, cache_is_batchable
+from omnigate_worker.decoders import decoder_for
 from omnigate_worker.engine import Batch, Engine, EventSink, Prepared
-from omnigate_worker.families import family_for
 from omnigate_worker.loading import LoadedModel
 from omnigate_worker.metrics import WorkerMetrics
 from omnigate_worker.settings import WorkerSettings
@@ -106,7 +106,7 @@ class TransformersEngine(Engine):
         self._gen_model = self._model.thinker if self._is_omni else self._model
         self._batchable = settings.max_batch_size > 1 and hasattr(self._gen_model, "_prefill")
         self._attn_implementation = loaded.attn_implementation
-        self._family = family_for(self._gen_model)
+        self._decoder = decoder_for(self._gen_model)
         self._pool: slots.SlotPool | None = None
         self._talker_pool: slots.SlotPool | None = None
         self._speech: SpeechPipeline | None = None
@@ -160,7 +160,7 @@ class TransformersEngine(Engine):
         """KV-cache slots for Qwen2.5-Omni's talker, when speech runs as pipelined stages (speech.py)."""
         if not (self._is_omni and getattr(self._model, "has_talker", False) and settings.stream_speech):
             return None
-        if settings.decode_runner == "dynamic" or self._family.unsupported() is not None:
+        if settings.decode_runner == "dynamic" or self._decoder.unsupported() is not None:
             return None
         family = TalkerFamily(self._model.talker)
         reason = family.unsupported()
@@ -203,15 +203,15 @@ class TransformersEngine(Engine):
         slots.sdpa_backends(settings.sdpa_backends, self._device)  # a bad setting fails at start-up
         if settings.decode_runner == "dynamic":
             return None
-        reason = self._family.unsupported()
+        reason = self._decoder.unsupported()
         if reason is not None:
             if settings.decode_runner == "slots":
                 raise ValueError(f"decode_runner=slots cannot serve {type(self._model).__name__}: {reason}")
             log.info("batched decoding uses the dynamic cache: %s", reason)
             return None
-        plan = slots.plan(settings, self._family.geometry(self._dtype), self._device)
-        shape = self._family.position_shape(self._sample_positions())
-        pool = slots.SlotPool(plan, self._family, self._device, shape)
+        plan = slots.plan(settings, self._decoder.geometry(self._dtype), self._device)
+        shape = self._decoder.position_shape(self._sample_positions())
+        pool = slots.SlotPool(plan, self._decoder, self._device, shape)
         log.info("batched decoding over %s", plan.describe())
         return pool
 
@@ -510,7 +510,10 @@ class TransformersEngine(Engine):
     def open_batch(self) -> Batch:
         if self._pool is not None:
             batch = slots.SlotBatch(
-                self._family, self._pool, self._settings, eager_attention=self._attn_implementation == "eager"
+                self._decoder,
+                self._pool,
+                self._settings,
+                eager_attention=self._attn_implementation == "eager",
             )
             return SpeechBatch(batch, self._speech) if self._speech is not None else batch
         s = self._settings
@@ -552,16 +555,16 @@ class TransformersEngine(Engine):
             # A long prompt: the model's own forward runs up to its text decoder (media encoders, embeddings,
             # rope positions), and the decoder then runs in chunks between decode steps (SlotBatch).
             decoder_inputs = slots.decoder_inputs(
-                self._family, lambda: gen._prefill(input_ids, config, model_kwargs, is_first_iteration=True)
+                self._decoder, lambda: gen._prefill(input_ids, config, model_kwargs, is_first_iteration=True)
             )
             if speech is not None:
                 speech.tap.prompt_embeds = (
                     decoder_inputs["embeds"]
                     if "embeds" in decoder_inputs
-                    else self._family.embed(decoder_inputs["ids"])
+                    else self._decoder.embed(decoder_inputs["ids"])
                 )
         else:
-            with _prompt_capture(self._family, speech.tap if speech is not None else None):
+            with _prompt_capture(self._decoder, speech.tap if speech is not None else None):
                 outputs = gen._prefill(input_ids, config, model_kwargs, is_first_iteration=True)
             model_kwargs = gen._update_model_kwargs_for_generation(outputs, model_kwargs)
             if not cache_is_batchable(model_kwargs["past_key_values"]):

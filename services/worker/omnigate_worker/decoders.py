@@ -104,5 +104,5 @@ class DecoderFamily:
 FAMILIES: dict[str, type[DecoderFamily]] = {}
 
 
-def family_for(gen_model) -> DecoderFamily:
+def decoder_for(gen_model) -> DecoderFamily:
     return FAMILIES.get(type(gen_model).__name__, DecoderFamily)(gen_model)

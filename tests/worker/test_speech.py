@@ -144,7 +144,9 @@ def _talker_reference(engine, request) -> list[int]:
     try:
         with torch.inference_mode():
             try:
-                engine._generate_text_or_speech(prepared.inputs, request, None, None)
+                engine._family.generate_speech(
+                    prepared.inputs, request, engine._sampling_kwargs(request), None, None, None, None
+                )
             except Exception:  # noqa: BLE001 - token2wav on the stand-in codes; the inputs are captured
                 pass
     finally:
@@ -240,7 +242,7 @@ async def test_batched_talker_codes_equal_generate(greedy_speech_engine, recorde
 
 def test_synthesize_is_token2wav_with_the_noise_given(engine):
     model = engine._model
-    params = model.speaker_map[engine._default_speaker()]
+    params = model.speaker_map[engine._family.default_speaker()]
     conditioning = params["cond"].float().reshape(1, -1)
     reference = params["ref_mel"].float()
     codes = torch.randint(0, 8000, (1, 30), generator=torch.Generator().manual_seed(1))
@@ -276,7 +278,7 @@ async def test_streamed_chunks_join_into_the_unstreamed_waveform(greedy_speech_e
     assert len(result.chunks) >= 3
     ((_, codes),) = recorded_codes
     model = engine._model
-    params = model.speaker_map[engine._default_speaker()]
+    params = model.speaker_map[engine._family.default_speaker()]
     noise = NoiseSource(80, 2, torch.device("cpu"), seed=7).codes(0, len(codes))
     with torch.inference_mode():
         whole = (
@@ -615,12 +617,12 @@ async def test_talker_codes_equal_transformers_generate_on_a_padded_batch(
             input_ids=torch.cat(ids),
             attention_mask=torch.cat(masks),
             generation_mode="audio",
-            speaker=engine._default_speaker(),
+            speaker=engine._family.default_speaker(),
             thinker_max_new_tokens=8,
             thinker_min_new_tokens=8,
             thinker_do_sample=False,
             talker_do_sample=False,
-            talker_max_new_tokens=engine._talker_tokens(requests[0]),
+            talker_max_new_tokens=engine._family.talker_tokens(requests[0]),
             talker_streamer=streamer,
         )
     scheduler = _scheduler(engine)

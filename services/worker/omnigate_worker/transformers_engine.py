@@ -1,13 +1,9 @@
-"""The real engine: transformers' loading and generation code, with streaming.
+"""The real engine: transformers' loading and generation code, with streaming and batching.
 
-Family differences handled here (transformers 5.23, each reproduced; see the models note in the README):
-- Qwen-Omni models ignore ``max_new_tokens``: the user's limit is mapped onto ``thinker_max_new_tokens``
-  and the speech length onto ``talker_max_new_tokens``; text mode passes ``generation_mode="text"`` so the
-  talker does not run.
-- Qwen-Omni speech output with image or video input needs ``thinker_pixel_values[_videos]``.
-- Streaming goes through ``thinker_streamer`` on Omni (a plain ``streamer`` also receives codec ids).
-- Janus image output: the pipeline's postprocess fails, so image tokens are decoded here with
-  ``decode_image_tokens`` under ``no_grad`` and postprocessed by the image processor.
+Generic over model families: what a family adds (its text module, generate arguments, speakers, request
+checks, speech or image output) comes from its module in ``families/``. This file holds the request path:
+preparing inputs, the batched decode loop's rows (``start_row``), the one-request path through ``generate``
+(``run``), and the speech pipeline's wiring where a family wants it (``speech.py``).
 """
 
 from __future__ import annotations
@@ -15,14 +11,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-import io
 import logging
 import threading
 import time
 
 import jinja2
 import numpy as np
-import PIL.Image
 import torch
 from prometheus_client import CollectorRegistry
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
@@ -34,7 +28,6 @@ from omnigate.conversation import (
     GenerationMode,
     GenerationParams,
     GenerationRequest,
-    ImageOutput,
     Message,
     Modality,
     ModelInfo,
@@ -47,6 +40,7 @@ from omnigate_worker import slots
 from omnigate_worker.batching import DecodeBatch, Row, cache_is_batchable
 from omnigate_worker.decoders import decoder_for
 from omnigate_worker.engine import Batch, Engine, EventSink, Prepared
+from omnigate_worker.families import family_for
 from omnigate_worker.loading import LoadedModel
 from omnigate_worker.metrics import WorkerMetrics
 from omnigate_worker.settings import WorkerSettings
@@ -64,8 +58,6 @@ from omnigate_worker.vocoder import Vocoder
 
 log = logging.getLogger(__name__)
 
-# Speech output rate of model families whose config does not state it (the published models' rate).
-OUTPUT_AUDIO_RATES = {"Qwen2_5OmniForConditionalGeneration": 24000}
 ROLES = {"system", "user", "assistant"}
 
 
@@ -101,9 +93,9 @@ class TransformersEngine(Engine):
         self._settings = settings
         self._metrics = metrics or WorkerMetrics(CollectorRegistry())  # inter-token latency
         self._tokenizer = getattr(self._processor, "tokenizer", self._processor)
-        self._is_omni = hasattr(self._model, "thinker") and hasattr(self._model, "speaker_map")
-        # The module whose generate() produces text: Qwen-Omni's thinker, else the model itself.
-        self._gen_model = self._model.thinker if self._is_omni else self._model
+        self._family = family_for(self._model, self._processor, settings)
+        # The module whose generate() produces text (Qwen-Omni: its thinker): what the decode loop batches.
+        self._gen_model = self._family.text_model
         self._batchable = settings.max_batch_size > 1 and hasattr(self._gen_model, "_prefill")
         self._attn_implementation = loaded.attn_implementation
         self._decoder = decoder_for(self._gen_model)
@@ -121,20 +113,11 @@ class TransformersEngine(Engine):
         self._pad_token_id = int(pad[0] if isinstance(pad, list) else pad)
         vocab = self._tokenizer.get_vocab() if hasattr(self._tokenizer, "get_vocab") else {}
         self._max_token_chars = max((len(token) for token in vocab), default=64) or 64
-        if (
-            self._is_omni
-            and getattr(self._model, "has_talker", False)
-            and self._model.token2wav.dtype != torch.float32
-        ):
-            self._model.token2wav.float()  # as generate() does before synthesis: token2wav runs in fp32
-        self._audio_padding = (
-            model_inputs.audio_padding_for(self._processor) if settings.trim_audio_padding else None
-        )
+        self._audio_padding = self._family.audio_padding() if settings.trim_audio_padding else None
         architecture = type(self._model).__name__
         inputs = [Modality(m) for m in _as_tuple(getattr(self._model, "input_modalities", ("text",)))]
         outputs = [Modality(m) for m in _as_tuple(getattr(self._model, "output_modalities", ("text",)))]
-        if self._is_omni and not getattr(self._model, "has_talker", False) and Modality.AUDIO in outputs:
-            outputs.remove(Modality.AUDIO)
+        outputs = self._family.output_modalities(outputs)
         feature_extractor = getattr(self._processor, "feature_extractor", None)
         self.info = ModelInfo(
             model_id=model_id,
@@ -142,10 +125,8 @@ class TransformersEngine(Engine):
             input_modalities=inputs,
             output_modalities=outputs,
             input_audio_sample_rate=int(getattr(feature_extractor, "sampling_rate", 0) or 0),
-            output_audio_sample_rate=OUTPUT_AUDIO_RATES.get(architecture, 24000)
-            if Modality.AUDIO in outputs
-            else 0,
-            speakers=sorted(getattr(self._model, "speaker_map", {}) or {}),
+            output_audio_sample_rate=self._family.output_audio_rate if Modality.AUDIO in outputs else 0,
+            speakers=self._family.speakers,
             device=f"{loaded.device} {str(loaded.dtype).removeprefix('torch.')}",
             max_image_pixels=model_inputs.max_pixels(getattr(self._processor, "image_processor", None)),
             max_video_frame_pixels=model_inputs.max_pixels(getattr(self._processor, "video_processor", None)),
@@ -158,7 +139,7 @@ class TransformersEngine(Engine):
 
     def _talker_slots(self, settings: WorkerSettings) -> slots.SlotPool | None:
         """KV-cache slots for Qwen2.5-Omni's talker, when speech runs as pipelined stages (speech.py)."""
-        if not (self._is_omni and getattr(self._model, "has_talker", False) and settings.stream_speech):
+        if not self._family.wants_speech_pipeline():
             return None
         if settings.decode_runner == "dynamic" or self._decoder.unsupported() is not None:
             return None
@@ -296,10 +277,7 @@ class TransformersEngine(Engine):
                 f"{info.model_id} cannot generate {wanted.value}; it generates "
                 f"{', '.join(m.value for m in info.output_modalities)}"
             )
-        if self._is_omni and request.mode is GenerationMode.AUDIO and request.params.max_new_tokens < 2:
-            # transformers 5.23: Qwen2.5-Omni's talker crashes ("torch.cat(): expected a non-empty list")
-            # when the thinker produced a single token, so speech needs room for at least two.
-            raise InvalidInput("speech output needs max_new_tokens >= 2")
+        self._family.validate(request)
         if request.speaker and request.speaker not in info.speakers:
             raise InvalidInput(
                 f"unknown speaker {quote(request.speaker)}; available: {', '.join(info.speakers) or 'none'}"
@@ -422,17 +400,13 @@ class TransformersEngine(Engine):
                 )
             talker = self._talker_pool
             if request.mode is GenerationMode.AUDIO and talker is not None:
-                need = prompt_len + 2 + self._talker_tokens(request)
+                need = prompt_len + 2 + self._family.talker_tokens(request)
                 if need > talker.slot_tokens:
                     raise LimitExceeded(
                         f"speaking this prompt ({prompt_len} tokens) needs {need} tokens of the talker's KV cache; "
                         f"this worker holds {talker.slot_tokens} per request (send less)"
                     )
         return prepared
-
-    def _talker_tokens(self, request: GenerationRequest) -> int:
-        s = self._settings
-        return min(s.max_talker_tokens, request.params.max_new_tokens * s.talker_tokens_per_text_token)
 
     def can_batch(self, prepared: Prepared) -> bool:
         mode = prepared.request.mode
@@ -453,8 +427,9 @@ class TransformersEngine(Engine):
         if request.params.seed is not None:
             torch.manual_seed(request.params.seed)
 
+        sampling = self._sampling_kwargs(request)
         if request.mode is GenerationMode.IMAGE:
-            sequences, image = self._generate_image(inputs, request)
+            sequences, image = self._family.generate_image(inputs, request, sampling)
             if cancelled.is_set():
                 return
             emit(image)
@@ -463,22 +438,25 @@ class TransformersEngine(Engine):
             audio_seconds = 0.0
         else:
             streamer = TokenStreamer(self._tokenizer, text.on_text, self._metrics.token_clock(text.on_token))
-            speech = None
-            if request.mode is GenerationMode.AUDIO and self._settings.stream_speech:
-                speech = _SpeechStart(self, emit, cancelled)
-            # The talker stops on cancellation (client gone, deadline) only: a stop string ends the thinker.
-            talker_criteria = StoppingCriteriaList([_CancelCriteria(cancelled, threading.Event())])
-            sequences, waveform = self._generate_text_or_speech(
-                inputs, request, streamer, criteria, speech, talker_criteria
-            )
+            speech = waveform = None
+            if request.mode is GenerationMode.TEXT:
+                sequences = self._family.generate_text(inputs, request, sampling, streamer, criteria)
+            else:
+                if self._settings.stream_speech:
+                    speech = self._speech_streamer(request, emit, cancelled)
+                # The talker stops on cancellation (client gone, deadline) only: a stop string ends the thinker.
+                talker_criteria = StoppingCriteriaList([_CancelCriteria(cancelled, threading.Event())])
+                sequences, waveform = self._family.generate_speech(
+                    inputs, request, sampling, streamer, criteria, speech, talker_criteria
+                )
             text.flush()
             if cancelled.is_set():
                 return
             output_tokens = int(sequences.shape[1]) - prompt_len
             first_output_at = text.first_output_at
             audio_seconds = 0.0
-            if speech is not None and speech.streamer is not None and speech.streamer.sequence > 0:
-                audio_seconds = speech.streamer.seconds  # already sent, chunk by chunk
+            if speech is not None and speech.sequence > 0:
+                audio_seconds = speech.seconds  # already sent, chunk by chunk
             elif waveform is not None:
                 audio_seconds = self._emit_audio(waveform, emit)
             if audio_seconds and first_output_at is None:
@@ -543,8 +521,7 @@ class TransformersEngine(Engine):
         config = self._generation_config(request)
         gen._prepare_special_tokens(config, True, device=input_ids.device)
         model_kwargs = {**inputs, "use_cache": True, "past_key_values": DynamicCache(config=gen.config)}
-        if self._is_omni:
-            model_kwargs["use_audio_in_video"] = request.use_audio_in_video
+        model_kwargs.update(self._family.prefill_kwargs(request))
         if "position_ids" in inspect.signature(gen.forward).parameters:
             # As generate(): positions from the attention mask (Qwen-Omni: its multimodal rope positions).
             model_kwargs["position_ids"] = gen._prepare_position_ids_for_generation(input_ids, model_kwargs)
@@ -641,7 +618,7 @@ class TransformersEngine(Engine):
             done=done,
             cancelled=cancelled,
             deadline=deadline,
-            speaker=request.speaker or self._default_speaker(),
+            speaker=request.speaker or self._family.default_speaker(),
             seed=request.params.seed,
             started=started,
         )
@@ -673,7 +650,7 @@ class TransformersEngine(Engine):
             speech.tap,
             feed,
             speaker=speech.speaker,
-            max_new_tokens=self._talker_tokens(request),
+            max_new_tokens=self._family.talker_tokens(request),
             do_sample=do_sample,
             generator=generator,
             rope_inputs=rope,
@@ -719,67 +696,20 @@ class TransformersEngine(Engine):
             kwargs["min_new_tokens"] = p.min_new_tokens
         return kwargs
 
-    def _generate_text_or_speech(
-        self, inputs, request, streamer, criteria, speech=None, talker_criteria=None
-    ):
-        """Returns (sequences including the prompt, waveform tensor or None)."""
-        p = request.params
-        sampling = self._sampling_kwargs(request)
-        if not self._is_omni:
-            sequences = self._model.generate(
-                **inputs,
-                max_new_tokens=p.max_new_tokens,
-                streamer=streamer,
-                stopping_criteria=criteria,
-                **sampling,
-            )
-            return sequences, None
-
-        kwargs = {f"thinker_{k}": v for k, v in sampling.items()}
-        kwargs.update(
-            thinker_max_new_tokens=p.max_new_tokens,
-            thinker_streamer=streamer,
-            thinker_stopping_criteria=criteria,
-            use_audio_in_video=request.use_audio_in_video,
+    def _speech_streamer(self, request: GenerationRequest, emit: EventSink, cancelled) -> SpeechStreamer:
+        """The one-request path's streamer of the talker's codes (``generate``'s ``talker_streamer``)."""
+        speaker = request.speaker or self._family.default_speaker()
+        settings = self._settings
+        return SpeechStreamer(
+            self._model.token2wav,
+            self._model.speaker_map[speaker],
+            emit,
+            self.info.output_audio_sample_rate,
+            settings.speech_chunk_codes,
+            settings.speech_context_codes,
+            set(TALKER_STOP_CODES),
+            cancelled,
         )
-        if request.mode is GenerationMode.TEXT:
-            sequences = self._model.generate(**inputs, generation_mode="text", **kwargs)
-            return sequences, None
-
-        model_kwargs = dict(inputs)
-        for name in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
-            # transformers 5.23: with speech output, visual inputs must be addressed to the thinker or
-            # generate() fails with "model_kwargs are not used: pixel_values".
-            if name in model_kwargs:
-                model_kwargs[f"thinker_{name}"] = model_kwargs.pop(name)
-        talker_tokens = min(
-            self._settings.max_talker_tokens, p.max_new_tokens * self._settings.talker_tokens_per_text_token
-        )
-        speaker = request.speaker or self._default_speaker()
-        if speech is not None:
-            kwargs["talker_streamer"] = speech.start(self._model, speaker)
-        try:
-            sequences, waveform = self._model.generate(
-                **model_kwargs,
-                generation_mode="audio",
-                speaker=speaker,
-                talker_max_new_tokens=talker_tokens,
-                talker_do_sample=self._settings.talker_do_sample,
-                talker_stopping_criteria=talker_criteria,
-                **kwargs,
-            )
-        except RuntimeError as exc:
-            # transformers 5.23: when the thinker's first token is end-of-sequence there is nothing to
-            # speak, and the talker crashes on an empty reply instead of returning no audio.
-            if "expected a non-empty list of Tensors" not in str(exc):
-                raise
-            log.info("request %s: the reply is empty, so there is no speech", request.request_id)
-            return inputs["input_ids"], None
-        return sequences, waveform
-
-    def _default_speaker(self) -> str:
-        speakers = list(getattr(self._model, "speaker_map", {}) or {})
-        return "Chelsie" if "Chelsie" in speakers else speakers[0]
 
     def _emit_audio(self, waveform, emit: EventSink) -> float:
         samples = waveform.detach().float().reshape(-1).cpu().numpy()
@@ -790,52 +720,6 @@ class TransformersEngine(Engine):
         for sequence, start in enumerate(range(0, len(samples), step)):
             emit(AudioChunk(samples=samples[start : start + step], sample_rate=rate, sequence=sequence))
         return len(samples) / rate
-
-    def _generate_image(self, inputs, request):
-        """Image output (Janus-style): generate image tokens, decode them, encode a PNG.
-
-        transformers 5.23: the pipeline's image postprocess fails ("PIL.Image.Image is not a valid
-        TensorType"), so tokens are decoded here; image generation takes no stopping criteria, so a
-        cancelled request is dropped when its image is done.
-        """
-        model = self._model
-        if not hasattr(model, "decode_image_tokens"):
-            raise InvalidInput(f"{self.info.model_id} has no image decoder")
-        sampling = self._sampling_kwargs(request)
-        tokens = model.generate(**inputs, generation_mode="image", **sampling)
-        decoded = model.decode_image_tokens(tokens)
-        processed = self._processor.image_processor.postprocess(list(decoded.float()), return_tensors="pt")
-        pixels = processed["pixel_values"][0].permute(1, 2, 0).cpu().numpy().astype(np.uint8)
-        picture = PIL.Image.fromarray(pixels, mode="RGB")
-        buffer = io.BytesIO()
-        picture.save(buffer, format="PNG")
-        return tokens, ImageOutput(
-            data=buffer.getvalue(), mime_type="image/png", width=picture.width, height=picture.height
-        )
-
-
-class _SpeechStart:
-    """Creates a request's SpeechStreamer once the speaker is known."""
-
-    def __init__(self, engine: TransformersEngine, emit: EventSink, cancelled: threading.Event) -> None:
-        self._engine = engine
-        self._emit = emit
-        self._cancelled = cancelled
-        self.streamer: SpeechStreamer | None = None
-
-    def start(self, model, speaker: str) -> SpeechStreamer:
-        settings = self._engine._settings
-        self.streamer = SpeechStreamer(
-            model.token2wav,
-            model.speaker_map[speaker],
-            self._emit,
-            self._engine.info.output_audio_sample_rate,
-            settings.speech_chunk_codes,
-            settings.speech_context_codes,
-            set(TALKER_STOP_CODES),
-            self._cancelled,
-        )
-        return self.streamer
 
 
 @contextlib.contextmanager

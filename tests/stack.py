@@ -105,10 +105,17 @@ class Stack:
         return OmnigateClient(self.gateway.target, timeout_s=300)
 
 
-def start_stack(model: Path, workdir: Path, gateway_env: dict[str, str] | None = None) -> Stack:
+def start_stack(
+    model: Path,
+    workdir: Path,
+    gateway_env: dict[str, str] | None = None,
+    worker_env: dict[str, str] | None = None,
+) -> Stack:
     if not (model / "config.json").exists():
         raise RuntimeError(f"{model} is missing: run `make models` (make test does it first)")
-    worker = start_service("worker", "omnigate_worker.main", {"OMNIGATE_WORKER_MODEL": str(model)}, workdir)
+    worker = start_service(
+        "worker", "omnigate_worker.main", {"OMNIGATE_WORKER_MODEL": str(model), **(worker_env or {})}, workdir
+    )
     try:
         gateway = start_service(
             "gateway",

@@ -1,17 +1,24 @@
-"""With greedy decoding, the service's text equals transformers' own ``pipeline("any-to-any")``.
+"""With greedy decoding, the service's text equals transformers' own ``pipeline("any-to-any")``, and what
+reaches the model's audio and vision encoders is the same on both sides.
 
 Both sides get the same decoded inputs: the test decodes the media bytes with the gateway's decoders and
 hands the arrays to the pipeline, while the service fetches the same bytes over HTTP and decodes them
 itself. Processor keyword arguments are written out here (not imported from the worker) so that a change
 in what the worker passes shows up as a failure.
+
+The tiny checkpoint answers the same greedy text for a tone, silence, noise or a reversed clip, so equal
+text alone cannot show that samples and pixels arrived intact: the worker runs with the encoder probe
+(tests/encoder_probe.py), and each test also compares the log-mel features and pixel patches the encoders
+read in the worker with those they read in the pipeline.
 """
 
 from __future__ import annotations
 
+import encoder_probe
 import media_factory
 import PIL.Image
 import pytest
-from stack import MODELS_DIR
+from stack import MODELS_DIR, start_stack
 from transformers import pipeline
 
 from omnigate.media import DecodeLimits
@@ -36,6 +43,25 @@ def omni_pipeline():
 
 
 @pytest.fixture(scope="module")
+def probed(tmp_path_factory):
+    """The real stack, its worker recording its encoder inputs: (stack, the probe's folder)."""
+    probe_dir = tmp_path_factory.mktemp("encoder-probe")
+    stack = start_stack(
+        OMNI, tmp_path_factory.mktemp("omni-probed"), worker_env=encoder_probe.worker_env(probe_dir)
+    )
+    yield stack, probe_dir
+    stack.gateway.stop()
+    stack.worker.stop()
+
+
+def _pipeline_text(pipe, **kwargs) -> tuple[str, list[encoder_probe.Record]]:
+    """The pipeline's answer and what its encoders read."""
+    with encoder_probe.recording() as seen:
+        text = pipe(return_full_text=False, **kwargs)[0]["generated_text"]
+    return text, seen
+
+
+@pytest.fixture(scope="module")
 def media(media_server):
     files = {
         "image": media_factory.make_jpeg(96, 64),
@@ -52,70 +78,79 @@ def media(media_server):
     return urls, decoded
 
 
-def _service_text(stack, content, **kwargs) -> str:
+def _service_text(probed, content, **kwargs) -> tuple[str, list[encoder_probe.Record]]:
+    """The service's answer and what the worker's encoders read for it."""
+    stack, probe_dir = probed
+    encoder_probe.clear(probe_dir)
     with stack.client() as client:
         result = client.generate_all(
             [{"role": "user", "content": content}], max_new_tokens=MAX_NEW_TOKENS, **kwargs
         )
-    return result.text
+    return result.text, encoder_probe.read(probe_dir)
 
 
 def _video_kwargs(pipe, fps: float) -> dict:
     return {"fps": fps, "do_sample_frames": False, "size": dict(pipe.processor.video_processor.size)}
 
 
-def test_text_only(omni_stack, omni_pipeline):
+def test_text_only(probed, omni_pipeline):
     content = [{"type": "text", "text": "Tell me a story."}]
-    expected = omni_pipeline(
-        text=[{"role": "user", "content": content}],
-        return_full_text=False,
-        generate_kwargs=dict(OMNI_GENERATE),
-    )[0]["generated_text"]
+    expected, theirs = _pipeline_text(
+        omni_pipeline, text=[{"role": "user", "content": content}], generate_kwargs=dict(OMNI_GENERATE)
+    )
     assert expected
-    assert _service_text(omni_stack, content) == expected
+    got, ours = _service_text(probed, content)
+    assert got == expected
+    assert ours == theirs == [], "no encoder runs for text"
 
 
-def test_text_and_image(omni_stack, omni_pipeline, media):
+def test_text_and_image(probed, omni_pipeline, media):
     urls, decoded = media
     image = PIL.Image.fromarray(decoded["image"].pixels)
     question = {"type": "text", "text": "What is in this picture?"}
-    expected = omni_pipeline(
+    expected, theirs = _pipeline_text(
+        omni_pipeline,
         text=[{"role": "user", "content": [{"type": "image", "image": image}, question]}],
-        return_full_text=False,
         generate_kwargs=dict(OMNI_GENERATE),
-    )[0]["generated_text"]
+    )
     assert expected
-    assert _service_text(omni_stack, [{"type": "image", "url": urls["image"]}, question]) == expected
+    got, ours = _service_text(probed, [{"type": "image", "url": urls["image"]}, question])
+    assert got == expected
+    encoder_probe.assert_same(ours, theirs)
 
 
-def test_text_and_audio(omni_stack, omni_pipeline, media):
+def test_text_and_audio(probed, omni_pipeline, media):
     urls, decoded = media
     question = {"type": "text", "text": "What do you hear in this audio?"}
-    expected = omni_pipeline(
+    expected, theirs = _pipeline_text(
+        omni_pipeline,
         text=[{"role": "user", "content": [{"type": "audio", "audio": decoded["audio"].samples}, question]}],
-        return_full_text=False,
         generate_kwargs=dict(OMNI_GENERATE),
-    )[0]["generated_text"]
+    )
     assert expected
-    assert _service_text(omni_stack, [{"type": "audio", "url": urls["audio"]}, question]) == expected
+    got, ours = _service_text(probed, [{"type": "audio", "url": urls["audio"]}, question])
+    assert got == expected
+    encoder_probe.assert_same(ours, theirs)
 
 
-def test_text_and_video_at_one_fps(omni_stack, omni_pipeline, media):
+def test_text_and_video_at_one_fps(probed, omni_pipeline, media):
     urls, decoded = media
     video = decoded["video"]
     assert video.num_frames == 4 and video.sampled_fps == 1.0
     question = {"type": "text", "text": "Describe this video."}
-    expected = omni_pipeline(
+    expected, theirs = _pipeline_text(
+        omni_pipeline,
         text=[{"role": "user", "content": [{"type": "video", "video": video.frames}, question]}],
-        return_full_text=False,
         generate_kwargs=dict(OMNI_GENERATE),
         processor_kwargs=_video_kwargs(omni_pipeline, 1.0),
-    )[0]["generated_text"]
+    )
     assert expected
-    assert _service_text(omni_stack, [{"type": "video", "url": urls["video"]}, question], fps=1) == expected
+    got, ours = _service_text(probed, [{"type": "video", "url": urls["video"]}, question], fps=1)
+    assert got == expected
+    encoder_probe.assert_same(ours, theirs)
 
 
-def test_video_with_its_audio_track(omni_stack, omni_pipeline, media):
+def test_video_with_its_audio_track(probed, omni_pipeline, media):
     """The pipeline's chat path can only read a video's audio track from a file with torchcodec, which
     does not load on these machines; so the pipeline gets the chat template's prompt with the decoded
     frames and track (``audio_from_video_indices``), the path transformers documents for callers that
@@ -128,11 +163,11 @@ def test_video_with_its_audio_track(omni_stack, omni_pipeline, media):
         add_generation_prompt=True,
         tokenize=False,
     )
-    expected = omni_pipeline(
+    expected, theirs = _pipeline_text(
+        omni_pipeline,
         text=prompt,
         videos=[video.frames],
         audio=[video.audio.samples],
-        return_full_text=False,
         load_audio_from_video=True,
         generate_kwargs={**OMNI_GENERATE, "use_audio_in_video": True},
         processor_kwargs={
@@ -141,14 +176,18 @@ def test_video_with_its_audio_track(omni_stack, omni_pipeline, media):
             "audio_from_video_indices": [0],
             "sampling_rate": 16000,
         },
-    )[0]["generated_text"]
-    got = _service_text(
-        omni_stack, [{"type": "video", "url": urls["video"]}, question], fps=1, load_audio_from_video=True
+    )
+    got, ours = _service_text(
+        probed, [{"type": "video", "url": urls["video"]}, question], fps=1, load_audio_from_video=True
     )
     assert expected
     assert got == expected
-    # The track really reaches the model: its audio tokens are interleaved into the prompt.
-    with omni_stack.client() as client:
+    # The track really reaches the model: the audio encoder reads it, and its audio tokens are
+    # interleaved into the prompt.
+    assert sorted(kind for kind, _ in theirs) == ["audio", "vision"]
+    encoder_probe.assert_same(ours, theirs)
+    stack, _ = probed
+    with stack.client() as client:
         with_track = client.generate_all(
             [{"role": "user", "content": [{"type": "video", "url": urls["video"]}, question]}],
             max_new_tokens=1,

@@ -624,15 +624,34 @@ def test_a_passed_deadline_stops_decoding():
         decode_video(make_mp4(0.5), 2.0, False, 16000, LIMITS, stop=stop)
 
 
+class FakeRangesThatLoseAFrame:
+    """A fake of ``decode._decode_segments`` (the parallel range decoders) that lost a sampled frame, as on
+    a damaged stream: it decodes nothing and answers None. Counts its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return None
+
+
 def test_sequential_fallback_when_a_range_misses_a_frame(monkeypatch):
     """If parallel decoding of the ranges loses a sampled frame (a damaged stream), decoding is redone in
     order, with the same result."""
     from omnigate_gateway import decode
 
+    monkeypatch.setattr(decode, "_parallel_decoders", lambda: 4)  # ranges, whatever this machine's cores
     data = make_video("mp4", "h264-bframes", seconds=6.0, fps=10, gop=10, with_audio=False)
     expected = decode_video(data, 2.0, False, 16000, LIMITS)
-    monkeypatch.setattr(decode, "_decode_segments", lambda *args, **kwargs: None)
+    ranges = FakeRangesThatLoseAFrame()
+    monkeypatch.setattr(decode, "_decode_segments", ranges)
+    converted = []  # frames the in-order loop turned into RGB (the ranges decoded none)
+    real_upright_rgb = decode._upright_rgb
+    monkeypatch.setattr(decode, "_upright_rgb", lambda *a: converted.append(1) or real_upright_rgb(*a))
     again = decode_video(data, 2.0, False, 16000, LIMITS)
+    assert ranges.calls == 1, "the video was not split into ranges: the fallback was not exercised"
+    assert len(converted) == len(again.frames) == len(expected.frames) == 12
     assert again.timestamps_s == expected.timestamps_s
     assert np.array_equal(again.frames, expected.frames)
 

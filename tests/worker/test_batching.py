@@ -170,21 +170,54 @@ async def test_over_budget_prompt_is_refused_before_it_runs(engine):
         scheduler.shutdown()
 
 
-async def test_speech_requests_run_in_arrival_order_beside_the_batch(engine):
+async def test_a_speech_requests_thinker_decodes_in_the_text_batch(engine):
+    """A spoken answer's thinker is a row of the text batch: a speech request submitted while a text request
+    decodes shares decode steps with it (two rows in one thinker step), rather than running on its own.
+    (That it starts speaking before the text request finishes: test_speech.py,
+    test_text_and_speech_do_not_wait_for_each_other.)"""
+    rows_per_step: list[int] = []
+
+    def count_rows(module, args, kwargs):
+        # Decode steps feed the thinker's decoder token ids (the prefill feeds it embeddings).
+        ids = kwargs.get("input_ids")
+        if ids is not None:
+            rows_per_step.append(ids.shape[0])
+
+    hook = engine._gen_model.get_decoder().register_forward_pre_hook(count_rows, with_kwargs=True)
     scheduler = _scheduler(engine)
     try:
         text_job = scheduler.submit(_request([_text("Story")], max_new_tokens=20, min_new_tokens=20))
+        text_events = text_job.events()
+        assert isinstance(await text_events.__anext__(), TextDelta)  # the text request is decoding
         speech_job = scheduler.submit(
             _request([_text("Say hi")], max_new_tokens=4, mode=GenerationMode.AUDIO)
         )
-        (_, text_events), (_, speech_events) = await asyncio.gather(_collect(text_job), _collect(speech_job))
+        rest, (_, speech_events) = await asyncio.gather(_drain(text_events), _collect(speech_job))
     finally:
         scheduler.shutdown()
-    assert text_events[-1].output_tokens == 20
+        hook.remove()
+    assert rest[-1].output_tokens == 20
     assert speech_events[-1].audio_seconds > 0
+    assert 2 in rows_per_step, f"the speech request never decoded beside the text one: {rows_per_step}"
+
+
+async def _drain(events) -> list:
+    return [event async for event in events]
 
 
 # ---- control flow only ----------------------------------------------------------------------------
+
+
+class FakeEmptyBatch:
+    """A fake decode batch that never holds a row (the fake engines run every request alone)."""
+
+    length = 0
+
+    def __len__(self):
+        return 0
+
+    def fail_all(self, error):
+        pass
 
 
 class FakeBlockingEngine:
@@ -201,16 +234,7 @@ class FakeBlockingEngine:
         return False
 
     def open_batch(self):
-        class _Empty:
-            length = 0
-
-            def __len__(self):
-                return 0
-
-            def fail_all(self, error):
-                pass
-
-        return _Empty()
+        return FakeEmptyBatch()
 
     def run(self, prepared, emit, cancelled):
         emit(Summary("stop", 1, 0))
@@ -220,13 +244,16 @@ class FakeBlockingEngine:
 
 
 class FakeOutOfMemoryEngine(FakeBlockingEngine):
-    """A fake engine whose run hits an out-of-memory error (as torch reports it)."""
+    """A fake engine whose run of a request saying "too big" hits an out-of-memory error (as torch reports
+    it); other requests finish."""
 
     def prepare(self, request):
         return Prepared(request, None, 1)
 
     def run(self, prepared, emit, cancelled):
-        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if prepared.request.messages[0].content[0].text == "too big":
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        emit(Summary("stop", 1, 0))
 
 
 async def test_full_queue_is_refused_with_a_retry_delay():
@@ -251,8 +278,11 @@ async def test_out_of_memory_fails_only_that_request():
     scheduler = _scheduler(FakeOutOfMemoryEngine())
     try:
         with pytest.raises(LimitExceeded, match="out of memory"):
-            await _collect(scheduler.submit(_request([_text("a")])))
+            await _collect(scheduler.submit(_request([_text("too big")])))
         assert not scheduler.busy()
+        # The worker still serves: the next request runs and finishes.
+        _, events = await asyncio.wait_for(_collect(scheduler.submit(_request([_text("small")]))), 10)
+        assert isinstance(events[-1], Summary) and events[-1].finish_reason == "stop"
     finally:
         scheduler.shutdown()
 
@@ -285,6 +315,8 @@ async def test_text_requests_never_wait_behind_media_preprocessing():
 
 
 class FakeSlowPrepareEngine(FakeBlockingEngine):
+    """A fake engine whose preprocessing takes 0.3 s (a slow processor)."""
+
     def prepare(self, request):
         time.sleep(0.3)
         return Prepared(request, None, 1)

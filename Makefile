@@ -76,7 +76,7 @@ $(GEN_STAMP): $(PROTOS) $(STAMPS)/install
 
 .PHONY: _models _system-tools _chart-tools
 _models: $(GEN_STAMP)
-	$(PY) -m omnigate_worker.tiny_models --out $(MODELS_DIR)
+	$(PY) -m omnigate_tiny --out $(MODELS_DIR)
 
 _system-tools:
 	@.ci/system-tools

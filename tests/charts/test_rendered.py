@@ -98,7 +98,7 @@ def test_cpu_dev_has_no_gpu_and_builds_the_tiny_model():
     main = container(worker, "worker")
     assert env(main)["OMNIGATE_WORKER_DEVICE"] == "cpu"
     prefetch = container(worker, "prefetch-model")
-    assert prefetch["command"][:3] == ["python", "-m", "omnigate_worker.tiny_models"]
+    assert prefetch["command"][:3] == ["python", "-m", "omnigate_tiny"]
     models_dir = env(prefetch)["OMNIGATE_MODELS_DIR"]
     assert prefetch["command"][-1] == "$(OMNIGATE_MODELS_DIR)"
     assert env(main)["OMNIGATE_WORKER_MODEL"] == f"{models_dir}/tiny-qwen2.5-omni"

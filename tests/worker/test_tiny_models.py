@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 from PIL import Image  # noqa: E402
 from transformers import AutoModelForMultimodalLM, AutoProcessor, pipeline  # noqa: E402
 
-from omnigate_worker import tiny_models  # noqa: E402
+from omnigate_tiny import builders as tiny_models  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -118,7 +118,7 @@ def test_build_is_byte_for_byte_deterministic(models_dir, tmp_path):
     again = tmp_path / "again"
     env = {**os.environ, "PYTHONHASHSEED": "12345", "OMP_NUM_THREADS": "1"}
     subprocess.run(
-        [sys.executable, "-m", "omnigate_worker.tiny_models", "--out", str(again)],
+        [sys.executable, "-m", "omnigate_tiny", "--out", str(again)],
         check=True,
         env=env,
         capture_output=True,

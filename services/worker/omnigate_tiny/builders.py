@@ -5,7 +5,7 @@ The worker keeps the real loading path (``AutoModelForMultimodalLM.from_pretrain
 any download: real architectures and real prompt formats, random weights, a byte-level BPE tokenizer
 trained on a fixed in-code corpus.
 
-    python -m omnigate_worker.tiny_models --out models [--family omni|janus|qwen2-audio|gemma3n|all] [--force]
+    python -m omnigate_tiny --out models [--family omni|janus|qwen2-audio|gemma3n|all] [--force]
 
 Each family lands in its own folder under ``--out``:
 
@@ -1021,7 +1021,7 @@ def build(out_root: Path, families: list[str], force: bool = False) -> list[Buil
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m omnigate_worker.tiny_models",
+        prog="python -m omnigate_tiny",
         description="Build deterministic tiny random-weight checkpoints for tests (no download).",
     )
     parser.add_argument("--out", type=Path, default=Path("models"), help="folder to build into")

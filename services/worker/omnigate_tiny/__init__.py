@@ -1,0 +1,4 @@
+"""Tiny random-weight checkpoints for development and tests, built offline (``python -m omnigate_tiny``).
+
+Not part of the worker (``omnigate_worker``): the worker serves whatever checkpoint it is given; this
+package builds the small ones ``make models`` writes into ``models/`` (see ``builders.py``)."""

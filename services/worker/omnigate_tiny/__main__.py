@@ -1,0 +1,7 @@
+"""``python -m omnigate_tiny --out models [--family ...] [--force]``: what ``make models`` runs."""
+
+import sys
+
+from omnigate_tiny.builders import main
+
+sys.exit(main())

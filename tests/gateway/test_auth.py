@@ -23,8 +23,9 @@ from omnigate_gateway.metrics import GatewayMetrics
 from omnigate_gateway.settings import GatewaySettings
 
 
-class Clock:
-    """A manual monotonic clock, so that rate limits and reload intervals are tested without sleeping."""
+class FakeClock:
+    """A fake of time.monotonic: a manual clock, so that rate limits and reload intervals are tested without
+    sleeping."""
 
     def __init__(self) -> None:
         self.now = 1000.0
@@ -33,10 +34,10 @@ class Clock:
         return self.now
 
 
-def _auth(tmp_path, text: str, **settings) -> tuple[Authenticator, GatewayMetrics, Clock]:
+def _auth(tmp_path, text: str, **settings) -> tuple[Authenticator, GatewayMetrics, FakeClock]:
     secret_volume(tmp_path, {"api-keys": text.encode()})
     metrics = GatewayMetrics(CollectorRegistry())
-    clock = Clock()
+    clock = FakeClock()
     s = GatewaySettings(api_keys_file=str(tmp_path / "api-keys"), api_keys_reload_interval_s=1.0, **settings)
     return Authenticator(s, metrics, clock=clock), metrics, clock
 
@@ -235,8 +236,8 @@ async def test_a_reloaded_override_applies_to_new_requests(tmp_path):
         await _admit(auth, "s3cret-bob")
 
 
-class _StandInContext:
-    """A stand-in for grpc's ServicerContext: only what the gRPC front door reads to build a Call."""
+class FakeServicerContext:
+    """A fake of grpc's ServicerContext: only what the gRPC front door reads to build a Call."""
 
     def invocation_metadata(self):
         return (("authorization", "Bearer key-one"), ("x-api-key", "key-two"), ("traceparent", "00-ab-cd-01"))
@@ -248,7 +249,7 @@ class _StandInContext:
 def test_grpc_front_door_takes_the_key_out_of_the_call_metadata():
     from omnigate_gateway.server import GatewayServicer
 
-    built = GatewayServicer._call("Generate", _StandInContext())
+    built = GatewayServicer._call("Generate", FakeServicerContext())
     assert built.api_key == "key-one"
     assert "authorization" not in built.metadata and "x-api-key" not in built.metadata
     assert built.metadata["traceparent"] == "00-ab-cd-01"

@@ -641,7 +641,11 @@ def test_sequential_fallback_when_a_range_misses_a_frame(monkeypatch):
     order, with the same result."""
     from omnigate_gateway import decode
 
-    monkeypatch.setattr(decode, "_parallel_decoders", lambda: 4)  # ranges, whatever this machine's cores
+    def fake_four_cores() -> int:
+        """A fake of ``decode._parallel_decoders``: four range decoders, whatever this machine's cores."""
+        return 4
+
+    monkeypatch.setattr(decode, "_parallel_decoders", fake_four_cores)
     data = make_video("mp4", "h264-bframes", seconds=6.0, fps=10, gop=10, with_audio=False)
     expected = decode_video(data, 2.0, False, 16000, LIMITS)
     ranges = FakeRangesThatLoseAFrame()

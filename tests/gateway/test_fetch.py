@@ -212,7 +212,7 @@ async def test_loopback_allowed_with_private_networks(fetcher, media_server):
     assert await fetcher.fetch(url) == b"fine"
 
 
-def _public_web(request: httpx.Request) -> httpx.Response:
+def fake_public_web(request: httpx.Request) -> httpx.Response:
     """A fake internet: /to-private redirects to a private address, anything else answers b"public"."""
     if request.url.path == "/to-private":
         return httpx.Response(302, headers={"Location": "http://10.1.2.3/internal"})
@@ -243,19 +243,19 @@ def _public_web(request: httpx.Request) -> httpx.Response:
     ],
 )
 async def test_non_public_addresses_refused(host):
-    async with MediaFetcher(PUBLIC_ONLY, transport=httpx.MockTransport(_public_web)) as f:
+    async with MediaFetcher(PUBLIC_ONLY, transport=httpx.MockTransport(fake_public_web)) as f:
         with pytest.raises(ForbiddenSource):
             await f.fetch(f"http://{host}/a.png")
 
 
 @pytest.mark.parametrize("host", ["93.184.215.14", "8.8.8.8", "[2606:4700:4700::1111]"])
 async def test_public_addresses_allowed(host):
-    async with MediaFetcher(PUBLIC_ONLY, transport=httpx.MockTransport(_public_web)) as f:
+    async with MediaFetcher(PUBLIC_ONLY, transport=httpx.MockTransport(fake_public_web)) as f:
         assert await f.fetch(f"http://{host}/a.png") == b"public"
 
 
 async def test_redirect_hop_to_private_address_refused():
-    async with MediaFetcher(PUBLIC_ONLY, transport=httpx.MockTransport(_public_web)) as f:
+    async with MediaFetcher(PUBLIC_ONLY, transport=httpx.MockTransport(fake_public_web)) as f:
         with pytest.raises(ForbiddenSource, match=r"http://10\.1\.2\.3"):
             await f.fetch("http://93.184.215.14/to-private")
 
@@ -312,7 +312,7 @@ async def test_read_local_disabled_without_root():
 # ------------------------------------------------------------------- pinning: connect to what was checked
 
 
-class _Recorder:
+class FakeRecordingInternet:
     """A fake internet for MockTransport that records what the client asked for."""
 
     def __init__(self) -> None:
@@ -328,7 +328,7 @@ class _Recorder:
 
 
 async def test_connection_goes_to_the_checked_address_with_the_original_host_header():
-    recorder = _Recorder()
+    recorder = FakeRecordingInternet()
     resolver = StaticResolver({"media.example": "93.184.215.14"})
     transport = httpx.MockTransport(recorder)
     async with MediaFetcher(PUBLIC_ONLY, transport=transport, resolver=resolver) as f:
@@ -340,8 +340,8 @@ async def test_connection_goes_to_the_checked_address_with_the_original_host_hea
     assert request.extensions["sni_hostname"] == "media.example"  # TLS name and certificate check
 
 
-class _RebindingResolver:
-    """A DNS server that answers public first and private afterwards (a DNS rebinding attack)."""
+class FakeRebindingResolver:
+    """A fake DNS server that answers public first and private afterwards (a DNS rebinding attack)."""
 
     def __init__(self) -> None:
         self.answers = [["93.184.215.14"], ["127.0.0.1"]]
@@ -356,8 +356,8 @@ class _RebindingResolver:
 
 
 async def test_dns_rebinding_cannot_redirect_the_connection():
-    recorder = _Recorder()
-    resolver = _RebindingResolver()
+    recorder = FakeRecordingInternet()
+    resolver = FakeRebindingResolver()
     async with MediaFetcher(PUBLIC_ONLY, transport=httpx.MockTransport(recorder), resolver=resolver) as f:
         assert await f.fetch("http://rebind.example/a.png") == b"public"
         assert resolver.calls == 1  # resolved once; httpx never resolved the name again
@@ -369,7 +369,7 @@ async def test_dns_rebinding_cannot_redirect_the_connection():
 
 
 async def test_redirect_to_a_name_resolving_privately_is_refused_before_connecting():
-    recorder = _Recorder()
+    recorder = FakeRecordingInternet()
     resolver = StaticResolver({"media.example": "93.184.215.14", "intranet.example": "10.9.8.7"})
     async with MediaFetcher(PUBLIC_ONLY, transport=httpx.MockTransport(recorder), resolver=resolver) as f:
         with pytest.raises(ForbiddenSource, match=r"intranet\.example resolves to 10\.9\.8\.7"):
@@ -378,7 +378,7 @@ async def test_redirect_to_a_name_resolving_privately_is_refused_before_connecti
 
 
 async def test_relative_redirect_resolves_against_the_name_not_the_address():
-    recorder = _Recorder()
+    recorder = FakeRecordingInternet()
     resolver = StaticResolver({"media.example": "93.184.215.14"})
     async with MediaFetcher(PUBLIC_ONLY, transport=httpx.MockTransport(recorder), resolver=resolver) as f:
         assert await f.fetch("http://media.example/relative") == b"public"

@@ -263,12 +263,13 @@ async def test_path_too_long_is_refused_without_repeating_it(local_fetcher, path
 async def test_unreadable_file_is_permission_denied(local_fetcher, monkeypatch):
     real_open = os.open
 
-    def refusing_open(path, flags, *args, **kwargs):
+    def fake_refusing_open(path, flags, *args, **kwargs):
+        """A fake of os.open that refuses ok.wav as a file without read permission would."""
         if str(path).endswith("ok.wav"):
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return real_open(path, flags, *args, **kwargs)
 
-    monkeypatch.setattr(os, "open", refusing_open)
+    monkeypatch.setattr(os, "open", fake_refusing_open)
     error = _refused(local_fetcher, "ok.wav")
     assert isinstance(error, ForbiddenSource)
     assert str(error) == "the gateway is not allowed to read 'ok.wav' (permission denied)"

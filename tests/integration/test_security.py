@@ -508,7 +508,7 @@ async def test_worker_channel_verifies_the_configured_server_name_and_reports_fi
 # -- internal errors -----------------------------------------------------------------------------------------
 
 
-class ExplodingCore:
+class FakeExplodingCore:
     """A FAKE GatewayCore (control flow only): every call fails with an unexpected exception whose text
     must never reach the caller."""
 
@@ -523,7 +523,7 @@ class ExplodingCore:
 async def test_unexpected_errors_are_internal_with_a_generic_message():
     settings = GatewaySettings(port=0, reflection=False)
     health_servicer = health.aio.HealthServicer()
-    server, port = build_server(GatewayServicer(ExplodingCore()), settings, health_servicer)
+    server, port = build_server(GatewayServicer(FakeExplodingCore()), settings, health_servicer)
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

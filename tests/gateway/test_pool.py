@@ -12,13 +12,13 @@ import asyncio
 import contextlib
 import logging
 import socket
-import time
 
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
+from waiting import async_wait_until as wait_until
 
 from omnigate import status
 from omnigate.conversation import ContentPart, GenerationRequest, Message, Modality
@@ -132,14 +132,6 @@ def pool_settings(**overrides) -> GatewaySettings:
         **overrides,
     }
     return GatewaySettings(**values)
-
-
-async def wait_until(predicate, timeout_s: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        await asyncio.sleep(0.02)
 
 
 @contextlib.asynccontextmanager
@@ -469,8 +461,10 @@ class FakeResolver:
 
     def __init__(self) -> None:
         self.answers: dict[str, list[str] | Exception] = {}
+        self.calls = 0  # questions asked
 
     async def __call__(self, host: str, port: int) -> list[str]:
+        self.calls += 1
         answer = self.answers[host]
         if isinstance(answer, Exception):
             raise answer
@@ -511,7 +505,8 @@ async def test_dns_discovery_follows_the_answers():
                 assert await generate(pool) == ["pod-2"]
 
             dns.answers["workers.test"] = socket.gaierror(socket.EAI_AGAIN, "temporary failure")
-            await asyncio.sleep(0.2)
+            asked = dns.calls
+            await wait_until(lambda: dns.calls >= asked + 2, what="the pool to meet the hiccup twice")
             assert pool.counts()["ready"] == 1  # a resolver hiccup keeps the workers we know
             dns.answers["workers.test"] = socket.gaierror(socket.EAI_NONAME, "no such name")
             await wait_until(lambda: not pool.workers(), what="the name to vanish")

@@ -373,10 +373,19 @@ def test_a_streamed_request_access_line_carries_its_request_id(gateway, http):
 
 
 def test_no_query_string_or_credential_reaches_the_log(gateway, http):
-    http.get("/v1/models?api_key=SECRET-QUERY-2", headers={"Authorization": "Bearer SECRET-KEY-2"})
-    http.get("/v1/nothing?api_key=SECRET-QUERY-3")
-    http.post("/v1/chat/completions?key=SECRET-QUERY-4", json={"messages": HI, "max_tokens": 1})
-    time.sleep(0.5)
+    http.get(
+        "/v1/models?api_key=SECRET-QUERY-2",
+        headers={"Authorization": "Bearer SECRET-KEY-2", "X-Request-ID": "secret-query-2"},
+    )
+    http.get("/v1/nothing?api_key=SECRET-QUERY-3", headers={"X-Request-ID": "secret-query-3"})
+    http.post(
+        "/v1/chat/completions?key=SECRET-QUERY-4",
+        json={"messages": HI, "max_tokens": 1},
+        headers={"X-Request-ID": "secret-query-4"},
+    )
+    # the three requests are logged (their access lines written) before the log is read
+    for request_id in ("secret-query-2", "secret-query-3", "secret-query-4"):
+        assert _access_lines(gateway.log_path, request_id), f"no access line for {request_id}"
     log = gateway.log_path.read_text(errors="replace")
     for secret in ("SECRET-QUERY", "SECRET-KEY"):
         assert secret not in log

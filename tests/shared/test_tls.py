@@ -138,8 +138,10 @@ async def test_new_connections_get_the_renewed_certificate_and_bad_files_keep_th
 
         renewed = pki["ca"].issue("server", dns=("localhost",), ips=("127.0.0.1",))
         _server_files(tmp_path / "tls", pki, renewed)  # the kubelet's symlink swap
-        await asyncio.sleep(0.2)
-        assert await asyncio.to_thread(_peer_certificate, port, pki) == renewed.certificate
+        deadline = time.monotonic() + 10
+        while await asyncio.to_thread(_peer_certificate, port, pki) != renewed.certificate:
+            assert time.monotonic() < deadline, "new connections kept the old certificate"
+            await asyncio.sleep(0.05)
         assert certificates.reloads == 1
 
         # A key that does not match the certificate (e.g. a half-finished manual update): refused, logged,
@@ -149,10 +151,14 @@ async def test_new_connections_get_the_renewed_certificate_and_bad_files_keep_th
             tmp_path / "tls",
             {"tls.crt": other.cert_pem, "tls.key": renewed.key_pem, "ca.crt": pki["ca"].cert_pem},
         )
-        await asyncio.sleep(0.2)
+        deadline = time.monotonic() + 10
         with caplog.at_level(logging.ERROR, logger="omnigate.tls"):
+            # every connection keeps the renewed certificate, until (and after) the bad files are noticed
+            while "does not match" not in caplog.text:
+                assert await asyncio.to_thread(_peer_certificate, port, pki) == renewed.certificate
+                assert time.monotonic() < deadline, "the mismatched key was never noticed"
+                await asyncio.sleep(0.05)
             assert await asyncio.to_thread(_peer_certificate, port, pki) == renewed.certificate
-        assert "does not match" in caplog.text
         async with grpc.aio.secure_channel(f"127.0.0.1:{port}", _client(pki)) as channel:
             assert await _check(channel) == SERVING
     finally:

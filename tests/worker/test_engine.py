@@ -142,3 +142,28 @@ def test_speech_streams_before_the_waveform_is_done(engine):
     total = stamps[-1] - started
     assert first_audio < total / 2, (first_audio, total)
     assert [events[i].sequence for i in chunks] == list(range(len(chunks)))
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "device", "dtype"),
+    [
+        (None, "cpu", "float32"),
+        ("cuda", "cuda:0", "bfloat16"),
+        ("cuda:1", "cuda:1", "bfloat16"),
+        ("mps", "mps", "float16"),
+        ("xpu", "xpu:0", "bfloat16"),
+    ],
+)
+def test_auto_device_follows_the_machines_accelerator(monkeypatch, accelerator, device, dtype):
+    """FakeAccelerator: transformers' accelerator lookup answers as on a CUDA, Apple or Intel machine."""
+    import torch
+
+    def fake_accelerator():
+        return torch.device(accelerator) if accelerator else None
+
+    monkeypatch.setattr(loading, "get_current_accelerator", fake_accelerator)
+    resolved = loading.resolve_device("auto")
+    assert resolved == torch.device(device)
+    assert loading.resolve_dtype("auto", resolved) == getattr(torch, dtype)
+    expected = "sdpa" if resolved.type != "cuda" else loading.resolve_attention("auto", resolved)
+    assert loading.resolve_attention("auto", resolved) == expected

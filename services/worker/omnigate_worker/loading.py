@@ -1,8 +1,8 @@
 """Loads a model and its processor through the standard transformers path.
 
 ``AutoModelForMultimodalLM.from_pretrained`` + ``AutoProcessor.from_pretrained`` with a hub id or a local
-path; bfloat16 on CUDA and float32 on CPU by default; flash-attention when ``flash_attn`` imports on CUDA,
-else sdpa.
+path; on the machine's accelerator (CUDA, MPS, XPU, ...) or the CPU, in bfloat16 on CUDA (float16 on MPS) and
+float32 on CPU by default; flash-attention when ``flash_attn`` imports on CUDA, else sdpa.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import AutoModelForMultimodalLM, AutoProcessor
+from transformers.utils.import_utils import get_current_accelerator
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +64,26 @@ class LoadedModel:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto``: the machine's accelerator as transformers finds it (CUDA, ROCm, Apple MPS, Intel XPU, Ascend
+    NPU, ...: ``get_current_accelerator``, torch's accelerator API, the device the transformers guide's
+    ``infer_device`` gives; transformers 5.23 has no top-level ``infer_device``), else the CPU."""
     if name == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+        accelerator = get_current_accelerator()
+        if accelerator is None or accelerator.type == "cpu":
+            return torch.device("cpu")
+        if accelerator.index is None and accelerator.type != "mps":
+            return torch.device(accelerator.type, 0)
+        return accelerator
     return torch.device(name)
+
+
+# Half precision where the device computes it natively; MPS takes float16 (bfloat16 needs recent macOS).
+_AUTO_DTYPES = {"cuda": torch.bfloat16, "xpu": torch.bfloat16, "npu": torch.bfloat16, "mps": torch.float16}
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return _AUTO_DTYPES.get(device.type, torch.float32)
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; use one of auto, {', '.join(DTYPES)}")
     return DTYPES[name]

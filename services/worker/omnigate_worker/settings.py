@@ -17,10 +17,14 @@ class WorkerSettings(ServiceSettings):
 
     model: str = Field(DEFAULT_MODEL, description="Hugging Face model id or local path to load.")
     device: str = Field(
-        "auto", description="Torch device: 'auto' (cuda if available, else cpu), 'cpu', 'cuda:0'."
+        "auto",
+        description="Torch device: 'auto' (the machine's accelerator as transformers finds it: CUDA, MPS, XPU, ...; "
+        "else cpu), 'cpu', 'cuda:0', 'mps', 'xpu:0'.",
     )
     dtype: str = Field(
-        "auto", description="'auto' (bfloat16 on CUDA, float32 on CPU), 'float32', 'bfloat16', 'float16'."
+        "auto",
+        description="'auto' (bfloat16 on CUDA, XPU and NPU, float16 on MPS, float32 on CPU), 'float32', 'bfloat16', "
+        "'float16'.",
     )
     attn_implementation: str = Field(
         "auto",

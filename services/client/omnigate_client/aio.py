@@ -18,7 +18,8 @@ Create the client inside a running event loop (grpc.aio binds its channel to the
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from typing import Any, cast
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -66,7 +67,7 @@ class AsyncGenerationStream:
     async def __aenter__(self) -> AsyncGenerationStream:
         return self
 
-    async def __aexit__(self, *exc_info) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
     def cancel(self) -> None:
@@ -82,7 +83,7 @@ class AsyncGenerationStream:
         events = [event async for event in self]
         return GenerationResult.from_events(events, self.request_id)
 
-    async def _run(self) -> AsyncIterator[Event]:
+    async def _run(self) -> AsyncGenerator[Event, None]:
         retry = 0
         while True:
             self.attempts += 1
@@ -129,15 +130,16 @@ class AsyncOmnigateClient(_ClientBase):
     async def __aenter__(self) -> AsyncOmnigateClient:
         return self
 
-    async def __aexit__(self, *exc_info) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
     async def close(self) -> None:
-        await self._channel.close()
+        await cast(grpc.aio.Channel, self._channel).close()  # _grpc is grpc.aio: an asyncio channel
 
     async def health(self, timeout_s: float = 5.0, service: str = "") -> str:
         try:
-            reply = await self._health.Check(
+            # types-grpcio-health-checking declares HealthStub without its methods
+            reply = await self._health.Check(  # type: ignore[attr-defined]
                 health_pb2.HealthCheckRequest(service=service),
                 timeout=timeout_s,
                 metadata=self._call_metadata(None, None),
@@ -217,5 +219,5 @@ class AsyncOmnigateClient(_ClientBase):
             _policy(None, retries) if retries is not None else self.retry_policy,
         )
 
-    async def generate_all(self, messages: list[dict], **kwargs) -> GenerationResult:
+    async def generate_all(self, messages: list[dict], **kwargs: Any) -> GenerationResult:
         return await self.generate(messages, **kwargs).collect()

@@ -113,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _client(args) -> OmnigateClient:
+def _client(args: argparse.Namespace) -> OmnigateClient:
     if args.retries < 0:
         raise ValueError("--retries must be >= 0")
     if args.timeout <= 0:
@@ -131,7 +131,7 @@ def _client(args) -> OmnigateClient:
     )
 
 
-def _generate(client: OmnigateClient, args) -> int:
+def _generate(client: OmnigateClient, args: argparse.Namespace) -> int:
     content = (
         [media_part("image", s) for s in args.image]
         + [media_part("video", s) for s in args.video]
@@ -170,8 +170,8 @@ def _generate(client: OmnigateClient, args) -> int:
     result = GenerationResult.from_events(events, stream.request_id)
     if result.text:
         print()
-    output = args.output or DEFAULT_OUTPUT.get(args.generation_mode)
     if result.audio:
+        output = args.output or DEFAULT_OUTPUT["audio"]
         with open(output, "wb") as f:
             f.write(result.to_wav())
         print(
@@ -180,6 +180,7 @@ def _generate(client: OmnigateClient, args) -> int:
         )
     if result.images:
         image = result.images[0]
+        output = args.output or DEFAULT_OUTPUT["image"]
         with open(output, "wb") as f:
             f.write(image.data)
         print(f"wrote a {image.width}x{image.height} {image.mime_type} image to {output}", file=sys.stderr)

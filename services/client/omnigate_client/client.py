@@ -24,15 +24,18 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from omnigate.gateway.v1 import gateway_pb2 as pb
 from omnigate.gateway.v1 import gateway_pb2_grpc
 from omnigate_client.connection import (
     DEFAULT_TIMEOUT_S,
+    Metadata,
     TLSConfig,
     call_metadata,
     channel_options,
@@ -51,6 +54,8 @@ from omnigate_client.types import (
     Summary,
     TextDelta,
 )
+
+ReplyT = TypeVar("ReplyT")
 
 __all__ = [
     "AudioChunk",
@@ -118,7 +123,7 @@ class GenerationStream(Iterator[Event]):
     def __enter__(self) -> GenerationStream:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def cancel(self) -> None:
@@ -137,7 +142,7 @@ class GenerationStream(Iterator[Event]):
         events = list(self)
         return GenerationResult.from_events(events, self.request_id)
 
-    def _run(self) -> Iterator[Event]:
+    def _run(self) -> Generator[Event, None, None]:
         retry = 0
         while True:
             self.attempts += 1
@@ -227,7 +232,7 @@ class OmnigateClient(_ClientBase):
     def __enter__(self) -> OmnigateClient:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def close(self) -> None:
@@ -236,7 +241,8 @@ class OmnigateClient(_ClientBase):
     def health(self, timeout_s: float = 5.0, service: str = "") -> str:
         """The gateway's ``grpc.health.v1`` status name ("SERVING", "NOT_SERVING", ...); not retried."""
         try:
-            reply = self._health.Check(
+            # types-grpcio-health-checking declares HealthStub without its methods
+            reply = self._health.Check(  # type: ignore[attr-defined]
                 health_pb2.HealthCheckRequest(service=service),
                 timeout=timeout_s,
                 metadata=self._call_metadata(None, None),
@@ -312,11 +318,18 @@ class OmnigateClient(_ClientBase):
             _policy(None, retries) if retries is not None else self.retry_policy,
         )
 
-    def generate_all(self, messages: list[dict], **kwargs) -> GenerationResult:
+    def generate_all(self, messages: list[dict], **kwargs: Any) -> GenerationResult:
         """Runs ``generate`` to the end and returns the collected ``GenerationResult``."""
         return self.generate(messages, **kwargs).collect()
 
-    def _unary(self, method: Callable, request, timeout_s: float | None, policy: RetryPolicy, metadata):
+    def _unary(
+        self,
+        method: Callable[..., ReplyT],
+        request: Message,
+        timeout_s: float | None,
+        policy: RetryPolicy,
+        metadata: Metadata,
+    ) -> ReplyT:
         deadline = _Deadline(timeout_s)
         attempts = 0
         while True:

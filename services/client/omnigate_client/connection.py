@@ -5,11 +5,19 @@ from __future__ import annotations
 
 import pathlib
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # inline media can be large; the gateway enforces its own limit
 DEFAULT_TIMEOUT_S = 600.0
+
+# PEM bytes, or the path of a PEM file
+PemSource = bytes | str | pathlib.Path
+# grpc channel options: (name, value) pairs, the value an int or a string
+ChannelOptions = list[tuple[str, Any]]
+# the metadata sent with a call
+Metadata = tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True)
@@ -22,9 +30,9 @@ class TLSConfig:
     IP address).
     """
 
-    root_certificates: bytes | str | pathlib.Path | None = None
-    certificate_chain: bytes | str | pathlib.Path | None = None
-    private_key: bytes | str | pathlib.Path | None = None
+    root_certificates: PemSource | None = None
+    certificate_chain: PemSource | None = None
+    private_key: PemSource | None = None
     server_name: str | None = None
 
     def credentials(self) -> grpc.ChannelCredentials:
@@ -37,14 +45,14 @@ class TLSConfig:
         )
 
 
-def _pem(value) -> bytes | None:
+def _pem(value: PemSource | None) -> bytes | None:
     if value is None or isinstance(value, bytes):
         return value
     return pathlib.Path(value).read_bytes()
 
 
-def channel_options(tls: TLSConfig | None, extra: list[tuple] | None = None) -> list[tuple]:
-    options = [
+def channel_options(tls: TLSConfig | None, extra: ChannelOptions | None = None) -> ChannelOptions:
+    options: ChannelOptions = [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         # retries are the client's own (they honour RetryInfo); gRPC's transparent ones stay as they are
@@ -56,9 +64,9 @@ def channel_options(tls: TLSConfig | None, extra: list[tuple] | None = None) -> 
 
 def resolve_tls(
     tls: bool | TLSConfig | None,
-    root_certificates=None,
-    certificate_chain=None,
-    private_key=None,
+    root_certificates: PemSource | None = None,
+    certificate_chain: PemSource | None = None,
+    private_key: PemSource | None = None,
     server_name: str | None = None,
 ) -> TLSConfig | None:
     """A TLSConfig when TLS is asked for (``tls=True`` or any certificate option), else None."""
@@ -71,7 +79,7 @@ def resolve_tls(
 
 def call_metadata(
     api_key: str | None, extra: dict[str, str] | list[tuple[str, str]] | None, request_id: str | None
-) -> tuple[tuple[str, str], ...]:
+) -> Metadata:
     """Per-call metadata: the API key as ``authorization: Bearer``, a request id, and the caller's own."""
     pairs: list[tuple[str, str]] = []
     if api_key:

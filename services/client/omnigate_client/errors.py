@@ -7,11 +7,17 @@ The gateway ends a failed stream with a gRPC status whose ``grpc-status-details-
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 REQUEST_ID_KEY = "x-request-id"
+
+# gRPC metadata as (key, value) pairs: a tuple, or a sync or asyncio call's metadata object
+MetadataPairs = Iterable[tuple[str, str | bytes]]
 
 
 class OmnigateClientError(grpc.RpcError):
@@ -84,8 +90,8 @@ class OmnigateClientError(grpc.RpcError):
         cls,
         error: grpc.RpcError,
         *,
-        initial_metadata=None,
-        trailing_metadata=None,
+        initial_metadata: MetadataPairs | None = None,
+        trailing_metadata: MetadataPairs | None = None,
         attempts: int = 1,
     ) -> OmnigateClientError:
         """Reads code, message, details and request id from a sync or asyncio ``grpc.RpcError``.
@@ -117,7 +123,7 @@ class OmnigateClientError(grpc.RpcError):
         )
 
 
-def metadata_value(metadata, key: str) -> str | None:
+def metadata_value(metadata: MetadataPairs | None, key: str) -> str | None:
     """The first value of ``key`` in gRPC metadata (pairs), as text."""
     for name, value in _pairs(metadata):
         if name.lower() == key:
@@ -125,13 +131,13 @@ def metadata_value(metadata, key: str) -> str | None:
     return None
 
 
-def _pairs(metadata) -> tuple:
+def _pairs(metadata: MetadataPairs | None) -> tuple[tuple[str, str | bytes], ...]:
     if not metadata:
         return ()
     return tuple((item[0], item[1]) for item in metadata)
 
 
-def _call(error, method: str):
+def _call(error: object, method: str) -> Any:
     """``error.method()`` when the error has it and it returns a plain value (not an awaitable)."""
     fn = getattr(error, method, None)
     if fn is None:
@@ -148,7 +154,7 @@ def _call(error, method: str):
     return value
 
 
-def _status_details(trailing) -> tuple[float | None, str | None, str | None]:
+def _status_details(trailing: MetadataPairs) -> tuple[float | None, str | None, str | None]:
     """(RetryInfo delay in seconds, ErrorInfo reason, ErrorInfo domain) from ``grpc-status-details-bin``."""
     raw = next((value for name, value in trailing if name == STATUS_DETAILS_KEY), None)
     if not isinstance(raw, bytes):

@@ -8,6 +8,7 @@ inline), or as raw ``data`` bytes; ``{"type": "image", "image": "https://..."}``
 from __future__ import annotations
 
 import pathlib
+from typing import Any
 
 from omnigate.gateway.v1 import gateway_pb2 as pb
 from omnigate_client.types import AudioChunk, Event, Image, ModelInfo, Summary, TextDelta, Timings
@@ -109,7 +110,7 @@ def _part(part: dict) -> pb.ContentPart:
         return pb.ContentPart(text=part.get("text", ""))
     if kind not in MEDIA_KINDS:
         raise ValueError(f"unknown content part type {kind!r}; use text, image, audio or video")
-    inline = part.get(kind)
+    inline: Any = part.get(kind)  # a URL or path (str, Path), bytes, or missing: checked below
     if "url" in part or (isinstance(inline, str) and inline.startswith(REMOTE_SCHEMES)):
         source = pb.MediaSource(url=part.get("url") or inline)
     elif "path" in part or isinstance(inline, (str, pathlib.Path)):
@@ -121,7 +122,9 @@ def _part(part: dict) -> pb.ContentPart:
         )
     else:
         raise ValueError(f"{kind} part needs a url, path or data")
-    return pb.ContentPart(**{kind: source})
+    content = pb.ContentPart()
+    getattr(content, kind).CopyFrom(source)  # the oneof's image, audio or video field
+    return content
 
 
 def event_from_proto(event: pb.GenerateResponse) -> Event:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import io
 import wave
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import overload
+from typing import Any, overload
 
 import numpy as np
 
@@ -184,8 +184,11 @@ class GenerationResult:
     request_id: str | None = None  # the gateway's ``x-request-id``, when it sent one
 
     @classmethod
-    def from_events(cls, events, request_id: str | None = None) -> GenerationResult:
-        text, chunks, images, summary = [], [], [], None
+    def from_events(cls, events: Iterable[Event], request_id: str | None = None) -> GenerationResult:
+        text: list[str] = []
+        chunks: list[AudioChunk] = []
+        images: list[Image] = []
+        summary: Summary | None = None
         for event in events:
             if isinstance(event, TextDelta):
                 text.append(event.text)
@@ -236,7 +239,7 @@ class ModelInfo:
     speakers: list[str]
     limits: dict[str, float | int]
 
-    def __getitem__(self, name: str):
+    def __getitem__(self, name: str) -> Any:
         if name not in self.__dataclass_fields__:
             raise KeyError(name)
         return getattr(self, name)

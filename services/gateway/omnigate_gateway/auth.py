@@ -36,8 +36,10 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from omnigate.errors import LimitExceeded, Unauthenticated
+from omnigate_gateway.metrics import GatewayMetrics
 from omnigate_gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -129,12 +131,13 @@ def parse_keys(text: str, source: str = "api keys file") -> tuple[dict[bytes, Ap
                 problems.append(f"{where} ({name}): the same secret as {keys[digest].name!r}")
                 continue
             names.add(name)
+            burst, concurrency = overrides.get("burst"), overrides.get("concurrency")
             keys[digest] = ApiKey(
                 name,
                 digest,
                 requests_per_s=overrides.get("rps"),
-                burst=overrides.get("burst"),
-                max_concurrent=overrides.get("concurrency"),
+                burst=int(burst) if burst is not None else None,  # parsed with int() above
+                max_concurrent=int(concurrency) if concurrency is not None else None,
             )
     return keys, problems
 
@@ -218,12 +221,24 @@ class TokenBucket:
         return (1.0 - self.tokens) / self.rate
 
 
+class Caller(Protocol):
+    """What the authenticator reads of a call (``core.Call``): the credential it presented and its front
+    door ("grpc" or "http", which words the refusal)."""
+
+    api_key: str | None
+    protocol: str
+
+
 class Authenticator:
     """Checks API keys (when a keys file is configured) and holds per-key rate and concurrency limits."""
 
     def __init__(
-        self, settings: GatewaySettings, metrics=None, *, clock: Callable[[], float] = time.monotonic
-    ):
+        self,
+        settings: GatewaySettings,
+        metrics: GatewayMetrics | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._settings = settings
         self._metrics = metrics
         self._clock = clock
@@ -244,7 +259,7 @@ class Authenticator:
         if self._metrics is not None:
             self._metrics.rejected.labels(reason).inc()
 
-    def _key(self, call) -> ApiKey | None:
+    def _key(self, call: Caller) -> ApiKey | None:
         if self._store is None:
             return None
         with self._lock:
@@ -262,13 +277,13 @@ class Authenticator:
             raise Unauthenticated(BAD_KEY_MESSAGE)
         return key
 
-    def authenticate(self, call) -> str | None:
+    def authenticate(self, call: Caller) -> str | None:
         """The principal (key name) of the call; raises Unauthenticated when its credential is refused."""
         key = self._key(call)
         return key.name if key is not None else None
 
     @contextlib.asynccontextmanager
-    async def admit(self, call) -> AsyncIterator[str | None]:
+    async def admit(self, call: Caller) -> AsyncIterator[str | None]:
         """Authenticates the call, applies its key's rate limit and holds one of its concurrency slots."""
         key = self._key(call)
         if key is None:

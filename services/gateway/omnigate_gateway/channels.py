@@ -12,6 +12,8 @@ whenever one of those files does: whoever holds channels compares it from time t
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 from omnigate import tls
@@ -34,7 +36,7 @@ def credentials_version(settings: GatewaySettings) -> tls.FileVersion:
 
 def worker_channel(target: str, settings: GatewaySettings) -> grpc.aio.Channel:
     """Opens a channel to one worker (TLS when configured; raises TlsConfigError for unusable files)."""
-    options = [
+    options: list[tuple[str, Any]] = [
         # Requests go out as a spec and 1 MiB media chunks. The spec carries the request's text, which the
         # public port accepted up to max_message_bytes: the channel must carry as much, so that a long prompt
         # reaches the worker's prompt-budget check instead of failing here ("Sent message larger than max").

@@ -177,7 +177,7 @@ def worker_stream(request: GenerationRequest, chunk_bytes: int) -> Iterator[wk.G
 
     def add(data: np.ndarray) -> int:
         media_id = len(blobs)
-        blobs.append((media_id, memoryview(np.ascontiguousarray(data)).cast("B")))
+        blobs.append((media_id, np.ascontiguousarray(data).data.cast("B")))
         return media_id
 
     def audio_ref(audio: Audio) -> wk.AudioRef:
@@ -191,6 +191,7 @@ def worker_stream(request: GenerationRequest, chunk_bytes: int) -> Iterator[wk.G
             if part.type is Modality.TEXT:
                 parts.append(wk.ContentPart(text=part.text or ""))
             elif part.type is Modality.IMAGE:
+                assert part.image is not None, "an IMAGE part carries its image"
                 pixels = part.image.pixels
                 parts.append(
                     wk.ContentPart(
@@ -198,9 +199,11 @@ def worker_stream(request: GenerationRequest, chunk_bytes: int) -> Iterator[wk.G
                     )
                 )
             elif part.type is Modality.AUDIO:
+                assert part.audio is not None, "an AUDIO part carries its audio"
                 parts.append(wk.ContentPart(audio=audio_ref(part.audio)))
             elif part.type is Modality.VIDEO:
                 v = part.video
+                assert v is not None, "a VIDEO part carries its video"
                 ref = wk.VideoRef(
                     media_id=add(v.frames),
                     num_frames=v.frames.shape[0],

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -159,15 +159,19 @@ class GatewayCore:
             finally:
                 if stream_span is not None:
                     stream_span.end()
-                mode = convert.PUBLIC_MODES.get(getattr(request, "generation_mode", None))
-                mode = mode.value if mode is not None else "unknown"
+                public_mode = (
+                    convert.PUBLIC_MODES.get(request.generation_mode)
+                    if isinstance(request, gateway_pb2.GenerateRequest)
+                    else None
+                )
+                mode = public_mode.value if public_mode is not None else "unknown"
                 _log_access(call, code, mode, time.monotonic() - started, output_tokens, reason)
                 span.set_attribute("omnigate.mode", mode)
                 tracing.end_span(span, code)
 
     async def _generate(
         self, request: gateway_pb2.GenerateRequest | Undecodable, call: Call
-    ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+    ) -> AsyncGenerator[gateway_pb2.GenerateResponse, None]:
         started = time.monotonic()
         mode = "unknown"
         code = grpc.StatusCode.OK

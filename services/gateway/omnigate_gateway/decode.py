@@ -354,7 +354,7 @@ def _decode_audio_stream(
 ) -> tuple[np.ndarray, int]:
     """Decodes the first audio stream to mono float32 at its own rate."""
     stream = container.streams.audio[0]
-    stream.thread_type = "AUTO"
+    stream.codec_context.thread_type = "AUTO"
     duration = _container_duration(container, stream)
     if duration is not None:
         _check_audio_duration(duration, max_duration_s, what)
@@ -450,7 +450,7 @@ def decode_image(
     PILImage.init()  # registers every plugin once; ``formats=`` then limits which ones may open the bytes
     with _library_errors(what):
         try:
-            image = PILImage.open(io.BytesIO(data), formats=_PIL_FORMATS)
+            image: PILImage.Image = PILImage.open(io.BytesIO(data), formats=_PIL_FORMATS)
         except PILImage.DecompressionBombError as e:  # Pillow's own, higher, limit tripped first
             declared = re.search(r"\((\d+) pixels\)", str(e))
             size = f"{declared.group(1)} pixels" if declared else "too many pixels"
@@ -604,12 +604,13 @@ def _sample_frames(
 
     packets = _demux_video(container, stream, limits, stop)
     times = [_seconds(p.pts, p.time_base) for p in packets]
-    timed = bool(packets) and all(t is not None for t in times)
+    known = [t for t in times if t is not None]
+    timed = bool(packets) and len(known) == len(times)  # every packet has a time
     start = _seconds(stream.start_time, stream.time_base)
     if start is None:
-        start = min((t for t in times if t is not None), default=0.0)
+        start = min(known, default=0.0)
     if timed:
-        span = max(times) - start + frame_step  # every time is set when ``timed``
+        span = max(known) - start + frame_step
         _check_video_duration(span, limits)  # the header may understate the length, or not give it
         if duration is None:
             duration = span
@@ -619,7 +620,7 @@ def _sample_frames(
     out_size = _fit(width, height, fit_pixels, limits) if width and height else None
     if planned is not None and out_size is not None:
         _check_decoded_bytes(planned * out_size[0] * out_size[1] * 3, "the sampled video frames", limits)
-    relative = [t - start for t in times] if timed else []
+    relative = [t - start for t in known] if timed else []
     plan = _plan_decoding(packets, relative, sampled_fps, planned) if timed else None
 
     def finish(frames: np.ndarray, timestamps: list[float]) -> Video:
@@ -699,7 +700,7 @@ def _sample_frames(
             i = plan.jumps[i]
         if fed % 16 == 0:
             stop.check()
-        if skip_unneeded:
+        if skip_unneeded and plan is not None:  # skip_unneeded implies a plan
             codec.skip_frame = "DEFAULT" if i in plan.sampled else "NONREF"
         for frame in codec.decode(packets[i]):
             take(frame)
@@ -740,7 +741,7 @@ class _FrameStack:
         self._count += 1
 
     def array(self) -> np.ndarray:
-        if self._buffer is None:
+        if self._buffer is None or self._capacity is None:  # the buffer exists only with a capacity
             return np.stack(self._list)
         if self._count * 2 < self._capacity:  # far fewer than planned: do not keep the unused space
             return self._buffer[: self._count].copy()

@@ -53,7 +53,7 @@ from grpc_health.v1 import health_pb2
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
 
 from omnigate import tls, tracing
 from omnigate.errors import InternalError, OmnigateError, quote
@@ -547,7 +547,7 @@ class _GuardedH11Protocol(H11Protocol):
     def handle_events(self) -> None:
         super().handle_events()
         declared = getattr(getattr(self.conn, "_reader", None), "_bytes_in_chunk", 0)
-        cycle = self.cycle
+        cycle: RequestResponseCycle | None = self.cycle  # typed as set, it is None between requests
         if (
             isinstance(declared, int)
             and declared > self.max_body_bytes
@@ -574,12 +574,12 @@ class _GuardedH11Protocol(H11Protocol):
     def _refuse(self, status: int, body: dict) -> None:
         """Answers ``status`` with ``body``, logs the access line, and closes the connection."""
         started = time.monotonic()
-        cycle = self.cycle if self.cycle is not None and not self.cycle.response_complete else None
+        current: RequestResponseCycle | None = self.cycle  # typed as set, it is None between requests
+        cycle = current if current is not None and not current.response_complete else None
         scope = cycle.scope if cycle is not None else None
         state = scope.setdefault("state", {}) if scope is not None else {}
-        sent_id = next(
-            (v.decode("latin-1") for k, v in (scope or {}).get("headers", ()) if k == b"x-request-id"), None
-        )
+        headers = scope.get("headers", ()) if scope is not None else ()
+        sent_id = next((v.decode("latin-1") for k, v in headers if k == b"x-request-id"), None)
         request_id = state.get("request_id") or request_id_from(sent_id)
         state.update(request_id=request_id, logged=True)  # RequestIdMiddleware: same id, no second line
         payload = json.dumps(body).encode()

@@ -19,6 +19,9 @@ import hashlib
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
+
+from opentelemetry.trace import Span
 
 from omnigate import tracing
 from omnigate.conversation import ContentPart, Modality, ModelInfo
@@ -247,6 +250,7 @@ class MediaIngestor:
         if deadline is not None and deadline < stop_at:
             stop_at, limit = deadline, "the request's deadline"
         stop = StopSignal(stop_at, what=f"decoding the {modality.value}", limit=limit)
+        fn: Callable[[], Decoded]
         if modality is Modality.IMAGE:
             fn = functools.partial(decode.decode_image, data, self._limits, fit_pixels=options[0], stop=stop)
         elif modality is Modality.AUDIO:
@@ -267,7 +271,7 @@ class MediaIngestor:
             started = time.monotonic()
             with _span("gateway.decode", modality) as span:
                 span.set_attribute("omnigate.media.bytes", len(data))
-                decoded = await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+                decoded: Decoded = await asyncio.get_running_loop().run_in_executor(self._executor, fn)
             self._metrics.media_decode_latency.labels(modality.value).observe(time.monotonic() - started)
             return decoded
         except BaseException:
@@ -275,7 +279,7 @@ class MediaIngestor:
             raise
 
 
-def _span(name: str, modality: Modality, source: str | None = None):
+def _span(name: str, modality: Modality, source: str | None = None) -> AbstractContextManager[Span]:
     """A span for one media item's fetch or decode, a child of the request's (current) span."""
     attributes = {"omnigate.modality": modality.value}
     if source is not None:

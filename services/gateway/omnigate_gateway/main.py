@@ -72,7 +72,9 @@ def listeners(settings: GatewaySettings) -> list[Listener]:
     ]
 
 
-async def watch_workers(workers: WorkerPool, health_servicer, ready_message: str = "") -> None:
+async def watch_workers(
+    workers: WorkerPool, health_servicer: health.aio.HealthServicer, ready_message: str = ""
+) -> None:
     """Keeps the gateway's health in step with its workers: SERVING while at least one worker is ready.
     The first time it can serve, it logs ``ready_message`` (the line a user waits for)."""
     announced = False

@@ -64,7 +64,7 @@ import math
 import struct
 import wave
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, overload
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -748,7 +748,7 @@ def _message(i: int, m: ChatMessage) -> gw.Message:
     return gw.Message(role=role, content=content)
 
 
-def _part(part, param: str) -> gw.ContentPart:
+def _part(part: ContentPart, param: str) -> gw.ContentPart:
     if isinstance(part, TextPart):
         return gw.ContentPart(text=part.text)
     if isinstance(part, ImagePart):
@@ -795,6 +795,12 @@ def decode_base64(data: str, param: str) -> bytes:
     return decoded
 
 
+@overload
+def _integer(name: str, value: int, low: int, high: int, allowed: str | None = None) -> int: ...
+@overload
+def _integer(name: str, value: None, low: int, high: int, allowed: str | None = None) -> None: ...
+@overload
+def _integer(name: str, value: int | None, low: int, high: int, allowed: str | None = None) -> int | None: ...
 def _integer(name: str, value: int | None, low: int, high: int, allowed: str | None = None) -> int | None:
     """``value`` when it is within [low, high]; else a 400 naming the parameter and the range."""
     if value is None or low <= value <= high:
@@ -1204,8 +1210,8 @@ def image_result(
         return image.data, image.width, image.height
     from PIL import Image
 
-    with Image.open(io.BytesIO(image.data)) as picture:
-        picture = picture.convert("RGB")
+    with Image.open(io.BytesIO(image.data)) as opened:
+        picture = opened.convert("RGB")
         if size is not None and picture.size != size:
             picture = picture.resize(size, Image.Resampling.LANCZOS)
         out = io.BytesIO()

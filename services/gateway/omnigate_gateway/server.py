@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health
@@ -26,7 +27,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self._core = core
 
     @staticmethod
-    def _call(rpc: str, context) -> Call:
+    def _call(rpc: str, context: grpc.aio.ServicerContext[Any, Any]) -> Call:
         metadata = {
             key.lower(): value
             for key, value in (context.invocation_metadata() or ())
@@ -63,7 +64,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 await status.abort(context, exc)
 
 
-async def _send_request_id(context, call: Call) -> None:
+async def _send_request_id(context: grpc.aio.ServicerContext[Any, Any], call: Call) -> None:
     """Returns the request id in the initial metadata, before anything else: errors carry it too."""
     await context.send_initial_metadata(((tracing.REQUEST_ID_METADATA, call.request_id),))
 

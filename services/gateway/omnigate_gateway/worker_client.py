@@ -34,8 +34,9 @@ import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -52,6 +53,9 @@ if TYPE_CHECKING:
     from omnigate_gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:  # grpc.aio's call classes are generic only in their stubs
+    WorkerCall = grpc.aio.StreamStreamCall[worker_pb2.GenerateRequest, worker_pb2.GenerateResponse]
 
 WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
 STATES = ("ready", "not_ready", "ejected", "draining")
@@ -147,7 +151,7 @@ def parse_worker_target(value: str) -> list[TargetEntry]:
 async def resolve_with_loop(host: str, port: int) -> list[str]:
     """Every address ``host`` resolves to (A and AAAA records), in the resolver's order, no duplicates."""
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return list(dict.fromkeys(info[4][0] for info in infos))
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
 # ---- one worker ---------------------------------------------------------------------------------------
@@ -198,7 +202,8 @@ class WorkerClient:
         """
         read_info = False
         try:
-            reply = await self.health.Check(
+            # types-grpcio-health-checking declares HealthStub without its methods
+            reply = await self.health.Check(  # type: ignore[attr-defined]
                 health_pb2.HealthCheckRequest(service=WORKER_SERVICE), timeout=timeout_s
             )
             if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -324,7 +329,7 @@ class WorkerPool:
             w for w in self._workers.values() if not w.removed and w.state(self._model_id, now) == "ready"
         ]
 
-    def pick(self, exclude: set[str] = frozenset()) -> WorkerClient | None:
+    def pick(self, exclude: AbstractSet[str] = frozenset()) -> WorkerClient | None:
         """The ready worker with the fewest outstanding calls (random among equals), or None."""
         candidates = [w for w in self._ready() if w.target not in exclude]
         if not candidates:
@@ -474,26 +479,30 @@ class WorkerPool:
         Workers serving another model get no requests, and say so in the log. When the last worker of the
         pool's model goes (a rollout to a new model), the pool follows the remaining ones.
         """
-        serving = [w for w in self._workers.values() if not w.removed and w.serving and w.info is not None]
-        counts = Counter(w.info.model_id for w in serving)
+        serving = [
+            (w, w.info.model_id)
+            for w in self._workers.values()
+            if not w.removed and w.serving and w.info is not None
+        ]
+        counts = Counter(model_id for _, model_id in serving)
         if counts:
             best, n = counts.most_common(1)[0]
             if self._model_id is None or counts[self._model_id] < n:
                 if self._model_id is not None:
                     log.warning("most workers now serve %s (was %s): serving %s", best, self._model_id, best)
                 self._model_id = best
-                for other in serving:
-                    if other.info.model_id != best:
-                        self._log_mismatch(other)
+                for other, model_id in serving:
+                    if model_id != best:
+                        self._log_mismatch(other, model_id)
                 return
         if fresh and worker.serving and worker.info is not None and worker.info.model_id != self._model_id:
-            self._log_mismatch(worker)
+            self._log_mismatch(worker, worker.info.model_id)
 
-    def _log_mismatch(self, worker: WorkerClient) -> None:
+    def _log_mismatch(self, worker: WorkerClient, model_id: str) -> None:
         log.error(
             "worker %s serves %s but the other workers serve %s: no requests go to it",
             worker.target,
-            worker.info.model_id,
+            model_id,
             self._model_id,
         )
 
@@ -528,7 +537,7 @@ class PoolCall:
         self._retries = 0
         self._started = False  # an event went to the caller: no retry from now on
         self._worker: WorkerClient | None = None
-        self._call = None
+        self._call: WorkerCall | None = None
         self.target = pool.target
 
     def __aiter__(self) -> PoolCall:
@@ -536,10 +545,9 @@ class PoolCall:
 
     async def __anext__(self) -> worker_pb2.GenerateResponse:
         while True:
-            if self._call is None:
-                self._attempt()
+            call = self._call if self._call is not None else self._attempt()
             try:
-                event = await self._call.read()
+                event = await call.read()
             except grpc.RpcError as exc:
                 # A connection lost under the call is the worker going away: book it as UNAVAILABLE.
                 code = grpc.StatusCode.UNAVAILABLE if status.is_connection_lost(exc) else exc.code()
@@ -551,7 +559,7 @@ class PoolCall:
                 self._end(grpc.StatusCode.OK)
                 raise StopAsyncIteration
             self._started = True
-            return event
+            return cast(worker_pb2.GenerateResponse, event)  # read() gives a message or EOF, ruled out above
 
     def cancel(self) -> None:
         """Stops the current attempt (no-op when it has ended)."""
@@ -559,7 +567,8 @@ class PoolCall:
             self._call.cancel()
             self._end(None)
 
-    def _attempt(self) -> None:
+    def _attempt(self) -> WorkerCall:
+        """Starts the call on the least busy worker not tried yet; returns it (it is also ``self._call``)."""
         worker = self._pool.pick(self._tried)
         if worker is None:
             raise Unavailable(self._pool._no_worker_message())
@@ -574,6 +583,7 @@ class PoolCall:
         self._worker = worker
         stream = convert.worker_stream(self._request, self._pool._settings.worker_chunk_bytes)
         self._call = worker.stub.Generate(stream, timeout=timeout, metadata=self._metadata)
+        return self._call
 
     def _end(self, code: grpc.StatusCode | None, fault: bool = False) -> None:
         if self._worker is not None:

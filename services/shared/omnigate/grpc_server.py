@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -27,10 +29,10 @@ class Undecodable:
         )
 
 
-def _deserializer(message_class):
+def _deserializer(message_class: type[Message]) -> Callable[[bytes], Message | Undecodable]:
     type_name = message_class.DESCRIPTOR.full_name
 
-    def deserialize(data: bytes):
+    def deserialize(data: bytes) -> Message | Undecodable:
         try:
             return message_class.FromString(data)
         except (DecodeError, UnicodeDecodeError, ValueError) as exc:
@@ -39,7 +41,7 @@ def _deserializer(message_class):
     return deserialize
 
 
-def add_service(server: grpc.aio.Server, servicer, service: ServiceDescriptor) -> None:
+def add_service(server: grpc.aio.Server, servicer: object, service: ServiceDescriptor) -> None:
     """Registers ``servicer``'s methods for ``service`` as the generated ``add_*Servicer_to_server`` does,
     with deserializers that turn an unparsable request message into ``Undecodable`` (see there)."""
     handlers = {}

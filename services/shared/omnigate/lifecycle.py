@@ -13,9 +13,9 @@ import os
 import socket
 import threading
 import wsgiref.simple_server
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, CliSettingsSource
@@ -24,10 +24,15 @@ from pythonjsonlogger.json import JsonFormatter
 from omnigate import tracing
 from omnigate.tracing import LogContextFilter
 
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
 LOG_FORMATS = ("json", "text")
 
 
-def configure_logging(level: str, log_format: str = "text", service: str = "", stream=None) -> None:
+def configure_logging(
+    level: str, log_format: str = "text", service: str = "", stream: TextIO | None = None
+) -> None:
     """Root logging to stderr (or ``stream``): one JSON object per line, or plain text.
 
     JSON fields: time (UTC, ISO 8601), level, logger, message, service, then request_id, trace_id and
@@ -37,7 +42,7 @@ def configure_logging(level: str, log_format: str = "text", service: str = "", s
     logging.basicConfig(level=level.upper(), handlers=[log_handler(log_format, service, stream)], force=True)
 
 
-def log_handler(log_format: str, service: str = "", stream=None) -> logging.Handler:
+def log_handler(log_format: str, service: str = "", stream: TextIO | None = None) -> logging.Handler:
     """The handler ``configure_logging`` installs (``log_format`` 'json' or 'text')."""
     if log_format not in LOG_FORMATS:
         raise ValueError(f"log format {log_format!r} is not one of {', '.join(LOG_FORMATS)}")
@@ -67,7 +72,9 @@ class _JsonFormatter(JsonFormatter):
 
     FIRST = ("level", "logger", "message", "service", "request_id", "trace_id", "span_id")
 
-    def add_fields(self, log_data, record, message_dict) -> None:
+    def add_fields(
+        self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]
+    ) -> None:
         fields: dict = {}
         super().add_fields(fields, record, message_dict)
         log_data["time"] = datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
@@ -90,7 +97,7 @@ def write_ports_file(path: str, grpc_port: int, metrics_port: int | None, **othe
     os.replace(tmp, path)
 
 
-def start_metrics_server(host: str, port: int, registry) -> int | None:
+def start_metrics_server(host: str, port: int, registry: CollectorRegistry) -> int | None:
     """Serves ``registry`` on http://host:port/metrics (port 0 = OS-chosen, -1 = off); returns the port.
 
     prometheus_client's own WSGI app and server classes, as its ``start_http_server`` uses them, with one
@@ -105,8 +112,12 @@ def start_metrics_server(host: str, port: int, registry) -> int | None:
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
     server_class = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
-    server = wsgiref.simple_server.make_server(
-        address[0], port, _metrics_app(make_wsgi_app(registry)), server_class, handler_class=_QuietHandler
+    server: ThreadingWSGIServer = wsgiref.simple_server.make_server(
+        str(address[0]),
+        port,
+        _metrics_app(make_wsgi_app(registry)),
+        server_class,
+        handler_class=_QuietHandler,
     )
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     logging.getLogger(__name__).info("metrics on http://%s:%d/metrics", host, server.server_port)
@@ -144,11 +155,11 @@ def _metrics_app(app):
 class _QuietHandler(wsgiref.simple_server.WSGIRequestHandler):
     """Logs no line per scrape (as prometheus_client's own handler)."""
 
-    def log_message(self, format, *args) -> None:  # noqa: A002 - the base class's signature
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's signature
         pass
 
 
-def run_service(service: str, settings, serve: Callable[[Any], Awaitable[None]]) -> None:
+def run_service(service: str, settings: Any, serve: Callable[[Any], Coroutine[Any, Any, None]]) -> None:
     """Runs ``serve(settings)`` with the service's logging and tracing set up; the spans still batched are
     exported on the way out, however it ends. A port that is taken ends the process with one error line
     naming the port and its setting (exit status 1), not a traceback."""
@@ -185,7 +196,7 @@ def settings_from_command_line(
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
-    source = CliSettingsSource(
+    source: CliSettingsSource[SettingsT] = CliSettingsSource(
         settings_cls,
         root_parser=parser,
         cli_parse_args=True if args is None else args,

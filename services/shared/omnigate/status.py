@@ -14,9 +14,11 @@
 from __future__ import annotations
 
 import logging
+from typing import cast
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -76,7 +78,9 @@ def to_status(exc: BaseException) -> grpc.Status:
 
 def retry_after_s(error: grpc.RpcError) -> float | None:
     """The RetryInfo delay carried by a failed call's status, if any."""
-    status = rpc_status.from_call(error) if hasattr(error, "trailing_metadata") else None
+    # from_call reads only trailing_metadata(), which sync calls and aio errors both have (an AioRpcError is
+    # no grpc.Call, whose type the stubs ask for).
+    status = rpc_status.from_call(cast(grpc.Call, error)) if hasattr(error, "trailing_metadata") else None
     if status is None:
         return None
     for detail in status.details:
@@ -94,7 +98,7 @@ async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     await context.abort_with_status(to_status(exc))
 
 
-def _pack(message) -> any_pb2.Any:
+def _pack(message: Message) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)
     return packed

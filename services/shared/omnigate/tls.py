@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def files_version(paths: Sequence[str | None]) -> FileVersion:
     ``os.stat`` follows symlinks, so a Kubernetes Secret volume update (a new ``..data`` directory swapped
     in) shows up as a new inode.
     """
-    out = []
+    out: list[tuple[int, int, int, int] | None] = []
     for path in paths:
         if path is None:
             out.append(None)
@@ -106,7 +107,7 @@ def load_ca(ca_file: str) -> bytes:
     return data
 
 
-def _public_bytes(public_key) -> bytes:
+def _public_bytes(public_key: PublicKeyTypes) -> bytes:
     return public_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -146,7 +147,11 @@ class ReloadingServerCertificates:
 
     def credentials(self) -> grpc.ServerCredentials:
         return grpc.dynamic_ssl_server_credentials(
-            self._initial, self._fetch, require_client_authentication=self.client_ca_file is not None
+            self._initial,
+            # grpc documents that the fetcher returns None to keep the current configuration; types-grpcio
+            # types it as always returning one.
+            self._fetch,  # type: ignore[arg-type]
+            require_client_authentication=self.client_ca_file is not None,
         )
 
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:

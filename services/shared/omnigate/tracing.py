@@ -210,7 +210,7 @@ def activate(
             _detach(otel_token)
 
 
-def _detach(token) -> None:
+def _detach(token: contextvars.Token[otel_context.Context]) -> None:
     """``opentelemetry.context.detach``, quiet when the token belongs to another context (its runtime
     context is contextvars-based: a token there is a ``contextvars.Token``)."""
     var = getattr(token, "var", None)

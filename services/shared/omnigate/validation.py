@@ -157,7 +157,7 @@ def check_request(
     request.params = checked_params(request.params, max_new_tokens_limit)
 
 
-def _check_int(name: str, value: int, low: int, high: int) -> None:
+def _check_int(name: str, value: object, low: int, high: int) -> None:
     if not (isinstance(value, int) and low <= value <= high):
         raise InvalidInput(f"{name} is {_number(value)}; it must be an integer between {low} and {high}")
 

@@ -144,6 +144,16 @@ def test_speech_streams_before_the_waveform_is_done(engine):
     assert [events[i].sequence for i in chunks] == list(range(len(chunks)))
 
 
+def test_auto_device_is_the_cpu_when_no_accelerator_is_present():
+    """A CUDA build of torch names CUDA as its accelerator on a machine without a GPU (as on CI); auto must
+    then be the CPU, and the accelerator where one is present."""
+    import torch
+
+    present = torch.accelerator.is_available()
+    expected = torch.accelerator.current_accelerator().type if present else "cpu"
+    assert loading.resolve_device("auto").type == expected
+
+
 @pytest.mark.parametrize(
     ("accelerator", "device", "dtype"),
     [
@@ -162,6 +172,7 @@ def test_auto_device_follows_the_machines_accelerator(monkeypatch, accelerator, 
         return torch.device(accelerator) if accelerator else None
 
     monkeypatch.setattr(loading, "get_current_accelerator", fake_accelerator)
+    monkeypatch.setattr(loading, "accelerator_available", lambda: accelerator is not None)
     resolved = loading.resolve_device("auto")
     assert resolved == torch.device(device)
     assert loading.resolve_dtype("auto", resolved) == getattr(torch, dtype)

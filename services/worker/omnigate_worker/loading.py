@@ -68,13 +68,19 @@ def resolve_device(name: str) -> torch.device:
     NPU, ...: ``get_current_accelerator``, torch's accelerator API, the device the transformers guide's
     ``infer_device`` gives; transformers 5.23 has no top-level ``infer_device``), else the CPU."""
     if name == "auto":
-        accelerator = get_current_accelerator()
+        # torch names the accelerator it was built for even where none is present (a CUDA wheel on a
+        # CPU-only machine): only one that is available counts.
+        accelerator = get_current_accelerator() if accelerator_available() else None
         if accelerator is None or accelerator.type == "cpu":
             return torch.device("cpu")
         if accelerator.index is None and accelerator.type != "mps":
             return torch.device(accelerator.type, 0)
         return accelerator
     return torch.device(name)
+
+
+def accelerator_available() -> bool:
+    return torch.accelerator.is_available()
 
 
 # Half precision where the device computes it natively; MPS takes float16 (bfloat16 needs recent macOS).

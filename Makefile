@@ -6,6 +6,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMPS := .stamps
 MODELS_DIR ?= models
+# tools fetched by make (helm, kubectl, CRD models, buf, AIPerf's venv; gitignored)
+TOOLS_DIR ?= .tools
 PROTOS := $(shell find protos -name '*.proto')
 GEN_STAMP := services/shared/omnigate/gateway/v1/gateway_pb2.py
 
@@ -112,8 +114,8 @@ serve-demo-media: demo-media
 
 # ---- Tests and benchmarks -----------------------------------------------------------------------------------
 
-## run all tests, image builds included (installs the system packages they need first: see system-tools)
-test: system-tools install protos models chart-tools
+## make lint, then all tests, image builds included (installs the system packages they need first: see system-tools)
+test: system-tools install protos models chart-tools lint
 	$(PY) -m pytest -q -rs
 
 ## engine benchmark: bench/results/engine.{json,md,png}
@@ -157,10 +159,46 @@ SOAK_KILL_EVERY ?= 60
 soak: install protos models
 	$(PY) bench/soak.py --seconds $(SOAK_SECONDS) --kill-every $(SOAK_KILL_EVERY)
 
-## ruff check and format check over services/ and tests/
-lint: install protos
+# ---- Lint: ruff, mypy, and buf guarding the protocol ----------------------------------------------------------
+# buf from npm (@bufbuild/buf ships the static binary), pinned; installed into .tools/ by `make buf-tools`.
+BUF_VERSION := 1.75.0
+BUF_DIR := $(TOOLS_DIR)/buf-$(BUF_VERSION)
+BUF := $(BUF_DIR)/node_modules/.bin/buf
+# The protos of the last release: `buf breaking` fails on any change that would break a client or a peer
+# built against them, on the wire or in JSON (protos/buf.yaml: WIRE_JSON), e.g. an old gateway talking to
+# a new worker during a rolling upgrade. There is no release tag yet, so the baseline is the protos of the
+# last main that CI landed (57aebc3). At a release, `make protos-release` copies protos/ into it: commit that.
+PROTOS_RELEASED := protos-released
+
+.PHONY: buf-tools protos-release _buf-tools
+
+## ruff check and format, mypy (shared, gateway, client), buf lint, and buf breaking against protos-released/
+lint: install protos buf-tools
 	$(PY) -m ruff check services tests
 	$(PY) -m ruff format --check services tests
+	$(PY) -m mypy
+	$(BUF) lint protos
+	$(BUF) breaking protos --against $(PROTOS_RELEASED)
+
+## buf (npm @bufbuild/buf, pinned) into .tools/, for make lint; quick when up to date
+buf-tools:
+	$(call locked,_buf-tools)
+
+_buf-tools: $(BUF)
+
+# npm comes from the system packages (.ci/system-tools installs them as root, else says how).
+$(BUF):
+	@command -v npm >/dev/null && command -v node >/dev/null || .ci/system-tools
+	rm -rf $(BUF_DIR) && mkdir -p $(BUF_DIR)
+	echo '{"name": "omnigate-buf", "private": true}' > $(BUF_DIR)/package.json
+	cd $(BUF_DIR) && npm install --no-audit --no-fund --silent --save-exact @bufbuild/buf@$(BUF_VERSION)
+	$(BUF) --version
+
+## at a release: make protos/ the baseline that buf breaking checks against (copies it into protos-released/)
+protos-release:
+	rm -rf $(PROTOS_RELEASED)/omnigate
+	cp -r protos/omnigate $(PROTOS_RELEASED)/omnigate
+	@echo "protos-released/ now holds protos/ as of $$(git rev-parse --short HEAD); commit it with the release"
 
 ## ruff format, then ruff check --fix
 format: install
@@ -172,7 +210,6 @@ clean:
 	rm -rf $(STAMPS) services/shared/omnigate/gateway services/shared/omnigate/worker .pytest_cache
 
 # ---- Kubernetes: chart checks and container images (README, "Deploying on Kubernetes") ---------------------
-TOOLS_DIR ?= .tools
 IMAGE_REGISTRY ?= ghcr.io/omnigate
 IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 # Extra build arguments, e.g. IMAGE_BUILD_ARGS='--pull=never --build-arg BASE_IMAGE=localhost/base:bookworm'

@@ -3,39 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
 
 import grpc
 from grpc_health.v1 import health
 
-from omnigate import status, tls, tracing, validation
-from omnigate.conversation import AudioChunk, ImageOutput, Summary, TextDelta
-from omnigate.errors import DeadlineExceeded, InvalidInput, LimitExceeded, Unavailable
+from omnigate import status, tls, validation
+from omnigate.errors import Unavailable
 from omnigate.grpc_server import add_service, finish_server
 from omnigate.worker.v1 import worker_pb2, worker_pb2_grpc
 from omnigate_worker import convert
 from omnigate_worker.engine import Engine
-from omnigate_worker.metrics import Playback, WorkerMetrics
+from omnigate_worker.metrics import WorkerMetrics
+from omnigate_worker.observation import GenerateObservation
 from omnigate_worker.scheduler import Scheduler
 from omnigate_worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("omnigate_worker.access")
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
-
-# (where Generate failed, the error) -> the rejected counter's reason. Prompts over the token limit and
-# out-of-memory failures are counted by the scheduler, which tells them apart.
-REJECTIONS = {
-    ("not_ready", Unavailable): "not_ready",
-    ("request", InvalidInput): "invalid_argument",
-    ("request", LimitExceeded): "too_long",
-    ("queue", LimitExceeded): "queue_full",
-    ("queue", Unavailable): "draining",
-    ("job", InvalidInput): "invalid_argument",
-}
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
@@ -67,123 +53,41 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         )
 
     async def Generate(self, request_iterator, context):  # noqa: N802 - gRPC method name
-        started = time.monotonic()
-        mode = "unknown"
-        code = grpc.StatusCode.OK
+        observed = GenerateObservation(self._metrics, context)  # metrics, spans, access line
         job = None
-        first_output = None
-        first_token = False
-        stage = "not_ready"  # how far the request got (for the rejected counter)
-        self._metrics.in_flight.inc()
-        # The request's span continues the gateway's trace (W3C traceparent in the metadata); it and the
-        # request id stay current for this RPC's task, and the job carries them to the engine's threads.
-        invocation_metadata = tuple(context.invocation_metadata() or ())
-        request_id = tracing.sane_request_id(dict(invocation_metadata).get(tracing.REQUEST_ID_METADATA))
-        tracer = tracing.tracer(tracing.WORKER)
-        span = tracer.start_span(
-            "worker.generate", context=tracing.extract(invocation_metadata), kind=tracing.SpanKind.SERVER
-        )
-        scope = contextlib.ExitStack()
-        scope.enter_context(tracing.activate(span, request_id=request_id))
-        summary = stream_span = None
-        playback = Playback()
         try:
             engine, scheduler = self._ready()
-            stage = "queue"
+            observed.stage = "queue"
             scheduler.check_accepting()  # a draining worker refuses before reading the request's media
-            stage = "request"
-            with tracer.start_as_current_span("worker.receive"):  # the spec and the media chunks
+            observed.stage = "request"
+            with observed.span("worker.receive"):  # the spec and the media chunks
                 request = await convert.read_request(
                     request_iterator, self._settings.max_request_media_bytes, self._limits
                 )
-            if request_id is None and tracing.sane_request_id(request.request_id):
-                request_id = request.request_id
-                scope.enter_context(tracing.activate(request_id=request_id))
-            mode = request.mode.value
+            observed.request(request)
             self._check_limits(request)
             engine.validate(request)
-            stage = "queue"
+            observed.stage = "queue"
             job = scheduler.submit(request, context.time_remaining())
-            stage = "job"
+            observed.stage = "job"
             async for event in job.events():
-                if first_output is None and isinstance(event, TextDelta | AudioChunk | ImageOutput):
-                    first_output = time.monotonic()
-                    self._metrics.time_to_first_output.labels(mode).observe(first_output - started)
-                    stream_span = tracer.start_span("worker.stream")  # first output to the end
-                if isinstance(event, AudioChunk) and event.sample_rate > 0:
-                    if playback.first_at is None:
-                        self._metrics.time_to_first_audio.observe(time.monotonic() - started)
-                    playback.chunk(len(event.samples) / event.sample_rate)
-                if not first_token and isinstance(event, TextDelta):
-                    first_token = True
-                    self._metrics.time_to_first_token.labels(mode).observe(time.monotonic() - started)
-                if isinstance(event, Summary):
-                    summary = event
-                    event.timings.queue_s = (job.started_at or job.enqueued_at) - job.enqueued_at
-                    self._metrics.generated_tokens.inc(event.output_tokens)
-                    self._metrics.prompt_tokens.inc(event.prompt_tokens)
-                    if event.audio_seconds > 0:
-                        self._metrics.audio_generated.inc(event.audio_seconds)
-                        self._metrics.audio_underrun.observe(playback.underrun_s)
-                        self._metrics.speech_real_time_factor.observe(
-                            event.timings.generate_s / event.audio_seconds
-                        )
+                observed.event(event, job)
                 yield convert.event_to_proto(event)
         except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: cancelled while at a yield
-            remaining = context.time_remaining()
-            expired = remaining is not None and remaining <= 0.1  # the caller's timer runs a little ahead
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
-            self._metrics.cancelled.labels("deadline" if expired else "client").inc()
+            observed.cancelled(context)
             raise
         except Exception as exc:  # noqa: BLE001 - mapped to a status in one place
-            code = status.to_status(exc).code
-            if isinstance(exc, DeadlineExceeded):
-                self._metrics.cancelled.labels("deadline").inc()
-            elif (reason := REJECTIONS.get((stage, type(exc)))) is not None:
-                self._metrics.rejected.labels(reason).inc()
+            observed.failed(exc)
             await status.abort(context, exc)
         finally:
             if job is not None:
                 job.cancel()  # no-op when finished; frees the engine when the client went away
-            self._metrics.in_flight.dec()
-            self._metrics.requests.labels(code.name, mode).inc()
-            self._metrics.request_latency.labels(mode).observe(time.monotonic() - started)
-            if stream_span is not None:
-                stream_span.end()
-            _log_access(code.name, mode, time.monotonic() - started, summary)
-            span.set_attribute("omnigate.mode", mode)
-            tracing.end_span(span, code.name)
-            scope.close()
+            observed.finish()
 
     def _check_limits(self, request) -> None:
         """The parameter domains both doors apply (``omnigate.validation``); the gateway checked them too,
         but a client may call the worker directly."""
         validation.check_request(request, self._limits, self._settings.max_new_tokens_limit)
-
-
-def _log_access(code: str, mode: str, duration_s: float, summary: Summary | None) -> None:
-    """One line per finished request (the request id comes from the context)."""
-    prompt_tokens = summary.prompt_tokens if summary is not None else 0
-    output_tokens = summary.output_tokens if summary is not None else 0
-    queue_s = summary.timings.queue_s if summary is not None else 0.0
-    access_log.info(
-        "Generate %s mode=%s duration_s=%.3f queue_s=%.3f prompt_tokens=%d output_tokens=%d",
-        code,
-        mode,
-        duration_s,
-        queue_s,
-        prompt_tokens,
-        output_tokens,
-        extra={
-            "rpc": "Generate",
-            "code": code,
-            "mode": mode,
-            "duration_s": round(duration_s, 6),
-            "queue_s": round(queue_s, 6),
-            "prompt_tokens": prompt_tokens,
-            "output_tokens": output_tokens,
-        },
-    )
 
 
 def build_server(

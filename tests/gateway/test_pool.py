@@ -336,10 +336,13 @@ async def test_the_deadline_applies_to_the_worker_call():
 
 @pytest.mark.parametrize("behaviour", ["connection_lost", "unavailable", "queue_full"])
 async def test_failing_worker_is_ejected_for_a_while(behaviour):
-    """Faults of the worker (gone, refusing work, out of room) count toward ejection."""
+    """Faults of the worker (gone, refusing work, out of room) count toward ejection.
+
+    The ejection lasts 3 s: long enough that the five calls below all fall inside it on a loaded machine
+    (0.5 s did not, about one run in four), short enough to wait for its end."""
     async with (
         fakes("a", "b") as (a, b),
-        running_pool(targets(a, b), ready=2, worker_eject_after_failures=2, worker_ejection_s=0.5) as (
+        running_pool(targets(a, b), ready=2, worker_eject_after_failures=2, worker_ejection_s=3.0) as (
             pool,
             metrics,
         ),

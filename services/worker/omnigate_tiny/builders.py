@@ -869,6 +869,13 @@ def build_gemma3n(out: Path) -> None:
 # --------------------------------------------------------------------------------------------------------
 
 
+def _build_qwen3_omni(out: Path) -> None:
+    """Qwen3-Omni lives in its own module (``qwen3_omni.py``), which imports this module's shared pieces."""
+    from omnigate_tiny.qwen3_omni import build_qwen3_omni
+
+    build_qwen3_omni(out)
+
+
 @dataclass(frozen=True)
 class Family:
     """One checkpoint family: its CLI name, output folder and builder."""
@@ -885,6 +892,7 @@ FAMILIES: dict[str, Family] = {
         Family("janus", "tiny-janus", build_janus),
         Family("qwen2-audio", "tiny-qwen2-audio", build_qwen2_audio),
         Family("gemma3n", "tiny-gemma3n", build_gemma3n),
+        Family("qwen3-omni", "tiny-qwen3-omni", _build_qwen3_omni),
     )
 }
 

@@ -7,6 +7,7 @@ arguments, output modalities and speakers, request checks, input quirks, and spe
 
 - ``generic.py``      any model transformers loads: text out through ``generate``.
 - ``qwen_omni.py``    Qwen2.5-Omni: thinker and talker arguments, speech (``generate`` path and the pipeline).
+- ``qwen3_omni.py``   Qwen3-Omni: MoE thinker and talker arguments, speech through ``generate``.
 - ``janus.py``        Janus-style image output.
 - ``qwen2_audio.py``  Qwen2-Audio: audio in, text out.
 - ``gemma3n.py``      Gemma 3n: image and audio in, text out, one request at a time.
@@ -22,10 +23,17 @@ from omnigate_worker.families.gemma3n import Gemma3nFamily
 from omnigate_worker.families.generic import GenericFamily
 from omnigate_worker.families.janus import JanusFamily
 from omnigate_worker.families.qwen2_audio import Qwen2AudioFamily
+from omnigate_worker.families.qwen3_omni import Qwen3OmniFamily
 from omnigate_worker.families.qwen_omni import QwenOmniFamily
 
 # Checked in order; the generic path serves what none of them claims.
-FAMILIES: tuple[type[ModelFamily], ...] = (QwenOmniFamily, JanusFamily, Qwen2AudioFamily, Gemma3nFamily)
+FAMILIES: tuple[type[ModelFamily], ...] = (
+    Qwen3OmniFamily,
+    QwenOmniFamily,
+    JanusFamily,
+    Qwen2AudioFamily,
+    Gemma3nFamily,
+)
 
 
 def family_for(model, processor, settings) -> ModelFamily:

@@ -84,6 +84,15 @@ MATRIX = {
             frozenset({"text"}),
             False,
         ),
+        Family(
+            "Qwen3-Omni",
+            "tiny-qwen3-omni",
+            "Qwen3OmniMoeForConditionalGeneration",
+            frozenset(INPUTS),
+            frozenset({"text"}),  # speech only with OMNIGATE_WORKER_STREAM_SPEECH=false (README)
+            frozenset({"text"}),
+            True,
+        ),
     )
 }
 

@@ -5,7 +5,7 @@ The worker keeps the real loading path (``AutoModelForMultimodalLM.from_pretrain
 any download: real architectures and real prompt formats, random weights, a byte-level BPE tokenizer
 trained on a fixed in-code corpus.
 
-    python -m omnigate_tiny --out models [--family omni|janus|qwen2-audio|gemma3n|all] [--force]
+    python -m omnigate_tiny --out models [--family omni|janus|qwen2-audio|gemma3n|qwen3-omni|all] [--force]
 
 Each family lands in its own folder under ``--out``:
 
@@ -15,6 +15,10 @@ Each family lands in its own folder under ``--out``:
 - ``tiny-qwen2-audio``   Qwen2AudioForConditionalGeneration; audio and text in, text out.
 - ``tiny-gemma3n``       Gemma3nForConditionalGeneration (MobileNetV5 vision encoder from timm, conformer audio
   encoder, AltUp/LAuReL text model with KV sharing); image, audio and text in, text out.
+- ``tiny-qwen3-omni``    Qwen3OmniMoeForConditionalGeneration (MoE thinker with deepstack vision, MoE talker
+  + code predictor + code2wav; built by ``qwen3_omni.py``); image, video, audio and text in, text and
+  24 kHz speech out. Drive it as Qwen2.5-Omni below, but pass ``thinker_eos_token_id`` (``generate``
+  defaults to the real vocabulary's 151645) and a lower-case speaker (``chelsie``, ``ethan``).
 
 Voxtral is not built. ``VoxtralProcessor`` has no tokenizer of the ``tokenizers`` library: it needs
 mistral-common's ``MistralCommonBackend`` (the ``mistral-common`` package, not a dependency here, and a

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from transformers import LogitsProcessorList
@@ -33,11 +34,28 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from omnigate.conversation import GenerationRequest, Summary, Timings
 from omnigate.errors import DeadlineExceeded
 from omnigate_worker.engine import Batch, EventSink
-from omnigate_worker.streaming import TextOutput, TokenStreamer
+from omnigate_worker.streaming import TextOutput
+
+if TYPE_CHECKING:
+    from omnigate_worker.speech import TalkerFeed, ThinkerTap
 
 log = logging.getLogger(__name__)
 
 Done = Callable[[BaseException | None], None]
+
+
+class Cancelled(Protocol):
+    """Whether a row's request is cancelled: a threading.Event, or a talker row's speech._Either."""
+
+    def is_set(self) -> bool: ...
+
+
+class TokenSink(Protocol):
+    """Where a row's chosen tokens go: its text streamer (streaming.TokenStreamer), or a talker row's codes."""
+
+    def put(self, value: torch.Tensor) -> None: ...
+
+    def end(self) -> None: ...
 
 
 @dataclass
@@ -47,7 +65,7 @@ class Row:
     request: GenerationRequest
     emit: EventSink
     done: Done
-    cancelled: threading.Event
+    cancelled: Cancelled
     deadline: float | None
     tokens: list[int]  # prompt (unpadded) then generated ids
     prompt_len: int
@@ -56,13 +74,15 @@ class Row:
     processors: LogitsProcessorList
     do_sample: bool
     generator: torch.Generator | None
-    text: TextOutput
-    streamer: TokenStreamer
+    text: TextOutput | None  # None for a talker row (codes, no text; it ends in TalkerBatch)
+    streamer: TokenSink
     started: float
     stop_flag: threading.Event = field(default_factory=threading.Event)
     finished_reason: str | None = None
     cache_len: int = 0  # tokens in the row's KV cache (slot runner)
-    speech: object | None = None  # a speech request's thinker tap (speech.ThinkerTap; slot runner only)
+    # A speech request's thinker row: its speech.ThinkerTap; its talker row: its speech.TalkerFeed (slot runner
+    # only).
+    speech: ThinkerTap | TalkerFeed | None = None
 
     @property
     def generated(self) -> int:
@@ -72,14 +92,16 @@ class Row:
 class DecodeBatch(Batch):
     """The rows decoding together, with their batched cache and generate-style model kwargs."""
 
-    def __init__(self, gen_model, pad_token_id: int, max_rows: int = 32, max_tokens: int = 131072) -> None:
+    def __init__(
+        self, gen_model: Any, pad_token_id: int, max_rows: int = 32, max_tokens: int = 131072
+    ) -> None:
         self._gen = gen_model  # the module whose generate() produces the text (Qwen-Omni: the thinker)
         self._pad = pad_token_id
         self._max_rows = max_rows
         self._max_tokens = max_tokens
         self.rows: list[Row] = []
         self._input_ids: torch.Tensor | None = None  # (B, L) left-padded history
-        self._kwargs: dict = {}  # past_key_values, attention_mask, position_ids, use_cache
+        self._kwargs: dict[str, Any] = {}  # past_key_values, attention_mask, position_ids, use_cache
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -97,7 +119,9 @@ class DecodeBatch(Batch):
 
     # -- joining -----------------------------------------------------------------------------------
 
-    def add(self, row: Row, input_ids: torch.Tensor, kwargs: dict, first_logits: torch.Tensor) -> None:
+    def add(
+        self, row: Row, input_ids: torch.Tensor, kwargs: dict[str, Any], first_logits: torch.Tensor
+    ) -> None:
         """Adds a prefilled row and picks its first token from ``first_logits``.
 
         ``kwargs`` are the row's model kwargs after ``_update_model_kwargs_for_generation`` on its prefill
@@ -109,6 +133,7 @@ class DecodeBatch(Batch):
         if not self.rows:
             self._input_ids, self._kwargs = input_ids, kwargs
         else:
+            assert self._input_ids is not None  # the batch has rows
             target = max(self.length, int(input_ids.shape[1]))
             if target > self.length:
                 self._input_ids, self._kwargs = _left_pad(self._input_ids, self._kwargs, target, self._pad)
@@ -130,6 +155,7 @@ class DecodeBatch(Batch):
         if not self.rows:
             return
         gen = self._gen
+        assert self._input_ids is not None  # the batch has rows
         model_inputs = gen.prepare_inputs_for_generation(
             self._input_ids, next_sequence_length=1, **self._kwargs
         )
@@ -153,6 +179,7 @@ class DecodeBatch(Batch):
         if not self.rows:
             self._input_ids, self._kwargs = None, {}
             return
+        assert self._input_ids is not None  # rows remain
         index = torch.tensor(keep, dtype=torch.long, device=self._input_ids.device)
         self._input_ids = self._input_ids.index_select(0, index)
         self._kwargs = _select_kwargs(self._kwargs, index)
@@ -164,6 +191,7 @@ class DecodeBatch(Batch):
         used = mask.any(dim=0).nonzero()
         start = int(used[0, 0]) if len(used) else 0
         if start > 0:
+            assert self._input_ids is not None  # rows remain
             self._input_ids = self._input_ids[:, start:]
             self._kwargs = _slice_kwargs(self._kwargs, start)
 
@@ -236,10 +264,12 @@ def end_if_finished(row: Row) -> bool:
 
 
 def _finish(row: Row) -> None:
+    assert row.text is not None  # a talker row (no text) ends in TalkerBatch._drop_finished
     row.streamer.end()
     row.text.flush()
     finished = time.monotonic()
     reason = "stop_sequence" if row.text.stopped_by_string else row.finished_reason
+    assert reason is not None  # end_if_finished ends a row here only once it has its reason
     row.emit(
         Summary(
             finish_reason=reason,
@@ -314,26 +344,36 @@ def _slice_kwargs(kwargs: dict, start: int) -> dict:
     return out
 
 
-def _map_cache(cache: DynamicCache, fn) -> DynamicCache:
+def _map_cache(cache: DynamicCache, fn: Callable[[torch.Tensor], torch.Tensor]) -> DynamicCache:
     out = copy.copy(cache)
     out.layers = []
     for layer in cache.layers:
+        layer, keys, values = _filled(layer)
         new = copy.copy(layer)
-        new.keys, new.values = fn(layer.keys), fn(layer.values)
+        new.keys, new.values = fn(keys), fn(values)
         out.layers.append(new)
     return out
 
 
-def _zip_cache(a: DynamicCache, b: DynamicCache, fn) -> DynamicCache:
+def _zip_cache(
+    a: DynamicCache, b: DynamicCache, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+) -> DynamicCache:
     out = copy.copy(a)
     out.layers = []
     for la, lb in zip(a.layers, b.layers, strict=True):
+        (la, keys_a, values_a), (_, keys_b, values_b) = _filled(la), _filled(lb)
         new = copy.copy(la)
-        new.keys, new.values = fn(la.keys, lb.keys), fn(la.values, lb.values)
+        new.keys, new.values = fn(keys_a, keys_b), fn(values_a, values_b)
         out.layers.append(new)
     return out
 
 
-def cache_is_batchable(cache) -> bool:
+def _filled(layer: object) -> tuple[DynamicLayer, torch.Tensor, torch.Tensor]:
+    """A prefilled DynamicLayer, its keys and its values (the batch carries caches ``cache_is_batchable``)."""
+    assert isinstance(layer, DynamicLayer) and layer.keys is not None and layer.values is not None
+    return layer, layer.keys, layer.values
+
+
+def cache_is_batchable(cache: object) -> bool:
     """Only plain dynamic caches (every layer a full-length DynamicLayer) can be padded and merged."""
     return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)

@@ -19,8 +19,12 @@ scale applied outside the head) say why, and the engine falls back to the dynami
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from omnigate_worker.slots import SlotPool
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,9 @@ class DecoderFamily:
 
     extra_width: int | None = None  # a per-slot input vector added to the step's embeddings (talker)
 
-    def __init__(self, gen_model) -> None:
+    # ``gen_model`` is a transformers model (Any: what the runner reads of it is family-specific). Its
+    # decoder, head and config are None only where ``unsupported`` says why; the runner never sees those.
+    def __init__(self, gen_model: Any) -> None:
         self.gen = gen_model
         self.decoder = gen_model.get_decoder() if hasattr(gen_model, "get_decoder") else None
         self.head = gen_model.get_output_embeddings() if hasattr(gen_model, "get_output_embeddings") else None
@@ -71,6 +77,7 @@ class DecoderFamily:
 
     def geometry(self, dtype: torch.dtype) -> CacheGeometry:
         config = self.config
+        assert config is not None, self.unsupported()
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -88,7 +95,7 @@ class DecoderFamily:
             return torch.tensor(cache_len)
         return carried[..., 0, -1]
 
-    def step_inputs(self, pool, width: int) -> dict:
+    def step_inputs(self, pool: SlotPool, width: int) -> dict[str, Any]:
         """The decode step's input for slots [0, width) (graph-capturable: reads the pool's buffers)."""
         return {"input_ids": pool.ids[:width]}
 
@@ -98,11 +105,12 @@ class DecoderFamily:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of the last position of each row, in float32."""
+        assert self.head is not None, self.unsupported()
         return self.head(hidden[:, -1]).float()
 
 
 FAMILIES: dict[str, type[DecoderFamily]] = {}
 
 
-def decoder_for(gen_model) -> DecoderFamily:
+def decoder_for(gen_model: Any) -> DecoderFamily:
     return FAMILIES.get(type(gen_model).__name__, DecoderFamily)(gen_model)

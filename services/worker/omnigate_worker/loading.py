@@ -11,6 +11,7 @@ import importlib.util
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import AutoModelForMultimodalLM, AutoProcessor
@@ -56,8 +57,8 @@ def silence_known_load_warnings() -> None:
 
 @dataclass
 class LoadedModel:
-    model: object
-    processor: object
+    model: Any  # a transformers model: what the engine reads of it is family-specific
+    processor: Any  # its processor (tokenizer, feature extractors), likewise
     device: torch.device
     dtype: torch.dtype
     attn_implementation: str

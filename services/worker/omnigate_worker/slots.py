@@ -31,7 +31,9 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -41,6 +43,10 @@ from omnigate.errors import DeadlineExceeded, LimitExceeded
 from omnigate_worker.batching import Row, end_if_finished, pick_tokens
 from omnigate_worker.decoders import CacheGeometry, DecoderFamily
 from omnigate_worker.engine import Batch
+from omnigate_worker.settings import WorkerSettings
+
+if TYPE_CHECKING:
+    from omnigate_worker.speech import ThinkerTap
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +92,7 @@ class SlotPlan:
         return f"{self.slots} KV slots x {self.slot_tokens} tokens ({self.bytes / 2**30:.2f} GiB)"
 
 
-def kv_budget_bytes(settings, device: torch.device) -> int:
+def kv_budget_bytes(settings: WorkerSettings, device: torch.device) -> int:
     """Bytes the slots may take: the setting, else what the memory fraction leaves after the weights and
     the activation reserve (CUDA), else a quarter of the machine's memory (CPU)."""
     if settings.kv_cache_bytes:
@@ -99,7 +105,7 @@ def kv_budget_bytes(settings, device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
 
 
-def plan(settings, geometry: CacheGeometry, device: torch.device) -> SlotPlan:
+def plan(settings: WorkerSettings, geometry: CacheGeometry, device: torch.device) -> SlotPlan:
     """Slots and slot length from the budget. Raises ValueError when not even one slot fits."""
     budget_tokens = kv_budget_bytes(settings, device) // geometry.bytes_per_token
     need = settings.max_prompt_tokens + settings.max_new_tokens_limit
@@ -126,6 +132,8 @@ class SlotLayer(CacheLayerMixin):
     the first ``rows`` slots cut at the current length bucket (views: nothing is copied)."""
 
     is_compileable = True
+    keys: torch.Tensor  # preallocated: never None, unlike the base's lazily created tensors
+    values: torch.Tensor
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, view: _StepView) -> None:
         super().__init__()
@@ -133,10 +141,14 @@ class SlotLayer(CacheLayerMixin):
         self.is_initialized = True
         self._view = view
 
-    def lazy_initialization(self, key_states, value_states) -> None:  # pragma: no cover - preallocated
+    def lazy_initialization(
+        self, key_states: torch.Tensor, value_states: torch.Tensor
+    ) -> None:  # pragma: no cover - preallocated
         pass
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         view = self._view
         rows, length, first = key_states.shape[0], view.length, view.first
         index = view.write_index(key_states)
@@ -174,13 +186,15 @@ class _StepView:
 
 class SlotCache(Cache):
     def __init__(self, layers: list[SlotLayer]) -> None:
-        super().__init__(layers=layers)
+        super().__init__(layers=list(layers))
 
 
 class SlotPool:
     """The preallocated slots and the static per-slot buffers the step reads (ids, positions, lengths)."""
 
-    def __init__(self, plan_: SlotPlan, family: DecoderFamily, device: torch.device, position_shape) -> None:
+    def __init__(
+        self, plan_: SlotPlan, family: DecoderFamily, device: torch.device, position_shape: tuple[int, ...]
+    ) -> None:
         g = plan_.geometry
         self.plan = plan_
         self.device = device
@@ -203,7 +217,7 @@ class SlotPool:
         )
         self.arange = torch.arange(plan_.slot_tokens, device=device)
         self.view = _StepView(self.lengths)
-        self.cache = SlotCache(
+        self.cache: SlotCache | None = SlotCache(
             [SlotLayer(k, v, self.view) for k, v in zip(self.keys, self.values, strict=True)]
         )
         self.owner: object | None = None
@@ -259,7 +273,9 @@ class SlotPool:
 class SlotBatch(Batch):
     """Rows decoding together over the pool's slots (slot i = row i)."""
 
-    def __init__(self, family: DecoderFamily, pool: SlotPool, settings, eager_attention: bool) -> None:
+    def __init__(
+        self, family: DecoderFamily, pool: SlotPool, settings: WorkerSettings, eager_attention: bool
+    ) -> None:
         self._family = family
         self._pool = pool
         self._backends = sdpa_backends(settings.sdpa_backends, pool.device)
@@ -285,7 +301,9 @@ class SlotBatch(Batch):
 
     # -- joining -----------------------------------------------------------------------------------
 
-    def add(self, row: Row, input_ids: torch.Tensor, kwargs: dict, first_logits: torch.Tensor) -> None:
+    def add(
+        self, row: Row, input_ids: torch.Tensor, kwargs: dict[str, Any], first_logits: torch.Tensor
+    ) -> None:
         """Copies a prefilled row's cache into the next free slot and picks its first token."""
         pool = self._pool
         if pool.owner not in (None, self):
@@ -312,7 +330,9 @@ class SlotBatch(Batch):
         pool.owner = self
         self.rows.append(row)
 
-    def add_chunked(self, row: Row, input_ids: torch.Tensor, inputs: dict, chunk: int) -> None:
+    def add_chunked(
+        self, row: Row, input_ids: torch.Tensor, inputs: dict[str, torch.Tensor], chunk: int
+    ) -> None:
         """Takes a long prompt's decoder inputs (``decoder_inputs``); its decoder runs ``chunk`` tokens after
         each decode step in the top free slot, and the row joins the decoding rows when its prompt is in."""
         pool = self._pool
@@ -368,7 +388,7 @@ class SlotBatch(Batch):
         vectors = hidden.index_select(0, index) + self._family.embed(self._pool.ids[index, 0])
         for n, i in enumerate(tapped):
             row = self.rows[i]
-            row.speech.fed(vectors[n], row.tokens[-1])
+            cast("ThinkerTap", row.speech).fed(vectors[n], row.tokens[-1])  # a text row's speech: its tap
 
     def _forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         pool = self._pool
@@ -389,6 +409,7 @@ class SlotBatch(Batch):
 
     def _prefill_chunk(self) -> None:
         job = self._prefilling
+        assert job is not None  # step() runs this only while a prompt is being prefilled
         row, pool = job.row, self._pool
         if row.cancelled.is_set() or (row.deadline is not None and time.monotonic() > row.deadline):
             self._end_prefill()
@@ -413,9 +434,11 @@ class SlotBatch(Batch):
             else {"input_ids": inputs["ids"][:, start:end]}
         )
         pool.view.first, pool.view.length = job.slot, length
+        decoder = self._family.decoder
+        assert decoder is not None  # the runner serves only families it supports (DecoderFamily.unsupported)
         try:
             with self._kernels():
-                out = self._family.decoder(
+                out = decoder(
                     **feed,
                     position_ids=inputs["positions"][..., start:end],
                     attention_mask=mask,
@@ -436,7 +459,7 @@ class SlotBatch(Batch):
         pool.lengths[job.slot] = end
         job.done = end
         if row.speech is not None:
-            row.speech.add_prompt_hidden(out.last_hidden_state)
+            cast("ThinkerTap", row.speech).add_prompt_hidden(out.last_hidden_state)  # a text row's: its tap
         if end < job.total:
             return
         logits = self._family.logits(out.last_hidden_state)
@@ -456,6 +479,7 @@ class SlotBatch(Batch):
 
     def _end_prefill(self) -> None:
         job, self._prefilling = self._prefilling, None
+        assert job is not None  # called only while a prompt is being prefilled
         self._pool.lengths[job.slot] = 0
         if not self.rows:
             self._pool.owner = None
@@ -471,8 +495,10 @@ class SlotBatch(Batch):
             mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
                 ~mask, torch.finfo(dtype).min
             )
+        decoder = self._family.decoder
+        assert decoder is not None  # the runner serves only families it supports (DecoderFamily.unsupported)
         with self._kernels():
-            out = self._family.decoder(
+            out = decoder(
                 **self._family.step_inputs(pool, width),
                 position_ids=pool.positions[..., :width, :],
                 attention_mask=mask,
@@ -483,8 +509,9 @@ class SlotBatch(Batch):
             return self._family.logits(out.last_hidden_state), hidden
 
     @contextlib.contextmanager
-    def _kernels(self):
+    def _kernels(self) -> Iterator[None]:
         config = self._family.config
+        assert config is not None  # the runner serves only families it supports (DecoderFamily.unsupported)
         implementation = config._attn_implementation
         swap = implementation not in ("sdpa", "eager")
         if swap:  # e.g. flash_attention_2 for the prompt: the slot step's masks are SDPA's
@@ -508,7 +535,9 @@ class SlotBatch(Batch):
         graph.replay()
         return outputs
 
-    def _capture(self, key: tuple[int, int]):
+    def _capture(
+        self, key: tuple[int, int]
+    ) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]] | None:
         pool = self._pool
         width, length = key
         try:
@@ -602,7 +631,7 @@ class _Prefill:
 
     row: Row
     input_ids: torch.Tensor
-    inputs: dict  # embeds (1, L, hidden) or ids (1, L); positions (..., 1, L)
+    inputs: dict[str, torch.Tensor]  # embeds (1, L, hidden) or ids (1, L); positions (..., 1, L)
     slot: int
     chunk: int
     done: int = 0
@@ -616,16 +645,17 @@ class _DecoderInputs(Exception):
     """Raised by the hook in ``decoder_inputs`` once it has what the text decoder was given."""
 
 
-def decoder_inputs(family: DecoderFamily, prefill) -> dict:
+def decoder_inputs(family: DecoderFamily, prefill: Callable[[], object]) -> dict[str, torch.Tensor]:
     """Runs ``prefill`` (the model's own forward over the prompt) up to its text decoder and returns what the
     decoder would have been given: the prompt's embeddings (media features merged in, by the model's own
     code) or its ids, and its positions (Qwen-Omni: the multimodal rope positions; else 0..L-1)."""
-    seen: dict = {}
+    seen: dict[str, Any] = {}
 
-    def hook(module, args, kwargs):
+    def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         seen.update(kwargs)
         raise _DecoderInputs
 
+    assert family.decoder is not None and family.head is not None  # a supported family (unsupported())
     handle = family.decoder.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         prefill()
@@ -636,8 +666,10 @@ def decoder_inputs(family: DecoderFamily, prefill) -> dict:
     if not seen:
         raise RuntimeError("the model's forward did not reach its text decoder")
     embeds, ids = seen.get("inputs_embeds"), seen.get("input_ids")
-    out = {"embeds": embeds} if embeds is not None else {"ids": ids}
-    length = int((embeds if embeds is not None else ids).shape[1])
+    given = embeds if embeds is not None else ids
+    assert given is not None  # a decoder is given its prompt's embeddings or its ids
+    out = {"embeds" if embeds is not None else "ids": given}
+    length = int(given.shape[1])
     positions = seen.get("position_ids")
     if positions is None:
         positions = torch.arange(length, device=family.head.weight.device).view(1, length)

@@ -25,16 +25,21 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
+from opentelemetry.context import Context
 from transformers.generation.streamers import BaseStreamer
 
 from omnigate import tracing
-from omnigate.conversation import AudioChunk, Summary
+from omnigate.conversation import AudioChunk, Event, Summary
 from omnigate.errors import DeadlineExceeded, LimitExceeded
-from omnigate_worker.engine import Batch, EventSink
-from omnigate_worker.talker import TALKER_STOP_CODES
+from omnigate_worker.batching import Done, Row
+from omnigate_worker.engine import Batch, EventSink, Prepared
+from omnigate_worker.settings import WorkerSettings
+from omnigate_worker.talker import TALKER_STOP_CODES, TalkerBatch
 from omnigate_worker.vocoder import NoiseSource, VocodeJob, Vocoder, chunk_plan
 
 log = logging.getLogger(__name__)
@@ -85,14 +90,16 @@ class TalkerFeed:
     Step k (k >= 1, after the prompt) takes reply[k] while the reply lasts, then the text end embedding,
     then the pad embedding for ever; reply[k] exists once the thinker has fed reply token k."""
 
-    def __init__(self, tap: ThinkerTap, end: torch.Tensor, pad: torch.Tensor, on_code) -> None:
+    def __init__(
+        self, tap: ThinkerTap, end: torch.Tensor, pad: torch.Tensor, on_code: Callable[[int], None]
+    ) -> None:
         self._tap = tap
         self._end, self._pad = end, pad
         self.on_code = on_code
         self._step = 1
-        self.row = None
+        self.row: Row | None = None
 
-    def bind(self, row) -> None:
+    def bind(self, row: Row) -> None:
         self.row = row
 
     def next_vector(self) -> torch.Tensor | None:
@@ -108,6 +115,7 @@ class TalkerFeed:
         self._step += 1
 
     def history(self, device: torch.device) -> torch.Tensor:
+        assert self.row is not None  # bound (start_talker) before the row's first step
         return torch.tensor([self.row.tokens], dtype=torch.long, device=device)
 
 
@@ -130,7 +138,7 @@ class SpeechRequest:
         tap: ThinkerTap,
         *,
         emit: EventSink,
-        done,
+        done: Done,
         cancelled: threading.Event,
         deadline: float | None,
         speaker: str,
@@ -158,7 +166,10 @@ class SpeechRequest:
         self._sequence = 0  # chunks submitted
         self._emitted = 0  # chunks emitted
         self._samples = 0
-        self.trace_context = None  # the request's trace (worker.talker and worker.vocode spans go there)
+        self.prepared: Prepared | None = None  # the engine's request (the talker's rope inputs come from it)
+        self.trace_context: Context | None = (
+            None  # the request's trace (worker.talker and worker.vocode spans go there)
+        )
         self._talker_started_at: float | None = None
         self._noise = NoiseSource(pipeline.vocoder.mel_dim, pipeline.vocoder.repeats, pipeline.device, seed)
         conditioning, reference = pipeline.speaker_tensors(speaker)
@@ -166,7 +177,7 @@ class SpeechRequest:
         tap.on_reply = self._on_reply
 
     # -- thinker (engine thread) --
-    def thinker_emit(self, event) -> None:
+    def thinker_emit(self, event: Event) -> None:
         if isinstance(event, Summary):
             self._summary = event  # sent after the last audio chunk, with the audio's length
         else:
@@ -239,7 +250,9 @@ class SpeechRequest:
             self._sequence += 1
             self.pipeline.vocode(self, window_from, window_to, start - window_from, end - window_from)
 
-    def job(self, window_from: int, window_to: int, keep_from: int, keep_to: int, device) -> VocodeJob:
+    def job(
+        self, window_from: int, window_to: int, keep_from: int, keep_to: int, device: torch.device
+    ) -> VocodeJob:
         return VocodeJob(
             codes=torch.tensor([self.codes[window_from:window_to]], dtype=torch.long, device=device),
             noise=self._noise.codes(window_from, window_to),
@@ -322,7 +335,13 @@ class SpeechPipeline:
     """The talker batch, the vocoder and the speech requests between them (one per engine)."""
 
     def __init__(
-        self, model, talker_batch, vocoder: Vocoder, settings, sample_rate: int, start_talker
+        self,
+        model: Any,
+        talker_batch: TalkerBatch,
+        vocoder: Vocoder,
+        settings: WorkerSettings,
+        sample_rate: int,
+        start_talker: Callable[[SpeechRequest], None],
     ) -> None:
         self.model = model
         self.talker = talker_batch
@@ -389,7 +408,9 @@ class SpeechPipeline:
                     )
                 request.fail(exc)
 
-    def vocode(self, request: SpeechRequest, window_from: int, window_to: int, keep_from: int, keep_to: int):
+    def vocode(
+        self, request: SpeechRequest, window_from: int, window_to: int, keep_from: int, keep_to: int
+    ) -> None:
         self.vocoder.submit(request.job(window_from, window_to, keep_from, keep_to, self.device))
 
     def fail_all(self, error: BaseException) -> None:
@@ -438,7 +459,7 @@ class SpeechBatch(Batch):
             self._text_failed = True
             raise failure
 
-    def state_tensors(self) -> list:
+    def state_tensors(self) -> list[torch.Tensor]:
         return [*self.text.state_tensors(), *self.pipeline.talker.state_tensors()]
 
     def fail_all(self, error: BaseException) -> None:
@@ -458,8 +479,8 @@ class SpeechStreamer(BaseStreamer):
 
     def __init__(
         self,
-        token2wav,
-        speaker_params: dict,
+        token2wav: Any,
+        speaker_params: dict[str, torch.Tensor],
         emit: EventSink,
         sample_rate: int,
         chunk_codes: int,
@@ -489,7 +510,7 @@ class SpeechStreamer(BaseStreamer):
     def seconds(self) -> float:
         return self.samples / self._rate
 
-    def put(self, value) -> None:
+    def put(self, value: torch.Tensor) -> None:
         if not self._prompt_seen:  # the talker's prompt comes first
             self._prompt_seen = True
             return

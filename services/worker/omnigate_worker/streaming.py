@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
+import torch
 from transformers import TextStreamer
 
 from omnigate.conversation import TextDelta
@@ -20,13 +23,20 @@ class TokenStreamer(TextStreamer):
     the full decode. Tokenizers that clean up spaces (which can rewrite earlier text) keep the word rule.
     """
 
-    def __init__(self, tokenizer, on_text, on_token, *, skip_prompt: bool = True) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        on_text: Callable[[str], None],
+        on_token: Callable[[int], None],
+        *,
+        skip_prompt: bool = True,
+    ) -> None:
         super().__init__(tokenizer, skip_prompt=skip_prompt, skip_special_tokens=True)
         self._on_text = on_text
         self._on_token = on_token
         self._per_token = not getattr(tokenizer, "clean_up_tokenization_spaces", False)
 
-    def put(self, value):
+    def put(self, value: torch.Tensor) -> None:
         if value.dim() > 1:
             value = value[0]
         if self.skip_prompt and self.next_tokens_are_prompt:
@@ -38,6 +48,7 @@ class TokenStreamer(TextStreamer):
             return
         self.token_cache.extend(value.tolist())
         text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+        assert isinstance(text, str)  # one sequence's ids decode to one string
         stable = len(text.rstrip("\ufffd"))
         if stable > self.print_len:
             self.on_finalized_text(text[self.print_len : stable])

@@ -24,16 +24,21 @@ and starts as soon as the thinker has fed its first reply token:
 from __future__ import annotations
 
 import logging
-import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from transformers import LogitsProcessorList
 from transformers.cache_utils import DynamicCache
 
+from omnigate.conversation import GenerationRequest
 from omnigate.errors import DeadlineExceeded
-from omnigate_worker.batching import Row, pick_tokens
+from omnigate_worker.batching import Cancelled, Done, Row, pick_tokens
 from omnigate_worker.decoders import DecoderFamily
-from omnigate_worker.slots import SlotBatch
+from omnigate_worker.slots import SlotBatch, SlotPool
+
+if TYPE_CHECKING:
+    from omnigate_worker.speech import TalkerFeed, ThinkerTap
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +51,16 @@ class TalkerFamily(DecoderFamily):
     """Qwen2.5-Omni's talker as the slot runner sees it: its decoder, its codec head, and a step input
     that mixes the last code with the thinker's reply vector."""
 
-    def __init__(self, talker) -> None:
+    def __init__(self, talker: Any) -> None:
         self.gen = talker
         self.decoder = talker.model
         self.head = talker.codec_head
         self.config = talker.model.config
         self.extra_width = int(talker.config.embedding_size)
 
-    def step_inputs(self, pool, width: int) -> dict:
+    def step_inputs(self, pool: SlotPool, width: int) -> dict[str, Any]:
         talker = self.gen
+        assert pool.extra is not None  # the pool of a family with extra_width
         embeds = talker.get_input_embeddings()(pool.ids[:width]) + pool.extra[:width]
         return {"inputs_embeds": talker.thinker_to_talker_proj(embeds)}
 
@@ -67,16 +73,17 @@ class TalkerBatch(SlotBatch):
 
     def _decode(self) -> None:
         while self.rows:
-            vectors = [row.speech.next_vector() for row in self.rows]
+            vectors = [_feed(row).next_vector() for row in self.rows]
             ready = [i for i, vector in enumerate(vectors) if vector is not None]
             if not ready:
                 return
-            pool = self._pool
+            extra = self._pool.extra
+            assert extra is not None  # the talker family's pool has its extra buffer
             if len(ready) == len(self.rows):
-                pool.extra[: len(ready), 0].copy_(torch.stack(vectors))
+                extra[: len(ready), 0].copy_(torch.stack(cast("list[torch.Tensor]", vectors)))  # all ready
             else:
                 for i in ready:
-                    pool.extra[i, 0].copy_(vectors[i])
+                    extra[i, 0].copy_(cast(torch.Tensor, vectors[i]))
             try:
                 logits, _ = self._forward()
                 break
@@ -90,7 +97,7 @@ class TalkerBatch(SlotBatch):
         tokens = pick_tokens(rows, logits, lambda n: self._history(ready[n]))
         self._advance_rows(ready, tokens)
         for row in rows:
-            row.speech.consumed()
+            _feed(row).consumed()
         self._drop_finished()
 
     def _advance_rows(self, ready: list[int], tokens: list[int]) -> None:
@@ -120,13 +127,18 @@ class TalkerBatch(SlotBatch):
             row.done(error)
 
     def _history(self, i: int) -> torch.Tensor:
-        return self.rows[i].speech.history(self._pool.device)
+        return _feed(self.rows[i]).history(self._pool.device)
+
+
+def _feed(row: Row) -> TalkerFeed:
+    """A talker row's speech: its TalkerFeed (start_talker sets it before the row joins)."""
+    return cast("TalkerFeed", row.speech)
 
 
 class _CodeSink:
     """The talker row's 'streamer': each chosen code goes to the request's speech stream."""
 
-    def __init__(self, on_code) -> None:
+    def __init__(self, on_code: Callable[[int], None]) -> None:
         self._on_code = on_code
 
     def put(self, value: torch.Tensor) -> None:
@@ -136,13 +148,14 @@ class _CodeSink:
         pass
 
 
-def talker_prompt(model, tap, speaker: str) -> dict:
+def talker_prompt(model: Any, tap: ThinkerTap, speaker: str) -> dict[str, torch.Tensor]:
     """The talker's prompt for a request, as ``generate`` builds it (transformers 5.23), from the thinker's
     prompt, its prompt hidden states and embeddings (``tap``) and its first reply vector."""
     thinker_config = model.config.thinker_config
     talker = model.talker
     input_ids = tap.input_ids  # (1, L)
     device = input_ids.device
+    assert tap.prompt_embeds is not None  # dropped only once this prompt is built
     embeds = tap.prompt_embeds.clone()  # (1, L, H): media positions zeroed, as generate() does
     for present, token in (
         (tap.has_audio, thinker_config.audio_token_index),
@@ -170,7 +183,7 @@ def talker_prompt(model, tap, speaker: str) -> dict:
     return {"inputs_embeds": inputs_embeds, "input_text_ids": text_ids, "input_ids": codec_ids}
 
 
-def talker_generation_config(talker, max_new_tokens: int, do_sample: bool):
+def talker_generation_config(talker: Any, max_new_tokens: int, do_sample: bool) -> Any:
     """The GenerationConfig ``generate`` gives the talker (its talker_* defaults)."""
     kwargs = {
         "max_new_tokens": max_new_tokens,
@@ -190,20 +203,20 @@ def talker_generation_config(talker, max_new_tokens: int, do_sample: bool):
 
 @torch.inference_mode()
 def start_talker(
-    model,
+    model: Any,
     batch: TalkerBatch,
-    tap,
-    feed,
+    tap: ThinkerTap,
+    feed: TalkerFeed,
     *,
     speaker: str,
     max_new_tokens: int,
     do_sample: bool,
     generator: torch.Generator | None,
-    rope_inputs: dict,
-    done,
-    cancelled: threading.Event,
+    rope_inputs: dict[str, Any],
+    done: Done,
+    cancelled: Cancelled,
     deadline: float | None,
-    request,
+    request: GenerationRequest,
 ) -> None:
     """Prefills a request's talker with its own forward and adds the row to ``batch``."""
     talker = model.talker

@@ -14,12 +14,14 @@ import inspect
 import logging
 import threading
 import time
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import jinja2
 import numpy as np
 import torch
 from prometheus_client import CollectorRegistry
-from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.cache_utils import DynamicCache
 
 from omnigate.conversation import (
@@ -37,8 +39,8 @@ from omnigate.conversation import (
 from omnigate.errors import InvalidInput, LimitExceeded, quote
 from omnigate_worker import inputs as model_inputs
 from omnigate_worker import slots
-from omnigate_worker.batching import DecodeBatch, Row, cache_is_batchable
-from omnigate_worker.decoders import decoder_for
+from omnigate_worker.batching import DecodeBatch, Done, Row, cache_is_batchable
+from omnigate_worker.decoders import DecoderFamily, decoder_for
 from omnigate_worker.engine import Batch, Engine, EventSink, Prepared
 from omnigate_worker.families import family_for
 from omnigate_worker.loading import LoadedModel
@@ -72,9 +74,12 @@ class _CancelCriteria(StoppingCriteria):
         self._cancelled = cancelled
         self._stop = stop
 
-    def __call__(self, input_ids, scores, **kwargs):
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.BoolTensor:
         done = self._cancelled.is_set() or self._stop.is_set()
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+        # A bool tensor, which torch's stubs type as a plain Tensor.
+        return torch.full(  # type: ignore[return-value]
+            (input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device
+        )
 
 
 class TransformersEngine(Engine):
@@ -156,6 +161,7 @@ class TransformersEngine(Engine):
         return slots.SlotPool(plan, family, self._device, (3,))
 
     def _speech_pipeline(self, settings: WorkerSettings) -> SpeechPipeline:
+        assert self._talker_pool is not None  # called once the talker's slots exist
         talker = self._model.talker
         family = TalkerFamily(talker)
         batch = TalkerBatch(
@@ -196,7 +202,7 @@ class TransformersEngine(Engine):
         log.info("batched decoding over %s", plan.describe())
         return pool
 
-    def _sample_positions(self):
+    def _sample_positions(self) -> torch.Tensor | None:
         """The positions generate() carries for a one-token prompt (their shape tells 1-D from 3-D rope)."""
         if "position_ids" not in inspect.signature(self._gen_model.forward).parameters:
             return None
@@ -222,6 +228,7 @@ class TransformersEngine(Engine):
             self.info.decode_runner = "dynamic cache" if self._batchable else "one request at a time"
             self.info.attention = f"prompt and decode {self._attn_implementation}"
         if self._speech is not None:
+            assert self._talker_pool is not None  # the pipeline runs over them (both go in _close_speech)
             self.info.decode_runner += (
                 f"; speech: batched talker over {self._talker_pool.plan.describe()}, vocoder thread"
             )
@@ -346,16 +353,16 @@ class TransformersEngine(Engine):
             raise failures[0]
 
     def _warm_batch(self, prepared: Prepared) -> None:
-        failures: list[BaseException] = []
+        failures: list[BaseException | None] = []
         batch = self.open_batch()
         self.start_row(
             batch, prepared, lambda event: None, lambda error: failures.append(error), threading.Event(), None
         )
         while len(batch):
             batch.step()
-        failures = [error for error in failures if error is not None]
-        if failures:
-            raise failures[0]
+        errors = [error for error in failures if error is not None]
+        if errors:
+            raise errors[0]
 
     def generate(self, request: GenerationRequest, emit: EventSink, cancelled: threading.Event) -> None:
         """Prepares and runs one request on its own (the unbatched path)."""
@@ -428,6 +435,7 @@ class TransformersEngine(Engine):
             torch.manual_seed(request.params.seed)
 
         sampling = self._sampling_kwargs(request)
+        first_output_at: float | None
         if request.mode is GenerationMode.IMAGE:
             sequences, image = self._family.generate_image(inputs, request, sampling)
             if cancelled.is_set():
@@ -503,7 +511,7 @@ class TransformersEngine(Engine):
         batch: Batch,
         prepared: Prepared,
         emit: EventSink,
-        done,
+        done: Done,
         cancelled: threading.Event,
         deadline: float | None,
     ) -> None:
@@ -595,16 +603,33 @@ class TransformersEngine(Engine):
             speech=speech.tap if speech is not None else None,
         )
         if chunked:
+            assert isinstance(batch, slots.SlotBatch)  # chunked only there
             batch.add_chunked(row, input_ids, decoder_inputs, self._settings.prefill_tokens_per_step)
         else:
+            assert isinstance(batch, DecodeBatch | slots.SlotBatch)  # what open_batch gives, speech unwrapped
             batch.add(row, input_ids, carried, logits)
         if speech is not None:
+            assert self._speech is not None  # speech rows exist only with the pipeline (_speech_request)
             self._speech.begin(speech)
 
     # -- speech as pipelined stages (speech.py) ----------------------------------------------------
 
-    def _speech_request(self, prepared, emit, done, cancelled, deadline, started, input_ids) -> SpeechRequest:
+    def _speech_request(
+        self,
+        prepared: Prepared,
+        emit: EventSink,
+        done: Done,
+        cancelled: threading.Event,
+        deadline: float | None,
+        started: float,
+        input_ids: torch.Tensor,
+    ) -> SpeechRequest:
         request, inputs = prepared.request, prepared.inputs
+        # Speech requests batch only where the pipeline exists (can_batch), and a speaking family has a
+        # default speaker.
+        assert self._speech is not None
+        speaker = request.speaker or self._family.default_speaker()
+        assert speaker is not None
         tap = ThinkerTap(
             input_ids,
             has_audio=inputs.get("input_features") is not None,
@@ -618,7 +643,7 @@ class TransformersEngine(Engine):
             done=done,
             cancelled=cancelled,
             deadline=deadline,
-            speaker=request.speaker or self._family.default_speaker(),
+            speaker=speaker,
             seed=request.params.seed,
             started=started,
         )
@@ -628,8 +653,9 @@ class TransformersEngine(Engine):
 
     def _start_talker(self, speech: SpeechRequest) -> None:
         """Prefills a speech request's talker (its first reply vector exists) and adds it to the talker batch."""
+        assert speech.prepared is not None  # set by _speech_request
         request, inputs = speech.prepared.request, speech.prepared.inputs
-        rope = {"use_audio_in_video": request.use_audio_in_video}
+        rope: dict[str, Any] = {"use_audio_in_video": request.use_audio_in_video}
         for name in ("image_grid_thw", "video_grid_thw", "video_second_per_grid"):
             if inputs.get(name) is not None:
                 rope[name] = inputs[name]
@@ -644,6 +670,7 @@ class TransformersEngine(Engine):
         if do_sample and request.params.seed is not None:
             generator = torch.Generator(device=self._device).manual_seed(request.params.seed)
         feed = TalkerFeed(speech.tap, end, pad, speech.on_code)
+        assert self._speech is not None  # the pipeline starts this talker
         start_talker(
             self._model,
             self._speech.talker,
@@ -662,7 +689,7 @@ class TransformersEngine(Engine):
         speech.tap.drop_prompt()
         speech.talker_began()
 
-    def _generation_config(self, request: GenerationRequest):
+    def _generation_config(self, request: GenerationRequest) -> GenerationConfig:
         """The GenerationConfig generate() would use for this request (checkpoint defaults + request)."""
         p = request.params
         kwargs: dict = {"max_new_tokens": p.max_new_tokens, "do_sample": p.do_sample}
@@ -696,7 +723,9 @@ class TransformersEngine(Engine):
             kwargs["min_new_tokens"] = p.min_new_tokens
         return kwargs
 
-    def _speech_streamer(self, request: GenerationRequest, emit: EventSink, cancelled) -> SpeechStreamer:
+    def _speech_streamer(
+        self, request: GenerationRequest, emit: EventSink, cancelled: threading.Event
+    ) -> SpeechStreamer:
         """The one-request path's streamer of the talker's codes (``generate``'s ``talker_streamer``)."""
         speaker = request.speaker or self._family.default_speaker()
         settings = self._settings
@@ -711,7 +740,7 @@ class TransformersEngine(Engine):
             cancelled,
         )
 
-    def _emit_audio(self, waveform, emit: EventSink) -> float:
+    def _emit_audio(self, waveform: torch.Tensor, emit: EventSink) -> float:
         samples = waveform.detach().float().reshape(-1).cpu().numpy()
         if not np.all(np.isfinite(samples)):
             raise LimitExceeded("speech synthesis produced invalid samples")  # pragma: no cover
@@ -723,20 +752,21 @@ class TransformersEngine(Engine):
 
 
 @contextlib.contextmanager
-def _prompt_capture(family, tap: ThinkerTap | None):
+def _prompt_capture(family: DecoderFamily, tap: ThinkerTap | None) -> Iterator[None]:
     """While the prompt is prefilled, keeps what the text decoder is given (the prompt's embeddings) and
     its last hidden states for a speech request's talker."""
     if tap is None:
         yield
         return
 
-    def before(module, args, kwargs):
+    def before(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         embeds = kwargs.get("inputs_embeds")
         tap.prompt_embeds = embeds if embeds is not None else family.embed(kwargs["input_ids"])
 
-    def after(module, args, kwargs, output):
+    def after(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         tap.add_prompt_hidden(output.last_hidden_state)
 
+    assert family.decoder is not None  # a speech request's thinker runs on the slot runner
     handles = [
         family.decoder.register_forward_pre_hook(before, with_kwargs=True),
         family.decoder.register_forward_hook(after, with_kwargs=True),
@@ -748,5 +778,5 @@ def _prompt_capture(family, tap: ThinkerTap | None):
             handle.remove()
 
 
-def _as_tuple(value) -> tuple:
+def _as_tuple(value: str | Iterable[str]) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from omnigate.conversation import GenerationMode, GenerationRequest, ImageOutput, Modality
 from omnigate.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from omnigate_worker.settings import WorkerSettings
 
 
 class ModelFamily:
@@ -14,19 +19,20 @@ class ModelFamily:
 
     architectures: tuple[str, ...] = ()  # model class names this family serves
 
-    def __init__(self, model, processor, settings) -> None:
+    # ``model`` and ``processor`` are transformers objects (Any: what a family reads of them is its own).
+    def __init__(self, model: Any, processor: Any, settings: WorkerSettings) -> None:
         self.model = model
         self.processor = processor
         self.settings = settings
 
     @classmethod
-    def matches(cls, model) -> bool:
+    def matches(cls, model: Any) -> bool:
         return type(model).__name__ in cls.architectures
 
     # -- what the model is ---------------------------------------------------------------------------
 
     @property
-    def text_model(self):
+    def text_model(self) -> Any:
         return self.model
 
     def output_modalities(self, declared: list[Modality]) -> list[Modality]:
@@ -53,13 +59,15 @@ class ModelFamily:
     def validate(self, request: GenerationRequest) -> None:
         """Family-specific refusals (InvalidInput), after the engine's generic checks."""
 
-    def prefill_kwargs(self, request: GenerationRequest) -> dict:
+    def prefill_kwargs(self, request: GenerationRequest) -> dict[str, Any]:
         """Model kwargs the text model's prefill takes beside the processor's outputs."""
         return {}
 
     # -- generation ----------------------------------------------------------------------------------
 
-    def generate_text(self, inputs, request: GenerationRequest, sampling: dict, streamer, criteria):
+    def generate_text(
+        self, inputs: Any, request: GenerationRequest, sampling: dict[str, Any], streamer: Any, criteria: Any
+    ) -> Any:
         """Sequences (prompt included) from ``generate`` for a text answer."""
         return self.model.generate(
             **inputs,
@@ -70,13 +78,20 @@ class ModelFamily:
         )
 
     def generate_speech(
-        self, inputs, request, sampling, streamer, criteria, talker_streamer, talker_criteria
-    ):
+        self,
+        inputs: Any,
+        request: GenerationRequest,
+        sampling: dict[str, Any],
+        streamer: Any,
+        criteria: Any,
+        talker_streamer: Any,
+        talker_criteria: Any,
+    ) -> tuple[Any, Any]:
         """(sequences, waveform or None) from ``generate`` for a spoken answer."""
         raise InvalidInput(f"{type(self.model).__name__} cannot generate speech")
 
     def generate_image(
-        self, inputs, request: GenerationRequest, sampling: dict
+        self, inputs: Any, request: GenerationRequest, sampling: dict[str, Any]
     ) -> tuple[object, ImageOutput]:
         """(tokens, the PNG) for an image answer."""
         raise InvalidInput(f"{type(self.model).__name__} cannot generate an image")
@@ -84,6 +99,10 @@ class ModelFamily:
     def wants_speech_pipeline(self) -> bool:
         """Whether speech runs as pipelined stages (thinker row, batched talker, vocoder thread)."""
         return False
+
+    def talker_tokens(self, request: GenerationRequest) -> int:
+        """Codec codes a spoken answer may take (the families whose talker the engine runs say)."""
+        raise NotImplementedError(f"{type(self.model).__name__} has no talker")
 
 
 def is_speech(request: GenerationRequest) -> bool:

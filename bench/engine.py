@@ -68,7 +68,7 @@ def run_baseline(media: dict[str, bytes], requests: int, output_tokens: int) -> 
     import PIL.Image
     from transformers import pipeline
 
-    from omnigate_gateway import decode
+    from omnigate_gateway.media import decode
 
     pipe = pipeline("any-to-any", model=str(MODEL))
     limits = DecodeLimits()

@@ -156,7 +156,7 @@ def _loader(case: str, loader: str):
     path = str(CORPUS / file)
     if loader == "omnigate":
         from omnigate.media import DecodeLimits
-        from omnigate_gateway import decode
+        from omnigate_gateway.media import decode
 
         limits = DecodeLimits()
 

@@ -13,7 +13,7 @@ import os
 
 from omnigate.lifecycle import configure_logging
 from omnigate_gateway.main import serve
-from omnigate_gateway.resolver import StaticResolver
+from omnigate_gateway.media.resolver import StaticResolver
 from omnigate_gateway.settings import GatewaySettings
 
 

@@ -247,7 +247,7 @@ class FakeServicerContext:
 
 
 def test_grpc_front_door_takes_the_key_out_of_the_call_metadata():
-    from omnigate_gateway.server import GatewayServicer
+    from omnigate_gateway.grpc_api.server import GatewayServicer
 
     built = GatewayServicer._call("Generate", FakeServicerContext())
     assert built.api_key == "key-one"

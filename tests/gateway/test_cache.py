@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from omnigate.media import Audio, Image, Video
-from omnigate_gateway.cache import DecodeKey, MediaCache, UrlRecord, decoded_size
-from omnigate_gateway.fetch import Validators
+from omnigate_gateway.media.cache import DecodeKey, MediaCache, UrlRecord, decoded_size
+from omnigate_gateway.media.fetch import Validators
 
 
 def image(side: int) -> Image:

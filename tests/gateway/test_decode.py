@@ -36,7 +36,6 @@ from media_factory import (
 from PIL import Image as PILImage
 
 from omnigate.media import DecodeLimits
-from omnigate_gateway.decode import decode_audio, decode_image, decode_video, sniff
 from omnigate_gateway.errors import (
     ErrorCode,
     InvalidInput,
@@ -44,6 +43,7 @@ from omnigate_gateway.errors import (
     MediaDecodeError,
     OmnigateError,
 )
+from omnigate_gateway.media.decode import decode_audio, decode_image, decode_video, sniff
 
 LIMITS = DecodeLimits()
 
@@ -582,7 +582,7 @@ def test_sampling_equals_decoding_everything(codec, gop, fps):
 def test_sparse_sampling_jumps_over_whole_groups_of_pictures():
     import av
 
-    from omnigate_gateway.decode import _plan_decoding
+    from omnigate_gateway.media.decode import _plan_decoding
 
     data = make_video("mp4", "h264", seconds=8.0, fps=10, gop=10, with_audio=False)
     with av.open(io.BytesIO(data)) as container:
@@ -599,8 +599,8 @@ def test_sparse_sampling_jumps_over_whole_groups_of_pictures():
 
 @pytest.mark.parametrize("kind", ["audio", "image", "video"])
 def test_a_cancelled_stop_signal_stops_every_decoder(kind):
-    from omnigate_gateway.cancellation import StopSignal
     from omnigate_gateway.errors import DecodeCancelled
+    from omnigate_gateway.media.cancellation import StopSignal
 
     stop = StopSignal()
     stop.cancel()
@@ -616,8 +616,8 @@ def test_a_cancelled_stop_signal_stops_every_decoder(kind):
 def test_a_passed_deadline_stops_decoding():
     import time
 
-    from omnigate_gateway.cancellation import StopSignal
     from omnigate_gateway.errors import MediaDecodeTimeout
+    from omnigate_gateway.media.cancellation import StopSignal
 
     stop = StopSignal(time.monotonic() - 1, what="decoding the video", limit="the decode time limit of 1 s")
     with pytest.raises(MediaDecodeTimeout, match="decoding the video ran past the decode time limit of 1 s"):
@@ -639,7 +639,7 @@ class FakeRangesThatLoseAFrame:
 def test_sequential_fallback_when_a_range_misses_a_frame(monkeypatch):
     """If parallel decoding of the ranges loses a sampled frame (a damaged stream), decoding is redone in
     order, with the same result."""
-    from omnigate_gateway import decode
+    from omnigate_gateway.media import decode
 
     def fake_four_cores() -> int:
         """A fake of ``decode._parallel_decoders``: four range decoders, whatever this machine's cores."""
@@ -661,7 +661,7 @@ def test_sequential_fallback_when_a_range_misses_a_frame(monkeypatch):
 
 
 def test_video_ranges_start_only_where_later_frames_can_be_reached():
-    from omnigate_gateway.decode import _DecodePlan, _segments
+    from omnigate_gateway.media.decode import _DecodePlan, _segments
 
     # Sampled packets 5, 25, 45 reach back to keyframes 0, 20, 40; packet 42 is a leading picture that
     # needs keyframe 20 (shown before keyframe 40), so no range may start at 40.

@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from PIL import Image as PILImage
 
 from omnigate.media import DecodeLimits
-from omnigate_gateway.decode import decode_audio, decode_image, decode_video
 from omnigate_gateway.errors import OmnigateError
-from omnigate_gateway.resize import fit_size
+from omnigate_gateway.media.decode import decode_audio, decode_image, decode_video
+from omnigate_gateway.media.resize import fit_size
 
 LIMITS = DecodeLimits(max_audio_duration_s=60, max_video_duration_s=60, max_image_pixels=4_000_000)
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -19,8 +19,8 @@ from omnigate_gateway.errors import (
     MediaFetchError,
     MediaFetchTimeout,
 )
-from omnigate_gateway.fetch import FetchLimits, MediaFetcher, RequestBudget, Validators
-from omnigate_gateway.resolver import StaticResolver
+from omnigate_gateway.media.fetch import FetchLimits, MediaFetcher, RequestBudget, Validators
+from omnigate_gateway.media.resolver import StaticResolver
 
 LOCAL = FetchLimits(allow_private_networks=True, max_bytes=1_000_000, max_redirects=3)
 PUBLIC_ONLY = FetchLimits(allow_private_networks=False, max_bytes=1_000_000)

@@ -12,12 +12,13 @@ from prometheus_client import CollectorRegistry
 
 from omnigate.conversation import Modality, ModelInfo
 from omnigate.gateway.v1 import gateway_pb2 as pb
-from omnigate_gateway import convert, decode
+from omnigate_gateway import convert
 from omnigate_gateway.errors import DeadlineExceeded, ErrorCode, LimitExceeded, MediaDecodeTimeout
-from omnigate_gateway.fetch import MediaFetcher
-from omnigate_gateway.ingest import MediaIngestor
+from omnigate_gateway.media import decode
+from omnigate_gateway.media.fetch import MediaFetcher
+from omnigate_gateway.media.ingest import MediaIngestor
+from omnigate_gateway.media.resize import fit_size
 from omnigate_gateway.metrics import GatewayMetrics
-from omnigate_gateway.resize import fit_size
 from omnigate_gateway.settings import GatewaySettings
 
 from .hostile_server import etag_of

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from omnigate.media import DecodeLimits
-from omnigate_gateway.decode import decode_audio, decode_image, decode_video
+from omnigate_gateway.media.decode import decode_audio, decode_image, decode_video
 
 transformers = pytest.importorskip("transformers")
 from transformers.audio_utils import load_audio  # noqa: E402

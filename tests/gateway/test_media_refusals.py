@@ -20,7 +20,6 @@ import pytest
 import soundfile as sf
 
 from omnigate.media import DecodeLimits
-from omnigate_gateway.decode import decode_audio, decode_image, decode_video
 from omnigate_gateway.errors import (
     ErrorCode,
     ForbiddenSource,
@@ -28,8 +27,9 @@ from omnigate_gateway.errors import (
     MediaFetchError,
     OmnigateError,
 )
-from omnigate_gateway.fetch import FetchLimits, MediaFetcher
-from omnigate_gateway.resolver import StaticResolver
+from omnigate_gateway.media.decode import decode_audio, decode_image, decode_video
+from omnigate_gateway.media.fetch import FetchLimits, MediaFetcher
+from omnigate_gateway.media.resolver import StaticResolver
 
 LIMITS = DecodeLimits()
 LOCAL = FetchLimits(allow_private_networks=True, max_bytes=1_000_000)
@@ -414,6 +414,6 @@ async def test_long_urls_are_logged_cut(hostile_server, caplog):
     ],
 )
 def test_loggable_url(url, logged):
-    from omnigate_gateway.fetch import loggable_url
+    from omnigate_gateway.media.fetch import loggable_url
 
     assert loggable_url(url) == logged

@@ -22,7 +22,7 @@ from omnigate.errors import (
     Unavailable,
 )
 from omnigate.gateway.v1 import gateway_pb2 as gw
-from omnigate_gateway import openai_convert as oc
+from omnigate_gateway.openai_api import convert as oc
 
 
 def chat(**body) -> tuple[gw.GenerateRequest, oc.ChatOptions]:

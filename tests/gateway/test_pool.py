@@ -27,7 +27,7 @@ from omnigate.worker.v1 import worker_pb2 as wk
 from omnigate.worker.v1 import worker_pb2_grpc
 from omnigate_gateway.metrics import GatewayMetrics
 from omnigate_gateway.settings import GatewaySettings
-from omnigate_gateway.worker_client import (
+from omnigate_gateway.workers.pool import (
     WORKER_SERVICE,
     TargetEntry,
     WorkerPool,
@@ -418,7 +418,7 @@ async def test_draining_worker_finishes_its_calls_and_gets_no_new_ones():
 
 async def test_worker_serving_another_model_gets_no_requests(caplog):
     async with fakes("a", "b") as (a, b), fakes("odd", model_id="another-model") as (odd,):
-        with caplog.at_level(logging.ERROR, logger="omnigate_gateway.worker_client"):
+        with caplog.at_level(logging.ERROR, logger="omnigate_gateway.workers.pool"):
             async with running_pool(targets(a, odd, b), ready=2) as (pool, _):
                 await wait_until(lambda: pool.counts()["not_ready"] == 1)
                 with first_choice(pool, odd):

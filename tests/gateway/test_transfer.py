@@ -17,9 +17,9 @@ from omnigate.gateway.v1 import gateway_pb2 as pb
 from omnigate.gateway.v1 import gateway_pb2_grpc
 from omnigate.media import DecodeLimits, Image
 from omnigate.worker.v1 import worker_pb2_grpc
-from omnigate_gateway import decode
 from omnigate_gateway.convert import worker_stream
-from omnigate_gateway.resize import fit_size
+from omnigate_gateway.media import decode
+from omnigate_gateway.media.resize import fit_size
 
 from .conftest import FAKE_MAX_IMAGE_PIXELS, FAKE_MAX_VIDEO_FRAME_PIXELS
 

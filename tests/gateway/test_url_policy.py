@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from omnigate_gateway.errors import ErrorCode, ForbiddenSource, MediaFetchError
-from omnigate_gateway.resolver import StaticResolver
-from omnigate_gateway.url_policy import (
+from omnigate_gateway.media.resolver import StaticResolver
+from omnigate_gateway.media.url_policy import (
     DestinationChecker,
     UrlPolicy,
     embedded_ipv4,

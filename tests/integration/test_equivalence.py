@@ -22,7 +22,7 @@ from stack import MODELS_DIR, start_stack
 from transformers import pipeline
 
 from omnigate.media import DecodeLimits
-from omnigate_gateway import decode
+from omnigate_gateway.media import decode
 
 pytestmark = pytest.mark.slow
 

@@ -79,7 +79,7 @@ def test_serving_only_after_the_model_is_loaded(tmp_path):
 
 def test_gateway_does_not_import_torch_or_transformers():
     code = (
-        "import sys, omnigate_gateway.main, omnigate_gateway.server, omnigate_client.cli;"
+        "import sys, omnigate_gateway.main, omnigate_gateway.grpc_api.server, omnigate_client.cli;"
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

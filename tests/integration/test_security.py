@@ -35,9 +35,9 @@ from omnigate import status
 from omnigate.gateway.v1 import gateway_pb2 as pb
 from omnigate.gateway.v1 import gateway_pb2_grpc
 from omnigate.worker.v1 import worker_pb2, worker_pb2_grpc
-from omnigate_gateway import channels
-from omnigate_gateway.server import GatewayServicer, build_server
+from omnigate_gateway.grpc_api.server import GatewayServicer, build_server
 from omnigate_gateway.settings import GatewaySettings
+from omnigate_gateway.workers import channels
 
 pytestmark = pytest.mark.slow
 

@@ -80,13 +80,13 @@ async def in_process(engine) -> AsyncIterator[InProcess]:
     """Worker and gateway servers in this event loop, both exporting their spans to one in-memory exporter."""
     from omnigate_gateway.auth import Authenticator
     from omnigate_gateway.core import GatewayCore
-    from omnigate_gateway.fetch import MediaFetcher
-    from omnigate_gateway.ingest import MediaIngestor
+    from omnigate_gateway.grpc_api.server import GatewayServicer
+    from omnigate_gateway.grpc_api.server import build_server as build_gateway
+    from omnigate_gateway.media.fetch import MediaFetcher
+    from omnigate_gateway.media.ingest import MediaIngestor
     from omnigate_gateway.metrics import GatewayMetrics
-    from omnigate_gateway.server import GatewayServicer
-    from omnigate_gateway.server import build_server as build_gateway
     from omnigate_gateway.settings import GatewaySettings
-    from omnigate_gateway.worker_client import WorkerPool
+    from omnigate_gateway.workers.pool import WorkerPool
     from omnigate_worker.metrics import WorkerMetrics
     from omnigate_worker.scheduler import Scheduler
     from omnigate_worker.server import SERVICE_NAME as WORKER_SERVICE

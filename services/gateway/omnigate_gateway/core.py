@@ -26,10 +26,10 @@ from omnigate.grpc_server import Undecodable
 from omnigate.validation import RequestLimits
 from omnigate_gateway import convert
 from omnigate_gateway.auth import Authenticator
-from omnigate_gateway.ingest import MediaIngestor
+from omnigate_gateway.media.ingest import MediaIngestor
 from omnigate_gateway.metrics import GatewayMetrics
 from omnigate_gateway.settings import GatewaySettings
-from omnigate_gateway.worker_client import WorkerPool
+from omnigate_gateway.workers.pool import WorkerPool
 
 MODE_OUTPUT = {
     GenerationMode.TEXT: Modality.TEXT,

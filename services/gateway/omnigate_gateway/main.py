@@ -23,14 +23,14 @@ from omnigate.lifecycle import (
 )
 from omnigate_gateway.auth import Authenticator
 from omnigate_gateway.core import GatewayCore
-from omnigate_gateway.fetch import MediaFetcher
-from omnigate_gateway.http_api import HttpApiServer, create_app, grpc_health_probe
-from omnigate_gateway.ingest import MediaIngestor
+from omnigate_gateway.grpc_api.server import SERVICE_NAME, GatewayServicer, build_server
+from omnigate_gateway.media.fetch import MediaFetcher
+from omnigate_gateway.media.ingest import MediaIngestor
+from omnigate_gateway.media.resolver import Resolver
 from omnigate_gateway.metrics import GatewayMetrics
-from omnigate_gateway.resolver import Resolver
-from omnigate_gateway.server import SERVICE_NAME, GatewayServicer, build_server
+from omnigate_gateway.openai_api.app import HttpApiServer, create_app, grpc_health_probe
 from omnigate_gateway.settings import GatewaySettings
-from omnigate_gateway.worker_client import WorkerPool
+from omnigate_gateway.workers.pool import WorkerPool
 
 log = logging.getLogger("omnigate_gateway")
 

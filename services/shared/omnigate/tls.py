@@ -10,7 +10,7 @@ certificate stays in use until a good pair appears.
 
 Client side: ``channel_credentials`` reads the files once; a channel keeps its credentials for its
 lifetime, so callers compare ``files_version`` of the same files over time and open new channels when it
-changes (see ``omnigate_gateway.channels.credentials_version``).
+changes (see ``omnigate_gateway.workers.channels.credentials_version``).
 """
 
 from __future__ import annotations

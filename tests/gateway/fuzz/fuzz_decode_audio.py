@@ -6,7 +6,7 @@ python tests/gateway/fuzz/fuzz_decode_audio.py SEED_DIR -max_total_time=60
 import atheris
 
 with atheris.instrument_imports(include=["omnigate_gateway"]):
-    from omnigate_gateway import decode
+    from omnigate_gateway.media import decode
 
 from _harness import run
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from omnigate.media import Audio, Image, Video
-from omnigate_gateway.fetch import Validators
+from omnigate_gateway.media.fetch import Validators
 
 Decoded = Audio | Image | Video
 

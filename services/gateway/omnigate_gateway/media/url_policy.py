@@ -37,7 +37,7 @@ import httpx
 
 from omnigate.errors import quote
 from omnigate_gateway.errors import ForbiddenSource, MediaFetchError
-from omnigate_gateway.resolver import IPAddress, Resolver
+from omnigate_gateway.media.resolver import IPAddress, Resolver
 
 HTTP_SCHEMES = frozenset({"http", "https"})
 _DEFAULT_PORTS = {"http": 80, "https": 443}

@@ -46,7 +46,7 @@ from omnigate.conversation import GenerationRequest, ModelInfo
 from omnigate.errors import DeadlineExceeded, Unavailable
 from omnigate.worker.v1 import worker_pb2, worker_pb2_grpc
 from omnigate_gateway import convert
-from omnigate_gateway.channels import credentials_version, worker_channel
+from omnigate_gateway.workers.channels import credentials_version, worker_channel
 
 if TYPE_CHECKING:
     from omnigate_gateway.metrics import GatewayMetrics

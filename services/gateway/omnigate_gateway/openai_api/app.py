@@ -59,9 +59,9 @@ from omnigate import tls, tracing
 from omnigate.errors import InternalError, OmnigateError, quote
 from omnigate.gateway.v1 import gateway_pb2 as gw
 from omnigate.validation import RequestLimits
-from omnigate_gateway import openai_convert as oc
 from omnigate_gateway.auth import credential
 from omnigate_gateway.core import Call, GatewayCore, access_log, request_id_from
+from omnigate_gateway.openai_api import convert as oc
 from omnigate_gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)

@@ -47,9 +47,9 @@ from PIL import Image as PILImage
 from PIL import ImageOps
 
 from omnigate.media import Audio, DecodeLimits, Image, Video
-from omnigate_gateway.cancellation import NEVER, StopSignal
 from omnigate_gateway.errors import InvalidInput, LimitExceeded, MediaDecodeError, OmnigateError
-from omnigate_gateway.resize import fit_size, resize_image
+from omnigate_gateway.media.cancellation import NEVER, StopSignal
+from omnigate_gateway.media.resize import fit_size, resize_image
 
 # Formats each decoder accepts, by ``sniff`` name.
 AUDIO_FORMATS = frozenset(

@@ -26,12 +26,12 @@ from opentelemetry.trace import Span
 from omnigate import tracing
 from omnigate.conversation import ContentPart, Modality, ModelInfo
 from omnigate.errors import InvalidInput, LimitExceeded, OmnigateError
-from omnigate_gateway import decode
-from omnigate_gateway.cache import Decoded, DecodeKey, MediaCache, UrlRecord
-from omnigate_gateway.cancellation import StopSignal
 from omnigate_gateway.convert import IncomingRequest, MediaRef
 from omnigate_gateway.errors import DeadlineExceeded
-from omnigate_gateway.fetch import HTTP_SCHEMES, MediaFetcher, RequestBudget, scheme_of
+from omnigate_gateway.media import decode
+from omnigate_gateway.media.cache import Decoded, DecodeKey, MediaCache, UrlRecord
+from omnigate_gateway.media.cancellation import StopSignal
+from omnigate_gateway.media.fetch import HTTP_SCHEMES, MediaFetcher, RequestBudget, scheme_of
 from omnigate_gateway.metrics import GatewayMetrics
 from omnigate_gateway.settings import GatewaySettings
 

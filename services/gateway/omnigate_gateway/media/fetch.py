@@ -47,8 +47,8 @@ from omnigate_gateway.errors import (
     MediaFetchError,
     MediaFetchTimeout,
 )
-from omnigate_gateway.resolver import Resolver, SystemResolver
-from omnigate_gateway.url_policy import HTTP_SCHEMES, Destination, DestinationChecker, UrlPolicy
+from omnigate_gateway.media.resolver import Resolver, SystemResolver
+from omnigate_gateway.media.url_policy import HTTP_SCHEMES, Destination, DestinationChecker, UrlPolicy
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _USER_AGENT = "omnigate-gateway"

@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from grpc_health.v1 import health, health_pb2
 from prometheus_client import CollectorRegistry
@@ -26,6 +27,9 @@ from omnigate_worker.metrics import WorkerMetrics
 from omnigate_worker.scheduler import Scheduler
 from omnigate_worker.server import SERVICE_NAME, WorkerServicer, build_server
 from omnigate_worker.settings import WorkerSettings
+
+if TYPE_CHECKING:
+    from omnigate_worker.transformers_engine import TransformersEngine
 
 log = logging.getLogger("omnigate_worker")
 
@@ -119,7 +123,7 @@ async def serve(settings: WorkerSettings) -> None:
     log.info("worker stopped")
 
 
-def _load_engine(settings: WorkerSettings, metrics: WorkerMetrics):
+def _load_engine(settings: WorkerSettings, metrics: WorkerMetrics) -> TransformersEngine:
     from omnigate_worker import loading
     from omnigate_worker.transformers_engine import TransformersEngine
 

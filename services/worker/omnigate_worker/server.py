@@ -9,6 +9,7 @@ import grpc
 from grpc_health.v1 import health
 
 from omnigate import status, tls, validation
+from omnigate.conversation import GenerationRequest
 from omnigate.errors import Unavailable
 from omnigate.grpc_server import add_service, finish_server
 from omnigate.worker.v1 import worker_pb2, worker_pb2_grpc
@@ -84,7 +85,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 job.cancel()  # no-op when finished; frees the engine when the client went away
             observed.finish()
 
-    def _check_limits(self, request) -> None:
+    def _check_limits(self, request: GenerationRequest) -> None:
         """The parameter domains both doors apply (``omnigate.validation``); the gateway checked them too,
         but a client may call the worker directly."""
         validation.check_request(request, self._limits, self._settings.max_new_tokens_limit)

@@ -9,6 +9,7 @@ prompt gets the begin-of-image token from the processor (``inputs.processor_kwar
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -22,11 +23,11 @@ class JanusFamily(GenericFamily):
     architectures = ("JanusForConditionalGeneration",)
 
     @classmethod
-    def matches(cls, model) -> bool:
+    def matches(cls, model: Any) -> bool:
         return super().matches(model) or hasattr(model, "decode_image_tokens")
 
     def generate_image(
-        self, inputs, request: GenerationRequest, sampling: dict
+        self, inputs: Any, request: GenerationRequest, sampling: dict[str, Any]
     ) -> tuple[object, ImageOutput]:
         model = self.model
         if not hasattr(model, "decode_image_tokens"):  # pragma: no cover - matched by it

@@ -20,6 +20,7 @@ What the worker does for it (transformers 5.23, each reproduced):
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +28,9 @@ from omnigate.conversation import GenerationMode, GenerationRequest, Modality
 from omnigate.errors import InvalidInput
 from omnigate_worker import inputs as model_inputs
 from omnigate_worker.families.base import ModelFamily
+
+if TYPE_CHECKING:
+    from omnigate_worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +41,10 @@ class QwenOmniFamily(ModelFamily):
     architectures = ("Qwen2_5OmniForConditionalGeneration",)
 
     @classmethod
-    def matches(cls, model) -> bool:
+    def matches(cls, model: Any) -> bool:
         return hasattr(model, "thinker") and hasattr(model, "speaker_map")
 
-    def __init__(self, model, processor, settings) -> None:
+    def __init__(self, model: Any, processor: Any, settings: WorkerSettings) -> None:
         super().__init__(model, processor, settings)
         if self.has_talker and model.token2wav.dtype != torch.float32:
             model.token2wav.float()  # as generate() does before synthesis: token2wav runs in fp32
@@ -90,7 +94,9 @@ class QwenOmniFamily(ModelFamily):
     def wants_speech_pipeline(self) -> bool:
         return self.has_talker and self.settings.stream_speech
 
-    def _thinker_kwargs(self, request: GenerationRequest, sampling: dict, streamer, criteria) -> dict:
+    def _thinker_kwargs(
+        self, request: GenerationRequest, sampling: dict[str, Any], streamer: Any, criteria: Any
+    ) -> dict[str, Any]:
         kwargs = {f"thinker_{k}": v for k, v in sampling.items()}
         kwargs.update(
             thinker_max_new_tokens=request.params.max_new_tokens,

@@ -75,7 +75,26 @@ def test_names_are_names(host):
     assert parse_ip_host(host) is None
 
 
-@pytest.mark.parametrize("host", ["1.2.3.4.5", "256.0.0.1", "1.2.3.0x100", "08.0.0.1", "4294967296", "1..2"])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "1.2.3.4.5",
+        "256.0.0.1",
+        "1.2.3.0x100",
+        "08.0.0.1",
+        "4294967296",
+        "1..2",
+        # what int() would also take: a sign (fuzzer finding: "0-6.00" reached ipaddress as -100663296),
+        # underscores, spaces, non-ASCII digits
+        "0-6.00",
+        "0+7.1",
+        "1_0.0.0.1",
+        "0_7.1",
+        "0x1_0.1",
+        "1 .2",
+        "١٢٧.0.0.1",
+    ],
+)
 def test_malformed_numeric_hosts_are_invalid_not_names(host):
     with pytest.raises(MediaFetchError, match="not a valid IPv4 address"):
         parse_ip_host(host)

@@ -51,7 +51,9 @@ _LOCAL_SUFFIXES = (".localhost", ".local", ".internal", ".home.arpa", ".localdom
 _NAT64_PREFIXES = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
 _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
 
-_HEX_PART = re.compile(r"^0[xX][0-9a-fA-F]*$")
+_HEX_PART = re.compile(r"^0[xX][0-9a-fA-F]*\Z")
+_OCTAL_PART = re.compile(r"0[0-7]+")
+_DECIMAL_PART = re.compile(r"[0-9]+")
 _SCHEME = re.compile(r"[a-z][a-z0-9+.-]{0,31}")
 _MAX_NAME = 253  # characters of a DNS name (without a trailing dot)
 _MAX_LABEL = 63  # characters of one label of it
@@ -300,15 +302,15 @@ def _ip_host_of_unparsable(url: str) -> IPAddress | None:
 
 
 def _parse_ipv4_part(label: str, host: str) -> int:
-    try:
-        if _HEX_PART.match(label):
-            return int(label[2:] or "0", 16)
-        if len(label) > 1 and label.startswith("0"):
+    # Digits only, checked here: int() also takes a sign, underscores and spaces ("0-6" parsed as -6 and
+    # reached ipaddress as a negative address: a fuzzer finding).
+    if _HEX_PART.match(label):
+        return int(label[2:] or "0", 16)
+    if len(label) > 1 and label.startswith("0"):  # octal, or nothing ("08" is invalid)
+        if _OCTAL_PART.fullmatch(label):
             return int(label[1:], 8)
-        if label.isdigit():
-            return int(label)
-    except ValueError:
-        pass
+    elif _DECIMAL_PART.fullmatch(label):
+        return int(label)
     raise MediaFetchError(f"the host {quote(host)} is not a valid IPv4 address")
 
 

@@ -89,8 +89,8 @@ MATRIX = {
             "tiny-qwen3-omni",
             "Qwen3OmniMoeForConditionalGeneration",
             frozenset(INPUTS),
-            frozenset({"text"}),  # speech only with OMNIGATE_WORKER_STREAM_SPEECH=false (README)
-            frozenset({"text"}),
+            frozenset({"text", "speech"}),
+            frozenset({"text", "speech"}),  # speech whole at the end of generate(), sent in 0.5 s chunks
             True,
         ),
     )

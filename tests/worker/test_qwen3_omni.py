@@ -67,7 +67,7 @@ def engine(checkpoint, loaded) -> TransformersEngine:
 
 @pytest.fixture(scope="module")
 def speech_engine(checkpoint, loaded) -> TransformersEngine:
-    """Speech through generate(): stream_speech off."""
+    """stream_speech off: one waveform at the end (as with it on, for this family)."""
     settings = WorkerSettings(model=str(checkpoint), stream_speech=False)
     engine = TransformersEngine(loaded, settings, str(checkpoint))
     engine.warmup()
@@ -275,12 +275,14 @@ async def test_a_mixed_batch_equals_transformers_generate(prefill_tokens_per_ste
 # --------------------------------------------------------------------------------------------------------
 
 
-def test_with_speech_streaming_on_it_says_it_writes_text_only(engine):
-    """The engine's chunked speech streaming is Qwen2.5-Omni's (token2wav, speaker map): refused cleanly."""
-    assert Modality.AUDIO not in engine.info.output_modalities
-    assert engine.info.output_audio_sample_rate == 0 and engine.info.speakers == []
-    with pytest.raises(InvalidInput, match="cannot generate audio"):
-        engine.validate(_request("text", mode=GenerationMode.AUDIO))
+def test_with_speech_streaming_on_it_speaks_its_answer_whole(engine):
+    """stream_speech (the default) streams Qwen2.5-Omni's speech; Qwen3-Omni's comes whole, sent in chunks."""
+    assert Modality.AUDIO in engine.info.output_modalities
+    assert engine.info.output_audio_sample_rate == AUDIO_RATE_OUT
+    events = []
+    engine.generate(_request("text", mode=GenerationMode.AUDIO), events.append, threading.Event())
+    chunks = [event for event in events if isinstance(event, AudioChunk)]
+    assert chunks and isinstance(events[-1], Summary) and events[-1].audio_seconds > 0
 
 
 def test_speech_info(speech_engine):

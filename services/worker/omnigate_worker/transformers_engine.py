@@ -50,12 +50,11 @@ from omnigate_worker.speech import (
     SpeechBatch,
     SpeechPipeline,
     SpeechRequest,
-    SpeechStreamer,
     TalkerFeed,
     ThinkerTap,
 )
 from omnigate_worker.streaming import TextOutput, TokenStreamer
-from omnigate_worker.talker import TALKER_STOP_CODES, TalkerBatch, TalkerFamily, start_talker
+from omnigate_worker.talker import TalkerBatch, TalkerFamily, start_talker
 from omnigate_worker.vocoder import Vocoder
 
 log = logging.getLogger(__name__)
@@ -451,7 +450,9 @@ class TransformersEngine(Engine):
                 sequences = self._family.generate_text(inputs, request, sampling, streamer, criteria)
             else:
                 if self._settings.stream_speech:
-                    speech = self._speech_streamer(request, emit, cancelled)
+                    speech = self._family.speech_streamer(
+                        request, emit, self.info.output_audio_sample_rate, cancelled
+                    )
                 # The talker stops on cancellation (client gone, deadline) only: a stop string ends the thinker.
                 talker_criteria = StoppingCriteriaList([_CancelCriteria(cancelled, threading.Event())])
                 sequences, waveform = self._family.generate_speech(
@@ -722,23 +723,6 @@ class TransformersEngine(Engine):
         if p.min_new_tokens:
             kwargs["min_new_tokens"] = p.min_new_tokens
         return kwargs
-
-    def _speech_streamer(
-        self, request: GenerationRequest, emit: EventSink, cancelled: threading.Event
-    ) -> SpeechStreamer:
-        """The one-request path's streamer of the talker's codes (``generate``'s ``talker_streamer``)."""
-        speaker = request.speaker or self._family.default_speaker()
-        settings = self._settings
-        return SpeechStreamer(
-            self._model.token2wav,
-            self._model.speaker_map[speaker],
-            emit,
-            self.info.output_audio_sample_rate,
-            settings.speech_chunk_codes,
-            settings.speech_context_codes,
-            set(TALKER_STOP_CODES),
-            cancelled,
-        )
 
     def _emit_audio(self, waveform: torch.Tensor, emit: EventSink) -> float:
         samples = waveform.detach().float().reshape(-1).cpu().numpy()

@@ -90,6 +90,11 @@ class ModelFamily:
         """(sequences, waveform or None) from ``generate`` for a spoken answer."""
         raise InvalidInput(f"{type(self.model).__name__} cannot generate speech")
 
+    def speech_streamer(self, request: GenerationRequest, emit, sample_rate: int, cancelled):
+        """A ``talker_streamer`` for ``generate`` that sends speech chunk by chunk while it is written
+        (``stream_speech``), or None: the speech then comes as one waveform at the end."""
+        return None
+
     def generate_image(
         self, inputs: Any, request: GenerationRequest, sampling: dict[str, Any]
     ) -> tuple[object, ImageOutput]:

@@ -25,9 +25,9 @@ code2wav (codes to a 24 kHz waveform, 1920 samples per code). What the worker do
   end-of-speech makes ``generate`` crash stacking an empty list of codes).
 - Speech with audio (a part, or a video's track) beside an image or a video is refused: the talker's rope
   index then reads ``config.audio_config``, which its config lacks, and ``generate`` raises AttributeError.
-- Speech comes as one waveform at the end of ``generate``. The engine's chunked speech streaming
-  (``stream_speech``, on by default) is written for Qwen2.5-Omni's token2wav and speaker map, so this family
-  offers speech only where ``stream_speech`` is off; with it on, the worker says it generates text only.
+- Speech comes as one waveform at the end of ``generate`` (sent in chunks then): ``speech_streamer`` and the
+  speech pipeline are Qwen2.5-Omni's (its token2wav and speaker map), so ``stream_speech`` changes nothing
+  here.
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ class Qwen3OmniFamily(ModelFamily):
 
     @property
     def can_speak(self) -> bool:
-        """Speech through ``generate``: a talker, and the engine not set to stream speech (module docstring)."""
-        return self.has_talker and not self.settings.stream_speech
+        """Speech through ``generate``: the model has its talker."""
+        return self.has_talker
 
     @property
     def text_model(self):
@@ -143,7 +143,7 @@ class Qwen3OmniFamily(ModelFamily):
         self, inputs, request, sampling, streamer, criteria, talker_streamer, talker_criteria
     ):
         if not self.can_speak:  # the engine refuses audio output first; kept for direct callers
-            raise InvalidInput(f"{type(self.model).__name__} speaks only with stream_speech off")
+            raise InvalidInput(f"{type(self.model).__name__} was loaded without its talker")
         kwargs = self._thinker_kwargs(request, sampling, streamer, criteria)
         try:
             sequences, waveform = self.model.generate(

@@ -91,6 +91,23 @@ class QwenOmniFamily(ModelFamily):
     def prefill_kwargs(self, request: GenerationRequest) -> dict:
         return {"use_audio_in_video": request.use_audio_in_video}
 
+    def speech_streamer(self, request: GenerationRequest, emit, sample_rate: int, cancelled):
+        from omnigate_worker.speech import SpeechStreamer  # the speech stages import the families
+        from omnigate_worker.talker import TALKER_STOP_CODES
+
+        speaker = request.speaker or self.default_speaker()
+        settings = self.settings
+        return SpeechStreamer(
+            self.model.token2wav,
+            self.model.speaker_map[speaker],
+            emit,
+            sample_rate,
+            settings.speech_chunk_codes,
+            settings.speech_context_codes,
+            set(TALKER_STOP_CODES),
+            cancelled,
+        )
+
     def wants_speech_pipeline(self) -> bool:
         return self.has_talker and self.settings.stream_speech
 

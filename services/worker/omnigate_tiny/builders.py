@@ -71,9 +71,13 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor, WhisperFeatureExtractor
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +143,9 @@ QWEN_NAMED_TOKENS = {
 }
 
 
-def _train_byte_level_bpe(pre_tokenizer, normalizer=None) -> tuple[dict[str, int], list[tuple[str, str]]]:
+def _train_byte_level_bpe(
+    pre_tokenizer: Any, normalizer: Any = None
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Train a byte-level BPE on ``_CORPUS``; return its vocabulary and merges (no special tokens)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
@@ -158,7 +164,7 @@ def _train_byte_level_bpe(pre_tokenizer, normalizer=None) -> tuple[dict[str, int
     return dict(model["vocab"]), [tuple(pair) for pair in model["merges"]]
 
 
-def _with_specials(vocab: dict[str, int], specials) -> dict[str, int]:
+def _with_specials(vocab: dict[str, int], specials: Iterable[str]) -> dict[str, int]:
     """Return ``vocab`` with ``specials`` appended, in order, after its last id."""
     vocab = dict(vocab)
     for token in specials:
@@ -186,8 +192,8 @@ def build_qwen_tokenizer():
     vocab, merges = _train_byte_level_bpe(pre_tokenizer, normalizers.NFC())
     tokenizer = Qwen2Tokenizer(
         vocab=_with_specials(vocab, QWEN_SPECIAL_TOKENS),
-        merges=merges,
-        unk_token=None,
+        merges=merges,  # type: ignore[arg-type]  # tokenizers' BPE takes (left, right) pairs; the stub says str
+        unk_token=None,  # type: ignore[arg-type]  # no unknown token (byte-level BPE); the stub says str
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         model_max_length=32768,
@@ -199,7 +205,7 @@ def build_qwen_tokenizer():
     return tokenizer
 
 
-def _single_token_id(tokenizer, text: str) -> int:
+def _single_token_id(tokenizer: Any, text: str) -> int:
     """Id of ``text`` when the tokenizer encodes it as one token (the corpus makes sure of it)."""
     ids = tokenizer.encode(text, add_special_tokens=False)
     if len(ids) != 1:
@@ -207,13 +213,13 @@ def _single_token_id(tokenizer, text: str) -> int:
     return ids[0]
 
 
-def _embedding_rows(tokenizer, spare: int = 16, multiple: int = 64) -> int:
+def _embedding_rows(tokenizer: Any, spare: int = 16, multiple: int = 64) -> int:
     """Embedding rows for a tokenizer: its size plus ``spare`` free rows, rounded up (as real models do)."""
     rows = len(tokenizer) + spare
     return -(-rows // multiple) * multiple
 
 
-def _whisper_feature_extractor(chunk_length: int):
+def _whisper_feature_extractor(chunk_length: int) -> WhisperFeatureExtractor:
     """Whisper log-mel features with the real Qwen audio values (128 mel bins at 16 kHz)."""
     from transformers import WhisperFeatureExtractor
 
@@ -287,11 +293,13 @@ _OMNI_VOCODER_GAIN = 2.5e5
 _OMNI_SPEAKERS = ("Chelsie", "Ethan")  # the real model's speakers; the first is generate()'s default
 
 
-def _qwen_vision_processors(image_max_pixels: int, video_max_pixels: int):
+def _qwen_vision_processors(
+    image_max_pixels: int, video_max_pixels: int
+) -> tuple[Qwen2VLImageProcessor, Qwen2VLVideoProcessor]:
     """Qwen2-VL image and video processors (patch 14, merge 2, temporal 2, CLIP mean/std), small sizes."""
     from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
-    common = {"patch_size": 14, "merge_size": 2, "temporal_patch_size": 2}
+    common: dict[str, Any] = {"patch_size": 14, "merge_size": 2, "temporal_patch_size": 2}
     image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=image_max_pixels, **common)
     video_processor = Qwen2VLVideoProcessor(
         min_pixels=56 * 56,
@@ -310,6 +318,7 @@ def build_qwen2_5_omni(out: Path) -> None:
     import torch
     from transformers import (
         GenerationConfig,
+        PreTrainedConfig,
         Qwen2_5OmniConfig,
         Qwen2_5OmniForConditionalGeneration,
         Qwen2_5OmniProcessor,
@@ -415,6 +424,7 @@ def build_qwen2_5_omni(out: Path) -> None:
     model.save_pretrained(out)
 
     # spk_dict.pt is mandatory for Qwen2_5OmniForConditionalGeneration.from_pretrained.
+    assert isinstance(config.token2wav_config, PreTrainedConfig)  # built from the dict above
     dit = config.token2wav_config.dit_config
     speakers = {
         name: {
@@ -776,7 +786,11 @@ def build_gemma3n_tokenizer():
         start = len(vocab) + len(block)
         spare = [f"<unused{i}>" for i in range(start, len(vocab) + _GEMMA3N_MM_VOCAB)]
         vocab = _with_specials(vocab, [*block, *spare])
-    tokenizer = GemmaTokenizer(vocab=vocab, merges=merges, extra_special_tokens=dict(_GEMMA3N_NAMED_TOKENS))
+    tokenizer = GemmaTokenizer(
+        vocab=vocab,
+        merges=merges,  # type: ignore[arg-type]  # tokenizers' BPE takes (left, right) pairs; the stub says str
+        extra_special_tokens=dict(_GEMMA3N_NAMED_TOKENS),
+    )
     tokenizer.add_tokens([AddedToken(token, special=True) for token in ("<start_of_turn>", "<end_of_turn>")])
     return tokenizer
 

@@ -16,6 +16,7 @@ The token layout follows the real checkpoint's, scaled down:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from omnigate_tiny.builders import (
@@ -113,7 +114,9 @@ _CODE_GROUPS = 4  # codec groups per step: the talker writes the first, its code
 _CODE2WAV_GAIN = 5e5
 
 
-def _with_whole_words(vocab: dict[str, int], merges: list, words) -> tuple[dict[str, int], list]:
+def _with_whole_words(
+    vocab: dict[str, int], merges: list[tuple[str, str]], words: Iterable[str]
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Append the merges that make each of ``words`` one BPE token (lowest priority, after all others).
 
     Qwen3-Omni's ``generate`` finds the reply by the ids of ``<|im_start|>`` followed by one ``assistant``
@@ -149,8 +152,8 @@ def build_qwen3_omni_tokenizer():
     vocab, merges = _with_whole_words(vocab, merges, ("system", "user", "assistant"))
     tokenizer = Qwen2Tokenizer(
         vocab=_with_specials(vocab, QWEN3_OMNI_SPECIAL_TOKENS),
-        merges=merges,
-        unk_token=None,
+        merges=merges,  # type: ignore[arg-type]  # tokenizers' BPE takes (left, right) pairs; the stub says str
+        unk_token=None,  # type: ignore[arg-type]  # no unknown token (byte-level BPE); the stub says str
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         model_max_length=32768,
@@ -165,6 +168,7 @@ def build_qwen3_omni(out: Path) -> None:
     import torch
     from transformers import (
         GenerationConfig,
+        PreTrainedConfig,
         Qwen3OmniMoeConfig,
         Qwen3OmniMoeForConditionalGeneration,
         Qwen3OmniMoeProcessor,
@@ -295,6 +299,7 @@ def build_qwen3_omni(out: Path) -> None:
     with torch.no_grad():
         # transformers 5.23 leaves the talker's per-expert linear layers uninitialised (torch.empty memory):
         # give them seeded values, or the weights (and every output) change from build to build.
+        assert isinstance(config.talker_config, PreTrainedConfig)  # built from the dict above
         std = config.talker_config.initializer_range
         for name, param in model.talker.named_parameters():
             if ".mlp.experts." in name:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -37,7 +38,7 @@ _DETAIL_LIMIT = 200  # characters of a library's reason a message repeats
 class CollectedMedia:
     """The conversation as the chat template sees it, and the media in the order the processor wants."""
 
-    messages: list[dict]
+    messages: list[dict[str, Any]]
     images: list[PIL.Image.Image] = field(default_factory=list)
     videos: list[np.ndarray] = field(default_factory=list)
     audio: list[np.ndarray] = field(default_factory=list)
@@ -49,22 +50,25 @@ def collect(request: GenerationRequest) -> CollectedMedia:
     """Builds chat-template messages (media parts carry their decoded data) and the media lists."""
     out = CollectedMedia(messages=[])
     for index, message in enumerate(request.messages):
-        content = []
+        content: list[dict[str, Any]] = []
         for part in message.content:
             if part.type is Modality.TEXT:
                 check_text(f"the text of message {index}", part.text or "")
                 content.append({"type": "text", "text": part.text or ""})
             elif part.type is Modality.IMAGE:
+                assert part.image is not None  # an IMAGE part carries its image
                 image = PIL.Image.fromarray(part.image.pixels, mode="RGB")
                 out.images.append(image)
                 content.append({"type": "image", "image": image})
             elif part.type is Modality.AUDIO:
+                assert part.audio is not None  # an AUDIO part carries its audio
                 _check_audio(part.audio, f"an audio part of message {index}")
                 out.audio.append(part.audio.samples)
                 out.audio_from_video_indices.append(None)
                 content.append({"type": "audio", "audio": part.audio.samples})
             elif part.type is Modality.VIDEO:
                 video = part.video
+                assert video is not None  # a VIDEO part carries its video
                 if out.video_fps is not None and abs(out.video_fps - video.sampled_fps) > 1e-6:
                     raise InvalidInput("all videos of a request must be sampled at the same fps")
                 out.video_fps = video.sampled_fps
@@ -108,10 +112,13 @@ def _kinds(media: CollectedMedia) -> str:
 
 
 def processor_kwargs(
-    processor, media: CollectedMedia, use_audio_in_video: bool, mode: GenerationMode = GenerationMode.TEXT
-) -> dict:
+    processor: Any,
+    media: CollectedMedia,
+    use_audio_in_video: bool,
+    mode: GenerationMode = GenerationMode.TEXT,
+) -> dict[str, Any]:
     """The processor call's keyword arguments for these media (the same ones the equivalence tests use)."""
-    kwargs: dict = {}
+    kwargs: dict[str, Any] = {}
     if media.videos:
         # Frames arrive already sampled at `video_fps`: the processor must not sample again, but needs the
         # rate to place frames in time (Qwen-Omni's `video_second_per_grid` = temporal_patch_size / fps).
@@ -137,7 +144,7 @@ def processor_kwargs(
     return kwargs
 
 
-def audio_padding_for(processor) -> int | None:
+def audio_padding_for(processor: Any) -> int | None:
     """Extra samples of zero padding that keep audio features exact, where shorter padding is known safe.
 
     transformers 5.23: Qwen2.5-Omni's processor pads every audio to the feature extractor's 300 s
@@ -159,7 +166,7 @@ def _padded_length(samples: int, extra: int, hop: int, cap: int) -> int:
     return min(cap, -(-length // hop) * hop)
 
 
-def build(processor, request: GenerationRequest, audio_padding: int | None = None):
+def build(processor: Any, request: GenerationRequest, audio_padding: int | None = None) -> tuple[Any, str]:
     """Renders the prompt and runs the processor; returns (BatchFeature with tensors, prompt text)."""
     media = collect(request)
     try:
@@ -199,7 +206,7 @@ def build(processor, request: GenerationRequest, audio_padding: int | None = Non
     return inputs, prompt
 
 
-def max_pixels(component) -> int:
+def max_pixels(component: Any) -> int:
     """Pixels an image or video processor keeps of one picture (it downscales larger ones); 0 = unknown.
 
     Qwen2-VL-style processors (``merge_size`` and a ``size`` with ``shortest_edge``/``longest_edge``) count

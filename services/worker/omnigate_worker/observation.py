@@ -10,19 +10,26 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Sized
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 
 from omnigate import status, tracing
-from omnigate.conversation import AudioChunk, GenerationRequest, ImageOutput, Summary, TextDelta
+from omnigate.conversation import AudioChunk, Event, GenerationRequest, ImageOutput, Summary, TextDelta
 from omnigate.errors import DeadlineExceeded, InvalidInput, LimitExceeded, Unavailable
 from omnigate_worker.metrics import Playback, WorkerMetrics
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
+    from omnigate_worker.scheduler import Job
 
 access_log = logging.getLogger("omnigate_worker.access")
 
 # (where Generate failed, the error) -> the rejected counter's reason. Prompts over the token limit and
 # out-of-memory failures are counted by the scheduler, which tells them apart.
-REJECTIONS = {
+REJECTIONS: dict[tuple[str, type[BaseException]], str] = {
     ("not_ready", Unavailable): "not_ready",
     ("request", InvalidInput): "invalid_argument",
     ("request", LimitExceeded): "too_long",
@@ -35,7 +42,7 @@ REJECTIONS = {
 class GenerateObservation:
     """One Generate call's observation, from its first byte to its end (``finish``)."""
 
-    def __init__(self, metrics: WorkerMetrics, context) -> None:
+    def __init__(self, metrics: WorkerMetrics, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self._metrics = metrics
         self.started = time.monotonic()
         self.stage = "not_ready"  # how far the request got (for the rejected counter)
@@ -45,12 +52,13 @@ class GenerateObservation:
         self._first_output: float | None = None
         self._first_token = False
         self._playback = Playback()
-        self._stream_span = None
+        self._stream_span: Span | None = None
         metrics.in_flight.inc()
         # The request's span continues the gateway's trace (W3C traceparent in the metadata); it and the
         # request id stay current for this RPC's task, and the job carries them to the engine's threads.
         metadata = tuple(context.invocation_metadata() or ())
-        self._request_id = tracing.sane_request_id(dict(metadata).get(tracing.REQUEST_ID_METADATA))
+        request_id = dict(metadata).get(tracing.REQUEST_ID_METADATA)  # str: only "-bin" keys carry bytes
+        self._request_id = tracing.sane_request_id(request_id if isinstance(request_id, str) else None)
         self._tracer = tracing.tracer(tracing.WORKER)
         self._span = self._tracer.start_span(
             "worker.generate", context=tracing.extract(metadata), kind=tracing.SpanKind.SERVER
@@ -58,7 +66,7 @@ class GenerateObservation:
         self._scope = contextlib.ExitStack()
         self._scope.enter_context(tracing.activate(self._span, request_id=self._request_id))
 
-    def span(self, name: str):
+    def span(self, name: str) -> contextlib.AbstractContextManager[Span]:
         """A child span of the call, current while the block runs."""
         return self._tracer.start_as_current_span(name)
 
@@ -69,7 +77,7 @@ class GenerateObservation:
             self._scope.enter_context(tracing.activate(request_id=self._request_id))
         self.mode = request.mode.value
 
-    def event(self, event, job) -> None:
+    def event(self, event: Event, job: Job) -> None:
         """An event about to be streamed to the caller."""
         metrics, now = self._metrics, time.monotonic()
         if self._first_output is None and isinstance(event, TextDelta | AudioChunk | ImageOutput):
@@ -79,7 +87,8 @@ class GenerateObservation:
         if isinstance(event, AudioChunk) and event.sample_rate > 0:
             if self._playback.first_at is None:
                 metrics.time_to_first_audio.observe(now - self.started)
-            self._playback.chunk(len(event.samples) / event.sample_rate, now)
+            # AudioChunk.samples is typed object; it holds a numpy array
+            self._playback.chunk(len(cast(Sized, event.samples)) / event.sample_rate, now)
         if not self._first_token and isinstance(event, TextDelta):
             self._first_token = True
             metrics.time_to_first_token.labels(self.mode).observe(now - self.started)
@@ -93,9 +102,10 @@ class GenerateObservation:
                 metrics.audio_underrun.observe(self._playback.underrun_s)
                 metrics.speech_real_time_factor.observe(event.timings.generate_s / event.audio_seconds)
 
-    def cancelled(self, context) -> None:
+    def cancelled(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """The caller went away, or its deadline passed, while the call ran."""
-        remaining = context.time_remaining()
+        # None when the call has no deadline (grpc.aio), though the stubs say float
+        remaining: float | None = context.time_remaining()
         expired = remaining is not None and remaining <= 0.1  # the caller's timer runs a little ahead
         self.code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
         self._metrics.cancelled.labels("deadline" if expired else "client").inc()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -27,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from omnigate import tracing
 from omnigate.conversation import Event, GenerationRequest, Modality, Summary, TextDelta
 from omnigate.errors import DeadlineExceeded, InvalidInput, LimitExceeded, Unavailable
-from omnigate_worker.engine import Engine, Prepared
+from omnigate_worker.engine import Batch, Engine, Prepared
 from omnigate_worker.metrics import WorkerMetrics
 from omnigate_worker.settings import WorkerSettings
 
@@ -66,7 +67,7 @@ class Job:
             self.summary = event
         self._deliver(event)
 
-    def _deliver(self, item) -> None:
+    def _deliver(self, item: object) -> None:
         try:
             self._loop.call_soon_threadsafe(self._events.put_nowait, item)
         except RuntimeError:  # the request's event loop is closed: no one is listening any more
@@ -79,18 +80,19 @@ class Job:
         self._trace_finished(error)
         self._deliver(error if error is not None else _DONE)
 
-    def activated(self):
+    def activated(self) -> contextlib.AbstractContextManager[None]:
         """Makes the request's trace context and request id current on this thread (logs, child spans)."""
         return tracing.activate(context=self.trace_context, request_id=self.request_id)
 
     def trace_started(self) -> None:
+        assert self.started_at is not None  # called once the job has started
         tracing.record_span(
             tracing.WORKER, "worker.queue", self.trace_context, self.enqueued_at, self.started_at
         )
 
-    def outcome(self) -> dict:
+    def outcome(self) -> dict[str, int | str | bool]:
         """Span attributes for how the request ended (tokens, finish reason)."""
-        attributes = {"omnigate.cancelled": self.cancelled.is_set()}
+        attributes: dict[str, int | str | bool] = {"omnigate.cancelled": self.cancelled.is_set()}
         if self.summary is not None:
             attributes["omnigate.prompt_tokens"] = self.summary.prompt_tokens
             attributes["omnigate.output_tokens"] = self.summary.output_tokens
@@ -288,7 +290,7 @@ class Scheduler:
                     log.exception("decode step failed")
                     batch.fail_all(self._resource_error(exc, len(batch), shared=True))
 
-    def _next_work(self, batch) -> tuple[list[Job] | None, Job | None]:
+    def _next_work(self, batch: Batch) -> tuple[list[Job] | None, Job | None]:
         """Waits for work; returns (jobs to add to the batch, a job to run alone); (None, None) when stopped."""
         s = self._settings
         with self._cond:
@@ -304,6 +306,7 @@ class Scheduler:
             alone = None
             while self._ready:
                 job = self._ready[0]
+                assert job.prepared is not None  # only prepared jobs are ready
                 if job.cancelled.is_set() or job.expired():
                     self._ready.popleft()
                     self._dequeued(job)
@@ -356,7 +359,8 @@ class Scheduler:
             self._metrics.rejected.labels("out_of_memory").inc(rows)
         return error
 
-    def _start_row(self, batch, job: Job) -> None:
+    def _start_row(self, batch: Batch, job: Job) -> None:
+        assert job.prepared is not None  # only prepared jobs are ready
         self._started(job)
         try:
             with job.activated(), tracing.tracer(tracing.WORKER).start_as_current_span("worker.prefill"):
@@ -374,7 +378,10 @@ class Scheduler:
             self._done(job, self._resource_error(exc))
 
     def _run_alone(self, job: Job) -> None:
+        assert job.prepared is not None  # only prepared jobs are ready
         self._started(job)
+        started_at = job.started_at
+        assert started_at is not None  # set by _started
         try:
             # generate() in one call: worker.decode covers it (speech vocoding nests inside), and its
             # worker.prefill child marks the part up to the first output.
@@ -389,8 +396,8 @@ class Scheduler:
                         tracing.WORKER,
                         "worker.prefill",
                         None,
-                        job.started_at,
-                        job.started_at + job.summary.timings.prefill_s,
+                        started_at,
+                        started_at + job.summary.timings.prefill_s,
                     )
             self._done(job, None)
         except Exception as exc:  # noqa: BLE001 - only this request fails

@@ -26,9 +26,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
+from opentelemetry.context import Context
 
 from omnigate import tracing
 
@@ -52,14 +54,19 @@ class VocodeJob:
     alive: Callable[[], bool]
     owner: object  # the request; its chunks are vocoded in order
     sequence: int = 0  # the chunk's place in its request's audio
-    trace_context: object = None  # the request's trace: each call is a worker.vocode span in it
+    trace_context: Context | None = None  # the request's trace: each call is a worker.vocode span in it
     key: tuple = field(init=False)
 
     def __post_init__(self) -> None:
         self.key = (int(self.codes.shape[1]), tuple(self.reference_mel.shape))
 
 
-def ode_times(num_steps: int, sway_coefficient: float | None, device, dtype=torch.float32) -> torch.Tensor:
+def ode_times(
+    num_steps: int,
+    sway_coefficient: float | None,
+    device: torch.device | str | None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """The DiT's ODE time points, as ``Qwen2_5OmniToken2WavDiTModel.sample`` computes them."""
     times = torch.linspace(0, 1, num_steps, device=device, dtype=dtype)
     if sway_coefficient is not None:
@@ -68,7 +75,7 @@ def ode_times(num_steps: int, sway_coefficient: float | None, device, dtype=torc
 
 
 def dit_mel(
-    token2wav,
+    token2wav: Any,
     codes: torch.Tensor,
     speaker: torch.Tensor,
     reference_mel: torch.Tensor,
@@ -85,7 +92,7 @@ def dit_mel(
     is tested)."""
     dit = token2wav.code2wav_dit_model
 
-    def ode_function(time_step, hidden_states):
+    def ode_function(time_step: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         if guidance_scale < 1e-5:
             return dit(
                 hidden_states=hidden_states,
@@ -121,7 +128,7 @@ def dit_mel(
     return value.permute(0, 2, 1)
 
 
-def check_window(token2wav, codes: torch.Tensor) -> None:
+def check_window(token2wav: Any, codes: torch.Tensor) -> None:
     dit = token2wav.code2wav_dit_model
     frames = codes.shape[1] * dit.repeats
     if frames > dit.config.max_position_embeddings:
@@ -129,7 +136,7 @@ def check_window(token2wav, codes: torch.Tensor) -> None:
 
 
 def synthesize(
-    token2wav,
+    token2wav: Any,
     codes: torch.Tensor,
     conditioning: torch.Tensor,
     reference_mel: torch.Tensor,
@@ -138,7 +145,7 @@ def synthesize(
     num_steps: int = 10,
     guidance_scale: float = 0.5,
     sway_coefficient: float = -1.0,
-    mel_fn=None,
+    mel_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """token2wav's forward (``Qwen2_5OmniToken2WavModel.forward`` and its DiT's ``sample``, transformers
     5.23) with the initial noise given: (B, window) codes to (B, samples) float32 waveforms. ``mel_fn``
@@ -163,7 +170,9 @@ class DitGraphs:
     Each capture is checked against the eager solve on its first inputs; a shape whose capture fails or
     differs runs eagerly (logged). At most ``max_graphs`` shapes; one shared memory pool."""
 
-    def __init__(self, token2wav, device: torch.device, num_steps: int, max_batch: int, max_graphs: int = 32):
+    def __init__(
+        self, token2wav: Any, device: torch.device, num_steps: int, max_batch: int, max_graphs: int = 32
+    ) -> None:
         self._token2wav = token2wav
         self._device = device
         self._times = ode_times(num_steps, -1.0, device)
@@ -173,12 +182,24 @@ class DitGraphs:
         self._graphs: dict[tuple, tuple] = {}
         self.failed: set[tuple] = set()
 
-    def _eager(self, codes, conditioning, reference_mel, noise) -> torch.Tensor:
+    def _eager(
+        self,
+        codes: torch.Tensor,
+        conditioning: torch.Tensor,
+        reference_mel: torch.Tensor,
+        noise: torch.Tensor,
+    ) -> torch.Tensor:
         frames = noise.shape[1]
         speaker = conditioning.unsqueeze(1).repeat(1, frames, 1)
         return dit_mel(self._token2wav, codes, speaker, reference_mel, noise, self._times)
 
-    def __call__(self, codes, conditioning, reference_mel, noise) -> torch.Tensor:
+    def __call__(
+        self,
+        codes: torch.Tensor,
+        conditioning: torch.Tensor,
+        reference_mel: torch.Tensor,
+        noise: torch.Tensor,
+    ) -> torch.Tensor:
         rows = int(codes.shape[0])
         width = min(1 << max(0, rows - 1).bit_length(), max(self._max_batch, rows))
         key = (width, int(codes.shape[1]), tuple(reference_mel.shape[1:]))
@@ -271,7 +292,13 @@ class Vocoder:
     """The vocoder thread: takes ``VocodeJob``s, runs them in batches, calls each job's ``on_done``."""
 
     def __init__(
-        self, token2wav, device: torch.device, *, num_steps: int, max_batch: int, cuda_graphs: bool = True
+        self,
+        token2wav: Any,
+        device: torch.device,
+        *,
+        num_steps: int,
+        max_batch: int,
+        cuda_graphs: bool = True,
     ) -> None:
         self._token2wav = token2wav
         self._graphs = (
@@ -407,7 +434,7 @@ class Vocoder:
         self.calls += 1
         if len(batch) > 1:
             self.batched_jobs += len(batch)
-        stream = contextlib.nullcontext()
+        stream: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         if self._stream is not None:
             # The chunks' codes and noise were written on the engine thread's stream.
             self._stream.wait_stream(torch.cuda.current_stream(self._device))

@@ -18,6 +18,8 @@ edit.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from omnigate_worker.families.base import ModelFamily
 from omnigate_worker.families.gemma3n import Gemma3nFamily
 from omnigate_worker.families.generic import GenericFamily
@@ -25,6 +27,9 @@ from omnigate_worker.families.janus import JanusFamily
 from omnigate_worker.families.qwen2_audio import Qwen2AudioFamily
 from omnigate_worker.families.qwen3_omni import Qwen3OmniFamily
 from omnigate_worker.families.qwen_omni import QwenOmniFamily
+
+if TYPE_CHECKING:
+    from omnigate_worker.settings import WorkerSettings
 
 # Checked in order; the generic path serves what none of them claims.
 FAMILIES: tuple[type[ModelFamily], ...] = (
@@ -36,7 +41,7 @@ FAMILIES: tuple[type[ModelFamily], ...] = (
 )
 
 
-def family_for(model, processor, settings) -> ModelFamily:
+def family_for(model: Any, processor: Any, settings: WorkerSettings) -> ModelFamily:
     for family in FAMILIES:
         if family.matches(model):
             return family(model, processor, settings)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any
 
 from omnigate.conversation import GenerationMode, GenerationRequest, ImageOutput, Modality
 from omnigate.errors import InvalidInput
 
 if TYPE_CHECKING:
+    from omnigate_worker.engine import EventSink
     from omnigate_worker.settings import WorkerSettings
 
 
@@ -90,7 +92,9 @@ class ModelFamily:
         """(sequences, waveform or None) from ``generate`` for a spoken answer."""
         raise InvalidInput(f"{type(self.model).__name__} cannot generate speech")
 
-    def speech_streamer(self, request: GenerationRequest, emit, sample_rate: int, cancelled):
+    def speech_streamer(
+        self, request: GenerationRequest, emit: EventSink, sample_rate: int, cancelled: threading.Event
+    ) -> Any:
         """A ``talker_streamer`` for ``generate`` that sends speech chunk by chunk while it is written
         (``stream_speech``), or None: the speech then comes as one waveform at the end."""
         return None

@@ -33,6 +33,7 @@ code2wav (codes to a 24 kHz waveform, 1920 samples per code). What the worker do
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from omnigate.conversation import GenerationMode, GenerationRequest, Modality
 from omnigate.errors import InvalidInput
@@ -124,7 +125,9 @@ class Qwen3OmniFamily(ModelFamily):
     def prefill_kwargs(self, request: GenerationRequest) -> dict:
         return {"use_audio_in_video": request.use_audio_in_video}
 
-    def _thinker_kwargs(self, request: GenerationRequest, sampling: dict, streamer, criteria) -> dict:
+    def _thinker_kwargs(
+        self, request: GenerationRequest, sampling: dict[str, Any], streamer: Any, criteria: Any
+    ) -> dict[str, Any]:
         kwargs = {f"thinker_{k}": v for k, v in sampling.items()}
         kwargs.update(
             thinker_max_new_tokens=request.params.max_new_tokens,

@@ -20,6 +20,7 @@ What the worker does for it (transformers 5.23, each reproduced):
 from __future__ import annotations
 
 import logging
+import threading
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,6 +31,7 @@ from omnigate_worker import inputs as model_inputs
 from omnigate_worker.families.base import ModelFamily
 
 if TYPE_CHECKING:
+    from omnigate_worker.engine import EventSink
     from omnigate_worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -91,7 +93,9 @@ class QwenOmniFamily(ModelFamily):
     def prefill_kwargs(self, request: GenerationRequest) -> dict:
         return {"use_audio_in_video": request.use_audio_in_video}
 
-    def speech_streamer(self, request: GenerationRequest, emit, sample_rate: int, cancelled):
+    def speech_streamer(
+        self, request: GenerationRequest, emit: EventSink, sample_rate: int, cancelled: threading.Event
+    ) -> Any:
         from omnigate_worker.speech import SpeechStreamer  # the speech stages import the families
         from omnigate_worker.talker import TALKER_STOP_CODES
 

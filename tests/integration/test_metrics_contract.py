@@ -291,8 +291,11 @@ def test_gateway_values_follow_the_traffic(scrapes):
     assert d(g, requests, rpc="Generate", code="OK", mode="audio") == 1
     assert d(g, requests, rpc="Generate", code="INVALID_ARGUMENT") == 2
     assert d(g, requests, rpc="Generate", code="PERMISSION_DENIED") == 1
-    assert d(g, requests, rpc="Generate", code="CANCELLED") == 1
-    assert d(g, requests, rpc="Generate", code="DEADLINE_EXCEEDED") == 1
+    # The cancelled request and the late one. A server tells a passed deadline from a caller leaving by its
+    # own clock (0.1 s of slack); on a loaded machine the late one can reach it as a plain cancellation
+    # (seen in one fresh-clone CI run), so the split is checked loosely and the sum exactly.
+    cancelled, expired = (d(g, requests, rpc="Generate", code=c) for c in ("CANCELLED", "DEADLINE_EXCEEDED"))
+    assert cancelled + expired == 2 and cancelled >= 1
     finished = d(g, requests, rpc="Generate")
     assert finished == 11
     assert d(g, "omnigate_gateway_request_duration_seconds", "_count") == finished
@@ -355,8 +358,10 @@ def test_worker_values_follow_the_traffic(scrapes):
     assert 0 < d(w, "omnigate_worker_time_to_first_audio_seconds", "_sum") < 60
     assert d(w, "omnigate_worker_audio_underrun_seconds", "_count") == 1
     assert d(w, "omnigate_worker_audio_underrun_seconds", "_sum") >= 0
-    assert d(w, "omnigate_worker_cancelled_requests_total", reason="client") == 1
-    assert d(w, "omnigate_worker_cancelled_requests_total", reason="deadline") == 1
+    # as at the gateway: the split between a caller leaving and its deadline passing is the server's guess
+    by_client = d(w, "omnigate_worker_cancelled_requests_total", reason="client")
+    by_deadline = d(w, "omnigate_worker_cancelled_requests_total", reason="deadline")
+    assert by_client + by_deadline == 2 and by_client >= 1
     assert d(w, "omnigate_worker_rejected_requests_total", reason="invalid_argument") == 1
     assert scrapes.worker["omnigate_worker_in_flight_requests"].value() == 0
     assert scrapes.worker["omnigate_worker_queue_depth"].value() == 0

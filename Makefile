@@ -106,7 +106,7 @@ run: install protos models
 
 ## write sample media (WAV, MP3, PNG, MP4) into demo-media/
 demo-media: install
-	$(PY) tests/media_factory.py demo-media
+	$(PY) -m tests.support.media_factory demo-media
 
 ## write sample media into demo-media/ and serve it on http://127.0.0.1:8088/ (Ctrl-C stops)
 serve-demo-media: demo-media
@@ -121,11 +121,11 @@ test: system-tools install protos models chart-tools lint
 ## engine benchmark: bench/results/engine.{json,md,png}
 # The pipeline in-process vs the full stack at several concurrencies.
 bench: install protos models
-	$(PY) bench/engine.py
+	$(PY) -m bench.engine
 
 ## media decoding, the gateway's decoders vs transformers' loaders: bench/results/media.json
 bench-media: install
-	$(PY) bench/media.py
+	$(PY) -m bench.media
 
 BENCH_GPU_ARGS ?=
 .PHONY: bench-gpu bench-gpu-wheels
@@ -134,7 +134,7 @@ BENCH_GPU_ARGS ?=
 # 64, 128; the decode step per batch size against its bandwidth floor; SDPA backends; a 180 s soak. On CUDA a
 # random-weights Qwen2.5-Omni-3B (BENCH_GPU_ARGS='--size 7b'), else the tiny model; '--quick' for ~15 s.
 bench-gpu: install protos models
-	$(PY) bench/gpu.py $(BENCH_GPU_ARGS)
+	$(PY) -m bench.gpu $(BENCH_GPU_ARGS)
 
 ## download the wheels bench/gpu-device.sh installs on the lent GPU machine into .whl/ (cp312, ~17 MB)
 bench-gpu-wheels: install
@@ -147,7 +147,7 @@ AUTOSCALE_ARGS ?=
 # sync period, the HPA algorithm applied. With the chart's behavior it takes 15-30 min (600 s scale-down
 # stabilization); AUTOSCALE_ARGS='--time-scale 30': ~2 min.
 bench-autoscale: system-tools install protos models chart-tools
-	$(PY) bench/autoscale.py $(AUTOSCALE_ARGS)
+	$(PY) -m bench.autoscale $(AUTOSCALE_ARGS)
 
 SOAK_SECONDS ?= 600
 SOAK_KILL_EVERY ?= 60
@@ -157,7 +157,7 @@ SOAK_KILL_EVERY ?= 60
 # memory in bench/results/soak.json; fails when a target is missed. `make test` runs a 60 s version
 # (tests/integration/test_failover.py).
 soak: install protos models
-	$(PY) bench/soak.py --seconds $(SOAK_SECONDS) --kill-every $(SOAK_KILL_EVERY)
+	$(PY) -m bench.soak --seconds $(SOAK_SECONDS) --kill-every $(SOAK_KILL_EVERY)
 
 # ---- Lint: ruff, mypy, and buf guarding the protocol ----------------------------------------------------------
 # buf from npm (@bufbuild/buf ships the static binary), pinned; installed into .tools/ by `make buf-tools`.
@@ -248,11 +248,11 @@ AIPERF_ARGS ?=
 
 ## AIPerf 0.13.0 into .tools/aiperf-venv, a venv of its own so its pins never touch .venv (first time: ~3 min)
 aiperf-tools: install
-	$(PY) bench/aiperf.py --install-only
+	$(PY) -m bench.aiperf --install-only
 
 ## AIPerf streamed chat, ignore_eos, server token counts, on a stack of its own: bench/results/aiperf.json
 # Zero errors and AIPerf's token counts equal to the server's, or it fails. AIPERF_ARGS='--requests 50',
 # '--endpoint completions', '--url http://127.0.0.1:8000' (a running `make run`: the token totals are checked
 # against its metrics ports instead of each request's access lines).
 bench-aiperf: install protos models aiperf-tools
-	$(PY) bench/aiperf.py $(AIPERF_ARGS)
+	$(PY) -m bench.aiperf $(AIPERF_ARGS)

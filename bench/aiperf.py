@@ -1,8 +1,8 @@
 """AIPerf, NVIDIA's benchmark client for OpenAI-compatible servers, against the gateway's HTTP API.
 
-    python bench/aiperf.py [--requests 200] [--concurrency 8] [--input-tokens 128] [--output-tokens 64]
+    python -m bench.aiperf [--requests 200] [--concurrency 8] [--input-tokens 128] [--output-tokens 64]
                            [--endpoint chat|completions] [--url URL] [--output bench/results/aiperf.json]
-    python bench/aiperf.py --install-only    (what `make aiperf-tools` runs)
+    python -m bench.aiperf --install-only    (what `make aiperf-tools` runs)
 
 Starts a worker and a gateway on loopback (tests/stack.py, the default tiny Qwen2.5-Omni), unless ``--url``
 names the HTTP API of a gateway already running (``make run``'s is http://127.0.0.1:8000), and runs AIPerf's
@@ -47,10 +47,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # the tests' process launcher
+from tests.support.stack import MODELS_DIR, Stack, start_stack
 
-from stack import MODELS_DIR, Stack, start_stack  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 AIPERF_VERSION = "0.13.0"
 DEFAULT_VENV = REPO / ".tools" / "aiperf-venv"

@@ -1,7 +1,7 @@
 """Autoscaling simulation: load steps against a real stack, the chart's autoscaling queries read from a real
 Prometheus, and the Kubernetes HPA algorithm applied to them.
 
-    python bench/autoscale.py [--time-scale 1] [--concurrency 24] [--idle-s 30] [--high-s 120]
+    python -m bench.autoscale [--time-scale 1] [--concurrency 24] [--idle-s 30] [--high-s 120]
 
 - A worker and a gateway run as processes on loopback; Prometheus (the Debian package) scrapes both with
   the labels the chart's ServiceMonitors give them (job = Service name, namespace, pod).
@@ -233,12 +233,6 @@ def _record_event(history: History, now: float, current: int, desired: int, beha
     return history
 
 
-def _tests_on_path() -> None:
-    """The tests' helpers (chart rendering, Prometheus, the stack launcher) are shared with this bench."""
-    if str(REPO / "tests") not in sys.path:
-        sys.path.insert(0, str(REPO / "tests"))
-
-
 # ---- the chart's autoscaling --------------------------------------------------------------------------------
 
 
@@ -275,10 +269,10 @@ def chart_autoscaling(
     time_scale: float = 1.0, namespace: str | None = None, worker_pods=None
 ) -> AutoscalingSpec:
     """Renders the chart with the worker HPA on (and the behavior time-scaled) and reads its autoscaling."""
-    _tests_on_path()
-    import chart_queries
     import yaml
-    from charts.chart import CHART_DIR, NAMESPACE, WORKER, render
+
+    from tests.charts.chart import CHART_DIR, NAMESPACE, WORKER, render
+    from tests.support import chart_queries
 
     namespace = namespace or NAMESPACE
     worker_pods = worker_pods or [f"{WORKER}-0"]
@@ -466,9 +460,8 @@ def simulate(
     namespace: str | None = None,
 ) -> dict:
     """Runs the phases against the stack while a Prometheus scrapes it, deciding every sync period."""
-    _tests_on_path()
-    from charts.chart import GATEWAY, NAMESPACE, WORKER
-    from prometheus_server import PrometheusServer, ScrapeJob, Target
+    from tests.charts.chart import GATEWAY, NAMESPACE, WORKER
+    from tests.support.prometheus_server import PrometheusServer, ScrapeJob, Target
 
     namespace = namespace or NAMESPACE
     jobs = [
@@ -591,10 +584,8 @@ def main() -> None:
         "--sync-period-s", type=float, default=0.0, help="0 = 15 s / time scale (at least 1 s)"
     )
     args = parser.parse_args()
-
-    _tests_on_path()
-    from prometheus_server import prometheus_binary
-    from stack import MODELS_DIR, start_stack
+    from tests.support.prometheus_server import prometheus_binary
+    from tests.support.stack import MODELS_DIR, start_stack
 
     if prometheus_binary() is None:
         sys.exit("prometheus is not installed (Debian: apt-get install prometheus)")

@@ -1,6 +1,6 @@
 """Throughput and latency: transformers' pipeline in-process vs the full Omnigate stack.
 
-    python bench/engine.py [--requests-per-level N] [--output-tokens N] [--levels 1,4,16,32]
+    python -m bench.engine [--requests-per-level N] [--output-tokens N] [--levels 1,4,16,32]
 
 - Baseline: the guide's way, ``pipeline("any-to-any")`` in this process, one request at a time, on media
   already decoded (so the baseline pays no fetching or decoding; Omnigate does).
@@ -20,23 +20,21 @@ import asyncio
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import grpc
+import numpy as np
+
+from omnigate.gateway.v1 import gateway_pb2 as pb
+from omnigate.gateway.v1 import gateway_pb2_grpc
+from omnigate.media import DecodeLimits
+from tests.support import media_factory
+from tests.support.media_server import MediaServer
+from tests.support.stack import MODELS_DIR, start_stack
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # the tests' media generator, media server and process launcher
-
-import grpc  # noqa: E402
-import media_factory  # noqa: E402
-import numpy as np  # noqa: E402
-from media_server import MediaServer  # noqa: E402
-from stack import MODELS_DIR, start_stack  # noqa: E402
-
-from omnigate.gateway.v1 import gateway_pb2 as pb  # noqa: E402
-from omnigate.gateway.v1 import gateway_pb2_grpc  # noqa: E402
-from omnigate.media import DecodeLimits  # noqa: E402
 
 MODEL = MODELS_DIR / "tiny-qwen2.5-omni"
 RESULTS = REPO / "bench" / "results"

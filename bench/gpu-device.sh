@@ -10,7 +10,7 @@
 #     .venv/bin/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
 #       --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl <each of WHEELS below>
-#   and run `.venv/bin/python bench/gpu.py --quick` here (the same script on the tiny model, ~15 s).
+#   and run `.venv/bin/python -m bench.gpu --quick` here (the same script on the tiny model, ~15 s).
 #
 # Then one call of the device tool (COMMIT: what `git rev-parse --short HEAD` prints here; the machine gets
 # the working tree without .git). The generated gRPC code is carried although the in-process engine does not
@@ -71,7 +71,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 
 mkdir -p bench/results
 timeout --signal=INT --kill-after=20 "${BENCH_GPU_TIMEOUT:-540}" \
-  python3 bench/gpu.py --size 3b --out-dir bench/results "$@" 2>&1 | tee "$OUT/gpu.log"
+  python3 -m bench.gpu --size 3b --out-dir bench/results "$@" 2>&1 | tee "$OUT/gpu.log"
 status=${PIPESTATUS[0]}
 cp bench/results/gpu.json bench/results/gpu.md "$OUT"/ 2>/dev/null
 echo "gpu-device.sh: bench/gpu.py exited with $status"

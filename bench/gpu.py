@@ -1,6 +1,6 @@
 """The worker at GPU speed: transformers' own generate vs Omnigate's engine, in one process.
 
-    python bench/gpu.py [--size tiny|3b|7b] [--device auto|cpu|cuda] [--levels 1,16,64,128]
+    python -m bench.gpu [--size tiny|3b|7b] [--device auto|cpu|cuda] [--levels 1,16,64,128]
                         [--output-tokens 128] [--soak-seconds 180] [--step-batches 1,2,4,...,64] [--quick]
                         [--speech-levels 1,4,8] [--speech-tokens 32] [--no-speech]
 

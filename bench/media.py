@@ -1,6 +1,6 @@
 """Media decoding: Omnigate's decoders against transformers' own loaders, on the same files.
 
-    python bench/media.py [--repeats N] [--quick]      (or: make bench-media)
+    python -m bench.media [--repeats N] [--quick]      (or: make bench-media)
 
 Compares, per file, Omnigate's ``decode_audio`` / ``decode_image`` / ``decode_video`` with
 ``transformers.audio_utils.load_audio``, ``transformers.image_utils.load_image`` and

@@ -1,6 +1,6 @@
 """Soak: a steady load across two workers while one of them is killed (SIGKILL) and restarted again and again.
 
-    python bench/soak.py [--seconds 600] [--concurrency 32] [--kill-every 60] [--output bench/results/soak.json]
+    python -m bench.soak [--seconds 600] [--concurrency 32] [--kill-every 60] [--output bench/results/soak.json]
 
 Starts two workers and a gateway as processes on loopback (the default tiny Qwen2.5-Omni), then keeps
 ``--concurrency`` Generate streams open (closed loop: each client sends its next request when one ends):
@@ -31,16 +31,15 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
+import numpy as np
+
+from omnigate import status
+from omnigate.gateway.v1 import gateway_pb2 as pb
+from omnigate.gateway.v1 import gateway_pb2_grpc
+from tests.support.stack import MODELS_DIR, PoolStack, metric_sum, scrape_metrics, start_pool_stack
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # the tests' process launcher
-
-import grpc  # noqa: E402
-import numpy as np  # noqa: E402
-from stack import MODELS_DIR, PoolStack, metric_sum, scrape_metrics, start_pool_stack  # noqa: E402
-
-from omnigate import status  # noqa: E402
-from omnigate.gateway.v1 import gateway_pb2 as pb  # noqa: E402
-from omnigate.gateway.v1 import gateway_pb2_grpc  # noqa: E402
 
 MODEL = MODELS_DIR / "tiny-qwen2.5-omni"
 RESULTS = REPO / "bench" / "results"

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support.media_server import MediaServer
+
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_DIR = TESTS_DIR.parent
-if str(TESTS_DIR) not in sys.path:  # makes tests/media_factory.py and tests/media_server.py importable
-    sys.path.insert(0, str(TESTS_DIR))
-
-from media_server import MediaServer  # noqa: E402
 
 
 @pytest.fixture(scope="session")

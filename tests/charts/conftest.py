@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from charts.chart import missing_tools_reason
+from tests.charts.chart import missing_tools_reason
 
 
 def pytest_collection_modifyitems(config, items):

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import yaml
 
-from charts.chart import GATEWAY, NAMESPACE, TESTS_DIR, WORKER, render, render_profile
+from tests.charts.chart import GATEWAY, NAMESPACE, TESTS_DIR, WORKER, render, render_profile
 
 pytestmark = pytest.mark.skipif(
     shutil.which("promtool") is None,

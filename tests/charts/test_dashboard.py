@@ -8,12 +8,12 @@ import re
 import shutil
 import subprocess
 
-import chart_queries
 import kubernetes_validate
 import pytest
 import yaml
 
-from charts.chart import CHART_DIR, GATEWAY, KUBERNETES_VERSIONS, NAMESPACE, WORKER, helm, render
+from tests.charts.chart import CHART_DIR, GATEWAY, KUBERNETES_VERSIONS, NAMESPACE, WORKER, helm, render
+from tests.support import chart_queries
 
 ENABLED = {"metrics.grafanaDashboard.enabled": "true"}
 DASHBOARD_FILE = CHART_DIR / "dashboards" / "omnigate.json"

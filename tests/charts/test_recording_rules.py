@@ -8,11 +8,11 @@ import re
 import shutil
 import subprocess
 
-import chart_queries
 import pytest
 import yaml
 
-from charts.chart import GATEWAY, NAMESPACE, WORKER, render
+from tests.charts.chart import GATEWAY, NAMESPACE, WORKER, render
+from tests.support import chart_queries
 
 ENABLED = {"metrics.prometheusRule.enabled": "true"}
 

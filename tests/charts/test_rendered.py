@@ -7,7 +7,9 @@ import re
 import pytest
 from prometheus_client import CollectorRegistry
 
-from charts.chart import (
+from omnigate_gateway.metrics import GatewayMetrics
+from omnigate_worker.metrics import WorkerMetrics
+from tests.charts.chart import (
     GATEWAY,
     NAMESPACE,
     PROFILES,
@@ -22,8 +24,6 @@ from charts.chart import (
     render_profile,
     selects,
 )
-from omnigate_gateway.metrics import GatewayMetrics
-from omnigate_worker.metrics import WorkerMetrics
 
 
 def exported_series_names(metrics_class) -> set[str]:
@@ -299,7 +299,7 @@ def test_gateway_hpa_scales_on_cpu_and_in_flight_requests():
 def test_prometheus_adapter_rules_expose_every_metric_the_hpas_use():
     import yaml
 
-    from charts.chart import CHART_DIR
+    from tests.charts.chart import CHART_DIR
 
     rules = yaml.safe_load((CHART_DIR / "values.yaml").read_text())["prometheusAdapter"]["rules"]
     served = set()
@@ -632,7 +632,7 @@ def test_long_release_names_give_valid_object_names():
 
 @pytest.mark.parametrize("profile", PROFILES)
 def test_notes_tell_how_to_reach_and_check_the_release(profile):
-    from charts.chart import CHART_DIR, helm
+    from tests.charts.chart import CHART_DIR, helm
 
     args = ["install", RELEASE, str(CHART_DIR), "--namespace", NAMESPACE, "--dry-run=client"]
     for f in PROFILES[profile]:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from charts.chart import GATEWAY, WORKER, container, env, render, render_profile
 from omnigate_gateway.settings import GatewaySettings
 from omnigate_worker.settings import WorkerSettings
+from tests.charts.chart import GATEWAY, WORKER, container, env, render, render_profile
 
 ENDPOINT = "http://otel-collector.observability:4317"
 

@@ -12,7 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from charts.chart import (
+from tests.charts.chart import (
     CHART_DIR,
     CRD_MODULES,
     CUSTOM_API_GROUPS,

@@ -8,7 +8,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from integration.conftest import MODELS_DIR, Stack, start_stack
+
+from tests.integration.conftest import MODELS_DIR, Stack, start_stack
 
 
 @pytest.fixture(scope="session")

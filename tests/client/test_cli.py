@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from .fake_gateway import FakeGateway, FakeGatewayServer, Step
+from tests.support.fake_gateway import FakeGateway, FakeGatewayServer, Step
 
 OMNIGATE = str(Path(sys.executable).parent / "omnigate")
 

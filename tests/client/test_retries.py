@@ -21,8 +21,7 @@ from omnigate_client import (
     Summary,
     TextDelta,
 )
-
-from .fake_gateway import FakeGateway, FakeGatewayServer, Step
+from tests.support.fake_gateway import FakeGateway, FakeGatewayServer, Step
 
 HELLO = [{"role": "user", "content": "hi"}]
 FAST = RetryPolicy(max_retries=3, initial_backoff_s=0.05, max_backoff_s=0.2)

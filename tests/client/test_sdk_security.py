@@ -7,9 +7,9 @@ import time
 
 import grpc
 import pytest
-from integration.conftest import start_service
 
 from omnigate_client import AsyncOmnigateClient, OmnigateClient, OmnigateClientError
+from tests.integration.conftest import start_service
 
 from .pki import make_pki
 

@@ -11,8 +11,8 @@ import grpc
 import pytest
 
 from omnigate_client import AsyncOmnigateClient, OmnigateClient, OmnigateClientError, TLSConfig
+from tests.support.fake_gateway import FakeGateway, FakeGatewayServer
 
-from .fake_gateway import FakeGateway, FakeGatewayServer
 from .pki import make_pki
 
 HELLO = [{"role": "user", "content": "hi"}]

@@ -11,12 +11,11 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from integration.conftest import MODELS_DIR, Service, start_service, wait_serving
 
 from omnigate.worker.v1 import worker_pb2 as wk
 from omnigate.worker.v1 import worker_pb2_grpc
-
-from .hostile_server import HostileServer
+from tests.integration.conftest import MODELS_DIR, Service, start_service, wait_serving
+from tests.support.hostile_server import HostileServer
 
 WORKER_SERVICE = wk.DESCRIPTOR.services_by_name["WorkerService"].full_name
 # What the fake worker reports: the tiny Qwen2.5-Omni's processor bounds.

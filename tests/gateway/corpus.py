@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import media_factory as mf
+from tests.support import media_factory as mf
 
 INVALID = "INVALID_ARGUMENT"
 DENIED = "PERMISSION_DENIED"

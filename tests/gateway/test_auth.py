@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 
 import pytest
-from certs import secret_volume
 from prometheus_client import CollectorRegistry
 
 from omnigate import status
@@ -21,6 +20,7 @@ from omnigate_gateway.auth import (
 from omnigate_gateway.core import Call
 from omnigate_gateway.metrics import GatewayMetrics
 from omnigate_gateway.settings import GatewaySettings
+from tests.support.certs import secret_volume
 
 
 class FakeClock:

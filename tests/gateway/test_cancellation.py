@@ -62,7 +62,7 @@ def test_deadline_stops_the_fetch(gateway, hostile_server):
 
 
 def test_gateway_still_serves_after_cancellations(gateway, hostile_server):
-    import media_factory as mf
+    from tests.support import media_factory as mf
 
     url = hostile_server.serve("after-cancel.png", mf.make_png(16, 16))
     with grpc.insecure_channel(gateway.target) as channel:

@@ -9,7 +9,18 @@ import zlib
 
 import numpy as np
 import pytest
-from media_factory import (
+from PIL import Image as PILImage
+
+from omnigate.media import DecodeLimits
+from omnigate_gateway.errors import (
+    ErrorCode,
+    InvalidInput,
+    LimitExceeded,
+    MediaDecodeError,
+    OmnigateError,
+)
+from omnigate_gateway.media.decode import decode_audio, decode_image, decode_video, sniff
+from tests.support.media_factory import (
     frame_color,
     gradient_image,
     make_aac,
@@ -33,17 +44,6 @@ from media_factory import (
     make_webm_audio,
     make_webp,
 )
-from PIL import Image as PILImage
-
-from omnigate.media import DecodeLimits
-from omnigate_gateway.errors import (
-    ErrorCode,
-    InvalidInput,
-    LimitExceeded,
-    MediaDecodeError,
-    OmnigateError,
-)
-from omnigate_gateway.media.decode import decode_audio, decode_image, decode_video, sniff
 
 LIMITS = DecodeLimits()
 

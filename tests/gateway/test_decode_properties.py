@@ -6,7 +6,6 @@ import io
 import math
 import warnings
 
-import media_factory as mf
 import numpy as np
 import pytest
 import soundfile as sf
@@ -18,6 +17,7 @@ from omnigate.media import DecodeLimits
 from omnigate_gateway.errors import OmnigateError
 from omnigate_gateway.media.decode import decode_audio, decode_image, decode_video
 from omnigate_gateway.media.resize import fit_size
+from tests.support import media_factory as mf
 
 LIMITS = DecodeLimits(max_audio_duration_s=60, max_video_duration_s=60, max_image_pixels=4_000_000)
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

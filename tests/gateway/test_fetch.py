@@ -10,7 +10,6 @@ from urllib.parse import quote_from_bytes
 
 import httpx
 import pytest
-from media_factory import make_png, make_wav
 
 from omnigate_gateway.errors import (
     ErrorCode,
@@ -21,6 +20,7 @@ from omnigate_gateway.errors import (
 )
 from omnigate_gateway.media.fetch import FetchLimits, MediaFetcher, RequestBudget, Validators
 from omnigate_gateway.media.resolver import StaticResolver
+from tests.support.media_factory import make_png, make_wav
 
 LOCAL = FetchLimits(allow_private_networks=True, max_bytes=1_000_000, max_redirects=3)
 PUBLIC_ONLY = FetchLimits(allow_private_networks=False, max_bytes=1_000_000)

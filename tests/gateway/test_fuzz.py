@@ -12,8 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import media_factory as mf
 import pytest
+
+from tests.support import media_factory as mf
 
 pytest.importorskip("atheris")
 

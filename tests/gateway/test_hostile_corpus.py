@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 import grpc
-import media_factory as mf
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from omnigate.gateway.v1 import gateway_pb2 as pb
 from omnigate.gateway.v1 import gateway_pb2_grpc
+from tests.support import media_factory as mf
 
 from .corpus import (
     DENIED,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import media_factory as mf
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
@@ -20,8 +19,8 @@ from omnigate_gateway.media.ingest import MediaIngestor
 from omnigate_gateway.media.resize import fit_size
 from omnigate_gateway.metrics import GatewayMetrics
 from omnigate_gateway.settings import GatewaySettings
-
-from .hostile_server import etag_of
+from tests.support import media_factory as mf
+from tests.support.hostile_server import etag_of
 
 INFO = ModelInfo(
     model_id="test-model",

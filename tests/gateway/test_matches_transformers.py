@@ -5,12 +5,12 @@
 
 from __future__ import annotations
 
-import media_factory as mf
 import numpy as np
 import pytest
 
 from omnigate.media import DecodeLimits
 from omnigate_gateway.media.decode import decode_audio, decode_image, decode_video
+from tests.support import media_factory as mf
 
 transformers = pytest.importorskip("transformers")
 from transformers.audio_utils import load_audio  # noqa: E402

@@ -14,7 +14,6 @@ import stat
 import threading
 from urllib.parse import quote as url_quote
 
-import media_factory as mf
 import numpy as np
 import pytest
 import soundfile as sf
@@ -30,6 +29,7 @@ from omnigate_gateway.errors import (
 from omnigate_gateway.media.decode import decode_audio, decode_image, decode_video
 from omnigate_gateway.media.fetch import FetchLimits, MediaFetcher
 from omnigate_gateway.media.resolver import StaticResolver
+from tests.support import media_factory as mf
 
 LIMITS = DecodeLimits()
 LOCAL = FetchLimits(allow_private_networks=True, max_bytes=1_000_000)

@@ -9,7 +9,6 @@ import io
 
 import grpc
 import httpx
-import media_factory as mf
 import numpy as np
 import pytest
 import soundfile as sf
@@ -21,6 +20,7 @@ from omnigate.gateway.v1 import gateway_pb2_grpc
 from omnigate.media import Audio, Image
 from omnigate.worker.v1 import worker_pb2_grpc
 from omnigate_gateway.convert import worker_stream
+from tests.support import media_factory as mf
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,6 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
-from waiting import async_wait_until as wait_until
 
 from omnigate import status
 from omnigate.conversation import ContentPart, GenerationRequest, Message, Modality
@@ -35,6 +34,7 @@ from omnigate_gateway.workers.pool import (
     parse_worker_target,
     resolve_with_loop,
 )
+from tests.support.waiting import async_wait_until as wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

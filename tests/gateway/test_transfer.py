@@ -8,7 +8,6 @@ model's answer is the same as when the worker gets the decoded media directly, u
 from __future__ import annotations
 
 import grpc
-import media_factory as mf
 import numpy as np
 import pytest
 
@@ -20,6 +19,7 @@ from omnigate.worker.v1 import worker_pb2_grpc
 from omnigate_gateway.convert import worker_stream
 from omnigate_gateway.media import decode
 from omnigate_gateway.media.resize import fit_size
+from tests.support import media_factory as mf
 
 from .conftest import FAKE_MAX_IMAGE_PIXELS, FAKE_MAX_VIDEO_FRAME_PIXELS
 

@@ -14,10 +14,10 @@ import uuid
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from stack import MODELS_DIR, start_service, wait_serving
 
-from images import podman
 from omnigate_client import OmnigateClient, TextDelta
+from tests.images import podman
+from tests.support.stack import MODELS_DIR, start_service, wait_serving
 
 pytestmark = [
     pytest.mark.slow,

@@ -13,9 +13,9 @@ import uuid
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from stack import MODELS_DIR
 
-from images import podman
+from tests.images import podman
+from tests.support.stack import MODELS_DIR
 
 pytestmark = [
     pytest.mark.slow,

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from stack import MODELS_DIR, Service, Stack, start_service, start_stack, wait_serving
+
+from tests.support.stack import MODELS_DIR, Service, Stack, start_service, start_stack, wait_serving
 
 __all__ = ["MODELS_DIR", "Service", "Stack", "start_service", "start_stack", "wait_serving"]
 

@@ -10,18 +10,13 @@ matched by the X-Request-ID AIPerf sends).
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
-from stack import MODELS_DIR, REPO_DIR
+
+from bench import aiperf as bench_aiperf
+from tests.support.stack import MODELS_DIR
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # the first run installs AIPerf (minutes)
 
-_spec = importlib.util.spec_from_file_location("omnigate_bench_aiperf", REPO_DIR / "bench" / "aiperf.py")
-bench_aiperf = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = bench_aiperf
-_spec.loader.exec_module(bench_aiperf)
 
 REQUESTS = 16
 OUTPUT_TOKENS = 12

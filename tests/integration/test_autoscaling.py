@@ -11,19 +11,11 @@ bench/results/autoscale-test.{json,png}; `make bench-autoscale` runs the chart's
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
-from charts.chart import missing_tools_reason
-from prometheus_server import prometheus_binary
-from stack import REPO_DIR
 
-_spec = importlib.util.spec_from_file_location(
-    "omnigate_bench_autoscale", REPO_DIR / "bench" / "autoscale.py"
-)
-autoscale = sys.modules.setdefault(_spec.name, importlib.util.module_from_spec(_spec))
-_spec.loader.exec_module(autoscale)
+from bench import autoscale
+from tests.charts.chart import missing_tools_reason
+from tests.support.prometheus_server import prometheus_binary
 
 TIME_SCALE = 30
 SYNC_PERIOD_S = 2.0

@@ -14,15 +14,14 @@ read in the worker with those they read in the pipeline.
 
 from __future__ import annotations
 
-import encoder_probe
-import media_factory
 import PIL.Image
 import pytest
-from stack import MODELS_DIR, start_stack
 from transformers import pipeline
 
 from omnigate.media import DecodeLimits
 from omnigate_gateway.media import decode
+from tests.support import encoder_probe, media_factory
+from tests.support.stack import MODELS_DIR, start_stack
 
 pytestmark = pytest.mark.slow
 

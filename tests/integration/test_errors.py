@@ -5,12 +5,12 @@ from __future__ import annotations
 import socket
 
 import grpc
-import media_factory
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from omnigate.gateway.v1 import gateway_pb2 as pb
 from omnigate.gateway.v1 import gateway_pb2_grpc
+from tests.support import media_factory
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,11 @@ from dataclasses import dataclass
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from stack import (
+
+from omnigate.gateway.v1 import gateway_pb2 as pb
+from omnigate.gateway.v1 import gateway_pb2_grpc
+from omnigate.worker.v1 import worker_pb2, worker_pb2_grpc
+from tests.support.stack import (
     MODELS_DIR,
     REPO_DIR,
     PoolStack,
@@ -33,10 +37,6 @@ from stack import (
     start_service,
     wait_serving,
 )
-
-from omnigate.gateway.v1 import gateway_pb2 as pb
-from omnigate.gateway.v1 import gateway_pb2_grpc
-from omnigate.worker.v1 import worker_pb2, worker_pb2_grpc
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

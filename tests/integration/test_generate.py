@@ -5,12 +5,12 @@ from __future__ import annotations
 import io
 import wave
 
-import media_factory
 import numpy as np
 import PIL.Image
 import pytest
 
 from omnigate_client import AudioChunk, Summary, TextDelta, media_part
+from tests.support import media_factory
 
 pytestmark = pytest.mark.slow
 

@@ -9,9 +9,9 @@ import urllib.request
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from stack import MODELS_DIR, start_service, wait_serving
 
 from omnigate.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from tests.support.stack import MODELS_DIR, start_service, wait_serving
 
 pytestmark = pytest.mark.slow
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-import media_factory
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from omnigate_client import TextDelta
+from tests.support import media_factory
 
 pytestmark = pytest.mark.slow
 

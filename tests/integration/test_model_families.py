@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import media_factory
 import numpy as np
 import PIL.Image
 import pytest
-from stack import MODELS_DIR, metric_sum, scrape_metrics, start_stack
 
 from omnigate_client import AsyncOmnigateClient, AudioChunk, Image, OmnigateClientError, TextDelta
+from tests.support import media_factory
+from tests.support.stack import MODELS_DIR, metric_sum, scrape_metrics, start_stack
 
 pytestmark = pytest.mark.slow
 

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from stack import REPO_DIR, start_command, stop_process_group, user_env
+
+from tests.support.stack import REPO_DIR, start_command, stop_process_group, user_env
 
 BIN = Path(sys.executable).parent
 
@@ -266,7 +267,7 @@ def test_ci_fails_a_run_in_which_a_test_skipped_for_another_reason_than_cuda(tmp
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest", "-c", os.devnull,
              "--rootdir", str(tmp_path), "test_skipping.py"],
             cwd=tmp_path,
-            env=user_env(PYTHONPATH=str(REPO_DIR / "tests"), OMNIGATE_TESTS_NO_SKIPS=value),
+            env=user_env(PYTHONPATH=f"{REPO_DIR / 'tests'}{os.pathsep}{REPO_DIR}", OMNIGATE_TESTS_NO_SKIPS=value),
             capture_output=True,
             text=True,
             timeout=120,

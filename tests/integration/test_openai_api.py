@@ -17,17 +17,17 @@ import time
 import wave
 
 import httpx
-import media_factory
 import numpy as np
 import openai
 import PIL.Image
 import pytest
 import soundfile
-from certs import Authority
 from cryptography import x509
-from stack import Service, start_service, wait_serving
 
 from omnigate_client import OmnigateClient
+from tests.support import media_factory
+from tests.support.certs import Authority
+from tests.support.stack import Service, start_service, wait_serving
 
 pytestmark = pytest.mark.slow
 

@@ -29,9 +29,13 @@ import time
 from dataclasses import dataclass
 
 import grpc
-import media_factory
 import pytest
-from chart_queries import (
+
+from omnigate.gateway.v1 import gateway_pb2 as pb
+from omnigate.gateway.v1 import gateway_pb2_grpc
+from tests.charts.chart import CHART_DIR, GATEWAY, NAMESPACE, PROFILES, WORKER, missing_tools_reason, render
+from tests.support import media_factory
+from tests.support.chart_queries import (
     adapter_query,
     adapter_rules,
     adapter_series_name,
@@ -48,11 +52,7 @@ from chart_queries import (
     rule_groups,
     variable_queries,
 )
-from charts.chart import CHART_DIR, GATEWAY, NAMESPACE, PROFILES, WORKER, missing_tools_reason, render
-from prometheus_server import PrometheusServer, ScrapeJob, Target, prometheus_binary
-
-from omnigate.gateway.v1 import gateway_pb2 as pb
-from omnigate.gateway.v1 import gateway_pb2_grpc
+from tests.support.prometheus_server import PrometheusServer, ScrapeJob, Target, prometheus_binary
 
 pytestmark = [
     pytest.mark.slow,

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
-from stack import REPO_DIR, start_command, stop_process_group
+
+from tests.support.stack import REPO_DIR, start_command, stop_process_group
 
 pytestmark = pytest.mark.slow
 

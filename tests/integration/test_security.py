@@ -21,15 +21,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import grpc
-import media_factory
 import pytest
-from certs import Authority, Issued, secret_volume
 from cryptography import x509
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
-from stack import MODELS_DIR, Service, start_service, wait_serving
 
 from omnigate import status
 from omnigate.gateway.v1 import gateway_pb2 as pb
@@ -38,6 +35,9 @@ from omnigate.worker.v1 import worker_pb2, worker_pb2_grpc
 from omnigate_gateway.grpc_api.server import GatewayServicer, build_server
 from omnigate_gateway.settings import GatewaySettings
 from omnigate_gateway.workers import channels
+from tests.support import media_factory
+from tests.support.certs import Authority, Issued, secret_volume
+from tests.support.stack import MODELS_DIR, Service, start_service, wait_serving
 
 pytestmark = pytest.mark.slow
 

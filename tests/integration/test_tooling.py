@@ -10,10 +10,11 @@ import sys
 import wave
 from pathlib import Path
 
-import media_factory
 import numpy as np
 import PIL.Image
 import pytest
+
+from tests.support import media_factory
 
 pytestmark = pytest.mark.slow
 

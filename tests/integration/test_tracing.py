@@ -18,18 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import media_factory
 import pytest
 from grpc_health.v1 import health, health_pb2
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, format_span_id, format_trace_id
 from prometheus_client import CollectorRegistry
-from stack import MODELS_DIR, Stack
 
 from omnigate import tracing
 from omnigate.gateway.v1 import gateway_pb2 as pb
 from omnigate.gateway.v1 import gateway_pb2_grpc
+from tests.support import media_factory
+from tests.support.stack import MODELS_DIR, Stack
 
 pytestmark = pytest.mark.slow
 

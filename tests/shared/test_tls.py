@@ -11,12 +11,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from certs import Authority, secret_volume
 from cryptography import x509
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from omnigate import tls
 from omnigate.grpc_server import finish_server, start_health_server
+from tests.support.certs import Authority, secret_volume
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 

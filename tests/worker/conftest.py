@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from stack import MODELS_DIR
 
 from omnigate_worker import loading
 from omnigate_worker.settings import WorkerSettings
 from omnigate_worker.transformers_engine import TransformersEngine
+from tests.support.stack import MODELS_DIR
 
 OMNI = str(MODELS_DIR / "tiny-qwen2.5-omni")
 

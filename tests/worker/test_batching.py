@@ -10,7 +10,6 @@ import time
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
-from stack import MODELS_DIR
 
 from omnigate.conversation import (
     ContentPart,
@@ -28,6 +27,7 @@ from omnigate_worker.engine import Prepared
 from omnigate_worker.metrics import WorkerMetrics
 from omnigate_worker.scheduler import Scheduler
 from omnigate_worker.settings import WorkerSettings
+from tests.support.stack import MODELS_DIR
 
 
 def _scheduler(engine, **overrides) -> Scheduler:

@@ -6,16 +6,14 @@ this checks that one quick run writes all of them, finite and positive, and exit
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
 import sys
 
 import pytest
-from stack import MODELS_DIR, REPO_DIR
 
-BENCH = REPO_DIR / "bench" / "gpu.py"
+from tests.support.stack import MODELS_DIR, REPO_DIR
 
 
 def positive(value) -> bool:
@@ -23,10 +21,9 @@ def positive(value) -> bool:
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_gpu", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from bench import gpu
+
+    return gpu
 
 
 @pytest.mark.parametrize(
@@ -48,7 +45,8 @@ def test_quick_run_reports_every_section(tmp_path):
     run = subprocess.run(
         [
             sys.executable,
-            str(BENCH),
+            "-m",
+            "bench.gpu",
             "--quick",
             "--size",
             "tiny",

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from stack import MODELS_DIR
 from transformers import AutoProcessor
 
 from omnigate.conversation import ContentPart, GenerationRequest, Message, Modality
 from omnigate.errors import ErrorCode, InvalidInput
 from omnigate.media import Audio, Image, Video
 from omnigate_worker import inputs
+from tests.support.stack import MODELS_DIR
 
 MESSAGE_LIMIT = 400
 

@@ -11,7 +11,6 @@ import asyncio
 import threading
 
 from prometheus_client import CollectorRegistry
-from waiting import async_wait_until
 
 from omnigate.conversation import (
     ContentPart,
@@ -26,6 +25,7 @@ from omnigate_worker.engine import Batch, Prepared
 from omnigate_worker.metrics import WorkerMetrics
 from omnigate_worker.scheduler import Scheduler
 from omnigate_worker.settings import WorkerSettings
+from tests.support.waiting import async_wait_until
 
 
 def _request(name: str, mode=GenerationMode.TEXT, prompt_tokens: int = 4) -> GenerationRequest:

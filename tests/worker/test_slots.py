@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 from prometheus_client import CollectorRegistry
-from stack import MODELS_DIR
 
 from omnigate.conversation import ContentPart, Modality, Summary
 from omnigate.errors import LimitExceeded
@@ -26,7 +25,8 @@ from omnigate_worker.metrics import WorkerMetrics
 from omnigate_worker.scheduler import Scheduler
 from omnigate_worker.settings import WorkerSettings
 from omnigate_worker.transformers_engine import TransformersEngine
-from worker.test_batching import _bench_set, _collect, _request, _text, _unbatched
+from tests.support.stack import MODELS_DIR
+from tests.worker.test_batching import _bench_set, _collect, _request, _text, _unbatched
 
 OMNI = str(MODELS_DIR / "tiny-qwen2.5-omni")
 BYTES_PER_TOKEN = 2 * 2 * 2 * 16 * 4  # tiny Omni thinker: K and V, 2 layers, 2 KV heads, head_dim 16, fp32

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 from prometheus_client import CollectorRegistry
-from stack import MODELS_DIR
 from transformers import LogitsProcessorList
 from transformers.cache_utils import DynamicCache
 from transformers.generation.streamers import BaseStreamer
@@ -39,6 +38,7 @@ from omnigate_worker.scheduler import Scheduler
 from omnigate_worker.settings import WorkerSettings
 from omnigate_worker.talker import TALKER_STOP_CODES, talker_generation_config
 from omnigate_worker.vocoder import NoiseSource, synthesize
+from tests.support.stack import MODELS_DIR
 
 OMNI = str(MODELS_DIR / "tiny-qwen2.5-omni")
 

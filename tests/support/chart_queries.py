@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-REPO_DIR = Path(__file__).resolve().parents[1]
+REPO_DIR = Path(__file__).resolve().parents[2]
 METRICS_DOC = REPO_DIR / "docs" / "metrics.md"
 _THRESHOLD = re.compile(r"\s*(>=|<=|==|!=|>|<)\s*(bool\s+)?[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$")
 _ADAPTER_TEMPLATE = re.compile(r"<<\s*(.*?)\s*>>")

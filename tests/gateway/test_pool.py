@@ -1,5 +1,6 @@
-"""WorkerPool: worker_target parsing, least-outstanding picks, retries (only before output), ejection,
-draining, model mismatch, DNS discovery and readiness.
+"""WorkerPool and its calls: least-outstanding picks, retries (only before output), ejection, draining,
+model mismatch, DNS discovery and readiness (workers/pool.py, call.py, client.py; worker_target parsing is
+in test_targets.py).
 
 The workers here are FAKES: in-process gRPC servers on loopback that answer Generate as a test tells them
 to (succeed, fail before or after output, hold the stream open). These tests are about the gateway's
@@ -17,7 +18,6 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
-from pydantic import ValidationError
 
 from omnigate import status
 from omnigate.conversation import ContentPart, GenerationRequest, Message, Modality
@@ -26,14 +26,9 @@ from omnigate.worker.v1 import worker_pb2 as wk
 from omnigate.worker.v1 import worker_pb2_grpc
 from omnigate_gateway.metrics import GatewayMetrics
 from omnigate_gateway.settings import GatewaySettings
-from omnigate_gateway.workers.pool import (
-    WORKER_SERVICE,
-    TargetEntry,
-    WorkerPool,
-    address,
-    parse_worker_target,
-    resolve_with_loop,
-)
+from omnigate_gateway.workers.client import WORKER_SERVICE
+from omnigate_gateway.workers.pool import WorkerPool
+from omnigate_gateway.workers.targets import address
 from tests.support.waiting import async_wait_until as wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -184,41 +179,6 @@ def first_choice(pool: WorkerPool, fake: FakeWorker):
 
 def sample(metrics: GatewayMetrics, name: str, **labels) -> float:
     return metrics.registry.get_sample_value(name, labels) or 0.0
-
-
-# ---- worker_target --------------------------------------------------------------------------------
-
-
-def test_parse_worker_target():
-    assert parse_worker_target("10.0.0.7:50061") == [TargetEntry("10.0.0.7", 50061, resolve=False)]
-    assert parse_worker_target("[::1]:50061") == [TargetEntry("::1", 50061, resolve=False)]
-    assert parse_worker_target("dns:///omnigate-worker.ns.svc.cluster.local:50061") == [
-        TargetEntry("omnigate-worker.ns.svc.cluster.local", 50061, resolve=True)
-    ]
-    assert parse_worker_target("worker:50061, 10.0.0.1:2,") == [
-        TargetEntry("worker", 50061, resolve=True),
-        TargetEntry("10.0.0.1", 2, resolve=False),
-    ]
-    assert str(parse_worker_target("dns:10.0.0.1:7")[0]) == "10.0.0.1:7"  # an address needs no resolving
-    for bad in (
-        "",
-        " , ",
-        "worker",
-        "worker:0",
-        "worker:99999",
-        "worker:http",
-        "::1:50061",
-        "[::1]",
-        "dns://8.8.8.8/w:1",
-    ):
-        with pytest.raises(ValueError):
-            parse_worker_target(bad)
-    with pytest.raises(ValidationError, match="worker:http"):
-        GatewaySettings(worker_target="worker:http")
-
-
-async def test_resolve_with_loop_returns_every_address():
-    assert "127.0.0.1" in await resolve_with_loop("localhost", 50061)
 
 
 # ---- picking ----------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from pydantic_settings import SettingsConfigDict
 from omnigate.media import DecodeLimits
 from omnigate.service_settings import ServiceSettings
 from omnigate_gateway.media.fetch import FetchLimits
+from omnigate_gateway.workers.targets import parse_worker_target
 
 
 class GatewaySettings(ServiceSettings):
@@ -201,8 +202,6 @@ class GatewaySettings(ServiceSettings):
     @field_validator("worker_target")
     @classmethod
     def _valid_worker_target(cls, value: str) -> str:
-        from omnigate_gateway.workers.pool import parse_worker_target
-
         parse_worker_target(value)  # ValueError names the malformed entry
         return value
 

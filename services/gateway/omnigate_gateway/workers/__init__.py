@@ -1,2 +1,3 @@
-"""The worker pool: the workers a gateway calls (``pool.py``: targets, health, choice, ejection, and the
-retries of a call on another worker) and their gRPC channels (``channels.py``)."""
+"""The workers a gateway calls: where they are (``targets.py``), one worker's channel, health and ejection
+state (``client.py``), the set of them and the choice of one (``pool.py``), one request's call to a worker,
+**where a retry happens** (``call.py``), and the gRPC channels (``channels.py``)."""

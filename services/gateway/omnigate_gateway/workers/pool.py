@@ -1,233 +1,54 @@
-"""The gateway's workers: discovery, health, balancing, ejection, and Generate with retries.
+"""The set of a gateway's workers, and the choice of one for each request.
 
-``WorkerPool`` holds one ``WorkerClient`` (a channel, its stubs, the worker's model info and state) per
-worker address:
+``WorkerPool`` holds one ``WorkerClient`` (``client.py``: a channel, its stubs, the worker's model info and
+state) per worker address:
 
-- **Discovery.** ``OMNIGATE_GATEWAY_WORKER_TARGET`` is a comma-separated list of entries. An entry with an
-  IP address (``10.0.0.7:50061``, ``[::1]:50061``) is one worker. An entry with a name (``dns:///name:port``,
-  gRPC's syntax, or plain ``name:port``) is resolved with the event loop's ``getaddrinfo`` every
-  ``worker_discovery_interval_s``: every A/AAAA record is a worker (a Kubernetes headless Service lists
-  one per ready pod). Workers that leave the answers get no new requests; their channel closes once their
-  calls are done.
-- **Health.** Each worker's ``grpc.health.v1`` status is checked every ``worker_check_interval_s`` (at
-  once after a failed call). A worker is *ready* when it answers SERVING and serves the pool's model,
-  *draining* when it answered NOT_SERVING after having served (SIGTERM), *not_ready* when it cannot be
-  reached, is still loading or serves another model, *ejected* for ``worker_ejection_s`` after
-  ``worker_eject_after_failures`` failed calls in a row.
+- **Discovery.** The workers are the entries of ``worker_target`` (``targets.py``), names resolved again
+  every ``worker_discovery_interval_s``. Workers that leave the answers get no new requests; their channel
+  closes once their calls are done.
+- **Health.** Each worker's health is watched (``WorkerClient.watch``); the pool serves the model most
+  serving workers serve.
 - **Balancing.** A request goes to the ready worker with the fewest requests outstanding from this
   gateway (ties broken at random).
-- **Retries.** A call that fails before any output reached the client is sent again to another worker
-  (at most ``worker_max_retries`` times, within the request's deadline) when the failure is retriable:
-  UNAVAILABLE (unreachable, crashed, draining, still loading) or RESOURCE_EXHAUSTED carrying a retry delay
-  (a full queue). Once output has started, a failure ends the stream with its status: nothing is sent
-  twice.
+- **Ejection.** A worker is ejected for ``worker_ejection_s`` after ``worker_eject_after_failures`` failed
+  calls in a row (never the last ready one).
+
+``generate`` starts one request's call (``call.py``, where a failed attempt is retried on another worker).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ipaddress
+import functools
 import logging
 import random
 import socket
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from omnigate import status
 from omnigate.conversation import GenerationRequest, ModelInfo
-from omnigate.errors import DeadlineExceeded, Unavailable
-from omnigate.worker.v1 import worker_pb2, worker_pb2_grpc
-from omnigate_gateway import convert
-from omnigate_gateway.workers.channels import credentials_version, worker_channel
+from omnigate.errors import Unavailable
+from omnigate_gateway.workers.call import PoolCall
+from omnigate_gateway.workers.channels import credentials_version
+from omnigate_gateway.workers.client import STATE_WORDS, STATES, WorkerClient
+from omnigate_gateway.workers.targets import (
+    Resolve,
+    TargetEntry,
+    address,
+    parse_worker_target,
+    resolve_with_loop,
+)
 
 if TYPE_CHECKING:
     from omnigate_gateway.metrics import GatewayMetrics
     from omnigate_gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
-
-if TYPE_CHECKING:  # grpc.aio's call classes are generic only in their stubs
-    WorkerCall = grpc.aio.StreamStreamCall[worker_pb2.GenerateRequest, worker_pb2.GenerateResponse]
-
-WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
-STATES = ("ready", "not_ready", "ejected", "draining")
-_STATE_WORDS = {
-    "ready": "ready",
-    "not_ready": "not ready (unreachable, loading its model, or serving another model)",
-    "ejected": "ejected after failed calls",
-    "draining": "draining",
-}
-
-# Failures that count against a worker (toward ejection): the worker is gone, refuses work (draining, not
-# ready), or reports it is out of a resource (a full queue, out of memory: RESOURCE_EXHAUSTED with a retry
-# delay). Everything else is the worker's answer to one request (its input was bad, too long, or hit a bug),
-# which says nothing about the next request: counting INTERNAL let a handful of bad requests eject the only
-# worker and turn the gateway NOT_SERVING. A worker that is broken for every request says so through its
-# health (the watch marks it not ready).
-_WORKER_FAULTS = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS}
-
-
-def is_worker_fault(code: grpc.StatusCode | None, retry_after_s: float | None = None) -> bool:
-    """Whether a call ending with ``code`` counts against the worker (see ``_WORKER_FAULTS``)."""
-    return code in _WORKER_FAULTS or (
-        code is grpc.StatusCode.RESOURCE_EXHAUSTED and retry_after_s is not None
-    )
-
-
-Resolve = Callable[[str, int], Awaitable[list[str]]]
-
-
-# ---- worker_target ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TargetEntry:
-    """One entry of worker_target: an address (one worker) or a name resolved to workers."""
-
-    host: str
-    port: int
-    resolve: bool  # True: a DNS name whose A/AAAA records are the workers
-
-    def __str__(self) -> str:
-        return f"dns:///{self.host}:{self.port}" if self.resolve else address(self.host, self.port)
-
-
-def address(host: str, port: int) -> str:
-    """``host:port`` as gRPC takes it (IPv6 in brackets)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def parse_worker_target(value: str) -> list[TargetEntry]:
-    """Parses worker_target (``host:port``, ``dns:///name:port``, comma-separated); ValueError if malformed."""
-    entries = []
-    for raw in (item.strip() for item in value.split(",")):
-        if not raw:
-            continue
-        rest = raw
-        if rest.startswith("dns:"):
-            rest = rest[4:]
-            if rest.startswith("//"):
-                authority, _, rest = rest[2:].partition("/")
-                if authority:
-                    raise ValueError(
-                        f"worker target {raw!r}: a DNS server (dns://SERVER/...) is not supported; use "
-                        "dns:///name:port"
-                    )
-        if rest.startswith("["):
-            host, sep, port_text = rest[1:].partition("]:")
-            if not sep:
-                raise ValueError(f"worker target {raw!r}: expected [IPv6]:port")
-        else:
-            host, sep, port_text = rest.rpartition(":")
-            if not sep or ":" in host:
-                raise ValueError(
-                    f"worker target {raw!r}: expected host:port, [IPv6]:port or dns:///name:port"
-                )
-        if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise ValueError(f"worker target {raw!r}: expected host:port with a port from 1 to 65535")
-        try:
-            ipaddress.ip_address(host)
-            is_ip = True
-        except ValueError:
-            is_ip = False
-        if not is_ip and ":" in host:
-            raise ValueError(f"worker target {raw!r}: {host!r} is not an IPv6 address")
-        entries.append(TargetEntry(host, int(port_text), resolve=not is_ip))
-    if not entries:
-        raise ValueError(
-            "worker_target is empty: give host:port, a comma-separated list, or dns:///name:port"
-        )
-    return entries
-
-
-async def resolve_with_loop(host: str, port: int) -> list[str]:
-    """Every address ``host`` resolves to (A and AAAA records), in the resolver's order, no duplicates."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return list(dict.fromkeys(str(info[4][0]) for info in infos))
-
-
-# ---- one worker ---------------------------------------------------------------------------------------
-
-
-class WorkerClient:
-    """One worker: its channel, health and model info, and what this gateway has outstanding on it."""
-
-    def __init__(self, target: str, settings: GatewaySettings) -> None:
-        self.target = target
-        self._settings = settings
-        self._open()
-        self.info: ModelInfo | None = None
-        self.serving = False  # the last health check answered SERVING
-        self.draining = False  # it answered NOT_SERVING after having served
-        self.suspect = False  # a call failed as unavailable: no new requests until the next health check
-        self.outstanding = 0  # calls this gateway has on it now
-        self.failures = 0  # worker faults in a row
-        self.ejected_until = 0.0
-        self.removed = False  # no longer discovered: closes once its calls are done
-        self.recheck = asyncio.Event()
-        self.watcher: asyncio.Task | None = None
-
-    def _open(self) -> None:
-        self.channel = worker_channel(self.target, self._settings)
-        self.stub = worker_pb2_grpc.WorkerServiceStub(self.channel)
-        self.health = health_pb2_grpc.HealthStub(self.channel)
-
-    def reopen(self) -> grpc.aio.Channel:
-        """Opens a new channel (new TLS files); returns the old one, for the caller to close when done."""
-        old = self.channel
-        self._open()
-        return old
-
-    def state(self, model_id: str | None, now: float) -> str:
-        if self.draining:
-            return "draining"
-        if not self.serving or self.suspect or self.info is None or self.info.model_id != model_id:
-            return "not_ready"
-        if self.ejected_until > now:
-            return "ejected"
-        return "ready"
-
-    async def check(self, timeout_s: float) -> bool:
-        """Asks the worker's health (and, when it starts serving, its model info); updates the state.
-
-        Returns True when the model info was (re)read.
-        """
-        read_info = False
-        try:
-            # types-grpcio-health-checking declares HealthStub without its methods
-            reply = await self.health.Check(  # type: ignore[attr-defined]
-                health_pb2.HealthCheckRequest(service=WORKER_SERVICE), timeout=timeout_s
-            )
-            if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                if self.info is None or not self.serving:
-                    info = await self.stub.GetModelInfo(worker_pb2.GetModelInfoRequest(), timeout=timeout_s)
-                    self.info = convert.model_info_from_worker(info)
-                    read_info = True
-                    log.info("worker %s serves %s", self.target, self.info.model_id)
-                self.serving, self.draining = True, False
-            else:
-                if self.serving and not self.draining:
-                    log.info("worker %s is draining (NOT_SERVING): no new requests go to it", self.target)
-                self.draining = self.draining or self.serving
-                self.serving = False
-        except grpc.RpcError as exc:
-            if self.serving or self.draining:
-                log.warning("worker %s is unreachable: %s", self.target, exc.details() or exc.code().name)
-            self.serving = self.draining = False
-            self.info = None  # a worker that comes back may be a new process (reread its model)
-        self.suspect = False
-        return read_info
-
-
-# ---- the pool -----------------------------------------------------------------------------------------
 
 
 class WorkerPool:
@@ -281,7 +102,7 @@ class WorkerPool:
     def require_info(self) -> ModelInfo:
         info = self.info
         if info is None:
-            raise Unavailable(self._no_worker_message())
+            raise Unavailable(self.no_worker_message())
         return info
 
     def counts(self) -> dict[str, int]:
@@ -319,7 +140,7 @@ class WorkerPool:
 
         ``metadata`` goes with every attempt (trace context, request id).
         """
-        return PoolCall(self, request, timeout_s, metadata)
+        return PoolCall(self, self._settings, self._metrics, request, timeout_s, metadata)
 
     # -- routing --
 
@@ -337,12 +158,13 @@ class WorkerPool:
         fewest = min(w.outstanding for w in candidates)
         return random.choice([w for w in candidates if w.outstanding == fewest])
 
-    def _no_worker_message(self) -> str:
+    def no_worker_message(self) -> str:
+        """Why no worker can take a request now (the workers by state, or where none was found)."""
         known = {state: n for state, n in self.counts().items() if n}
         if not known:
             where = ", ".join(str(e) for e in self._entries)
             return f"no worker is ready: none found at {where}; retry shortly"
-        states = ", ".join(f"{n} {_STATE_WORDS[state]}" for state, n in known.items())
+        states = ", ".join(f"{n} {STATE_WORDS[state]}" for state, n in known.items())
         return f"no worker is ready yet: {states}; retry shortly"
 
     def attempt_done(self, worker: WorkerClient, code: grpc.StatusCode | None, fault: bool = False) -> None:
@@ -424,7 +246,12 @@ class WorkerPool:
                 log.info("worker %s is back", target)
             else:
                 continue
-            worker.watcher = asyncio.create_task(self._watch(worker), name=f"health {target}")
+            watch = worker.watch(
+                self._settings.worker_check_interval_s,
+                self._settings.worker_check_timeout_s,
+                functools.partial(self._checked, worker),
+            )
+            worker.watcher = asyncio.create_task(watch, name=f"health {target}")
         for target, worker in list(self._workers.items()):
             if target not in targets and not worker.removed:
                 log.info("worker %s is no longer discovered: no new requests go to it", target)
@@ -460,18 +287,12 @@ class WorkerPool:
         log.info("worker TLS files changed: new channels opened")
         self._credentials = version
 
-    async def _watch(self, worker: WorkerClient) -> None:
-        s = self._settings
-        while True:
-            worker.recheck.clear()
-            fresh = await worker.check(s.worker_check_timeout_s)
-            self._adopt_model(worker, fresh)
-            self._publish()
-            if not any(entry.resolve for entry in self._entries):
-                self._check_credentials()
-            with contextlib.suppress(TimeoutError):  # (asyncio.wait_for could swallow a cancellation)
-                async with asyncio.timeout(s.worker_check_interval_s):
-                    await worker.recheck.wait()
+    def _checked(self, worker: WorkerClient, fresh: bool) -> None:
+        """After each health check of ``worker`` (``fresh``: its model info was reread)."""
+        self._adopt_model(worker, fresh)
+        self._publish()
+        if not any(entry.resolve for entry in self._entries):
+            self._check_credentials()
 
     def _adopt_model(self, worker: WorkerClient, fresh: bool) -> None:
         """The pool serves one model: the one most serving workers serve (on a tie, the one it had).
@@ -512,107 +333,3 @@ class WorkerPool:
         if self._changed is not None and not self._changed.done():
             self._changed.set_result(None)
         self._changed = None
-
-
-class PoolCall:
-    """One Generate request across attempts: iterate it for worker events, ``cancel()`` it when done.
-
-    An attempt that fails before its first event is retried on another worker when the failure is
-    retriable and the budget and deadline allow; the last failure is raised as the ``grpc.RpcError`` it
-    was (``target`` names the worker that produced it).
-    """
-
-    def __init__(
-        self,
-        pool: WorkerPool,
-        request: GenerationRequest,
-        timeout_s: float | None,
-        metadata: list[tuple[str, str]] | None,
-    ) -> None:
-        self._pool = pool
-        self._request = request
-        self._metadata = metadata
-        self._deadline = time.monotonic() + timeout_s if timeout_s is not None else None
-        self._tried: set[str] = set()
-        self._retries = 0
-        self._started = False  # an event went to the caller: no retry from now on
-        self._worker: WorkerClient | None = None
-        self._call: WorkerCall | None = None
-        self.target = pool.target
-
-    def __aiter__(self) -> PoolCall:
-        return self
-
-    async def __anext__(self) -> worker_pb2.GenerateResponse:
-        while True:
-            call = self._call if self._call is not None else self._attempt()
-            try:
-                event = await call.read()
-            except grpc.RpcError as exc:
-                # A connection lost under the call is the worker going away: book it as UNAVAILABLE.
-                code = grpc.StatusCode.UNAVAILABLE if status.is_connection_lost(exc) else exc.code()
-                self._end(code, is_worker_fault(code, status.retry_after_s(exc)))
-                if not self._retry(exc):
-                    raise
-                continue
-            if event is grpc.aio.EOF:
-                self._end(grpc.StatusCode.OK)
-                raise StopAsyncIteration
-            self._started = True
-            return cast(worker_pb2.GenerateResponse, event)  # read() gives a message or EOF, ruled out above
-
-    def cancel(self) -> None:
-        """Stops the current attempt (no-op when it has ended)."""
-        if self._call is not None:
-            self._call.cancel()
-            self._end(None)
-
-    def _attempt(self) -> WorkerCall:
-        """Starts the call on the least busy worker not tried yet; returns it (it is also ``self._call``)."""
-        worker = self._pool.pick(self._tried)
-        if worker is None:
-            raise Unavailable(self._pool._no_worker_message())
-        timeout = None
-        if self._deadline is not None:
-            timeout = self._deadline - time.monotonic()
-            if timeout <= 0:
-                raise DeadlineExceeded("the request's deadline passed before a worker could take it")
-        self._tried.add(worker.target)
-        self.target = worker.target
-        worker.outstanding += 1
-        self._worker = worker
-        stream = convert.worker_stream(self._request, self._pool._settings.worker_chunk_bytes)
-        self._call = worker.stub.Generate(stream, timeout=timeout, metadata=self._metadata)
-        return self._call
-
-    def _end(self, code: grpc.StatusCode | None, fault: bool = False) -> None:
-        if self._worker is not None:
-            self._pool.attempt_done(self._worker, code, fault)
-        self._worker = None
-        self._call = None
-
-    def _retry(self, exc: grpc.RpcError) -> bool:
-        """Whether to try another worker after ``exc`` (counts the failed attempt when so)."""
-        code = exc.code()
-        retriable = (
-            code is grpc.StatusCode.UNAVAILABLE
-            or status.is_connection_lost(exc)  # the worker died while we were sending it the request
-            or (code is grpc.StatusCode.RESOURCE_EXHAUSTED and status.retry_after_s(exc) is not None)
-        )
-        s = self._pool._settings
-        if self._started or not retriable or self._retries >= s.worker_max_retries:
-            return False
-        if self._deadline is not None and self._deadline <= time.monotonic():
-            return False
-        if self._pool.pick(self._tried) is None:
-            return False
-        self._retries += 1
-        log.info(
-            "worker %s failed before any output (%s: %s); trying another worker",
-            self.target,
-            code.name,
-            exc.details(),
-        )
-        self._pool._metrics.upstream_errors.labels(code.name).inc()
-        self._pool._metrics.upstream_retries.inc()
-        return True

@@ -21,7 +21,7 @@ default. A timeout that is not a finite positive number is refused (400); one ab
 timeout is cut to it (the default is also the longest wait an HTTP caller can ask for). Every response
 carries ``X-Request-ID`` (the client's, when it sent a sane one).
 
-Access lines: a request that reaches the core gets the core's access line (``core._log_access``); a
+Access lines: a request that reaches the core gets the core's access line (``observation._log_access``); a
 request refused before it (bad JSON or parameters, unknown route or method, body too large, a malformed
 HTTP request) gets one from ``RequestIdMiddleware`` (or the HTTP protocol guard), on the same logger, with
 the request id, the HTTP status and the reason. uvicorn's own access log is off: it would log every URL
@@ -60,7 +60,8 @@ from omnigate.errors import InternalError, OmnigateError, quote
 from omnigate.gateway.v1 import gateway_pb2 as gw
 from omnigate.validation import RequestLimits
 from omnigate_gateway.auth import credential
-from omnigate_gateway.core import Call, GatewayCore, access_log, request_id_from
+from omnigate_gateway.core import Call, GatewayCore, request_id_from
+from omnigate_gateway.observation import access_log
 from omnigate_gateway.openai_api import convert as oc
 from omnigate_gateway.settings import GatewaySettings
 

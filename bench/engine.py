@@ -66,13 +66,15 @@ def run_baseline(media: dict[str, bytes], requests: int, output_tokens: int) -> 
     import PIL.Image
     from transformers import pipeline
 
-    from omnigate_gateway.media import decode
+    from omnigate_gateway.media.audio import decode_audio
+    from omnigate_gateway.media.image import decode_image
+    from omnigate_gateway.media.video import decode_video
 
     pipe = pipeline("any-to-any", model=str(MODEL))
     limits = DecodeLimits()
-    image = PIL.Image.fromarray(decode.decode_image(media["image"], limits).pixels)
-    audio = decode.decode_audio(media["audio"], 16000, limits).samples
-    video = decode.decode_video(media["video"], 1.0, False, 16000, limits).frames
+    image = PIL.Image.fromarray(decode_image(media["image"], limits).pixels)
+    audio = decode_audio(media["audio"], 16000, limits).samples
+    video = decode_video(media["video"], 1.0, False, 16000, limits).frames
     generate = {
         "generation_mode": "text",
         "thinker_max_new_tokens": output_tokens,

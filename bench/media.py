@@ -156,17 +156,19 @@ def _loader(case: str, loader: str):
     path = str(CORPUS / file)
     if loader == "omnigate":
         from omnigate.media import DecodeLimits
-        from omnigate_gateway.media import decode
+        from omnigate_gateway.media.audio import decode_audio
+        from omnigate_gateway.media.image import decode_image
+        from omnigate_gateway.media.video import decode_video
 
         limits = DecodeLimits()
 
         def run():
             data = Path(path).read_bytes()
             if kind == "audio":
-                return decode.decode_audio(data, AUDIO_RATE, limits).samples
+                return decode_audio(data, AUDIO_RATE, limits).samples
             if kind == "image":
-                return decode.decode_image(data, limits).pixels
-            return decode.decode_video(data, VIDEO_FPS, options["load_audio"], AUDIO_RATE, limits).frames
+                return decode_image(data, limits).pixels
+            return decode_video(data, VIDEO_FPS, options["load_audio"], AUDIO_RATE, limits).frames
 
         return run
     from transformers.audio_utils import load_audio

@@ -19,7 +19,10 @@ from omnigate_gateway.errors import (
     MediaDecodeError,
     OmnigateError,
 )
-from omnigate_gateway.media.decode import decode_audio, decode_image, decode_video, sniff
+from omnigate_gateway.media.audio import decode_audio
+from omnigate_gateway.media.image import decode_image
+from omnigate_gateway.media.sniff import sniff
+from omnigate_gateway.media.video import decode_video
 from tests.support.media_factory import (
     frame_color,
     gradient_image,
@@ -582,7 +585,7 @@ def test_sampling_equals_decoding_everything(codec, gop, fps):
 def test_sparse_sampling_jumps_over_whole_groups_of_pictures():
     import av
 
-    from omnigate_gateway.media.decode import _plan_decoding
+    from omnigate_gateway.media.video import _plan_decoding
 
     data = make_video("mp4", "h264", seconds=8.0, fps=10, gop=10, with_audio=False)
     with av.open(io.BytesIO(data)) as container:
@@ -625,7 +628,7 @@ def test_a_passed_deadline_stops_decoding():
 
 
 class FakeRangesThatLoseAFrame:
-    """A fake of ``decode._decode_segments`` (the parallel range decoders) that lost a sampled frame, as on
+    """A fake of ``video._decode_segments`` (the parallel range decoders) that lost a sampled frame, as on
     a damaged stream: it decodes nothing and answers None. Counts its calls."""
 
     def __init__(self) -> None:
@@ -639,20 +642,20 @@ class FakeRangesThatLoseAFrame:
 def test_sequential_fallback_when_a_range_misses_a_frame(monkeypatch):
     """If parallel decoding of the ranges loses a sampled frame (a damaged stream), decoding is redone in
     order, with the same result."""
-    from omnigate_gateway.media import decode
+    from omnigate_gateway.media import video
 
     def fake_four_cores() -> int:
-        """A fake of ``decode._parallel_decoders``: four range decoders, whatever this machine's cores."""
+        """A fake of ``video._parallel_decoders``: four range decoders, whatever this machine's cores."""
         return 4
 
-    monkeypatch.setattr(decode, "_parallel_decoders", fake_four_cores)
+    monkeypatch.setattr(video, "_parallel_decoders", fake_four_cores)
     data = make_video("mp4", "h264-bframes", seconds=6.0, fps=10, gop=10, with_audio=False)
     expected = decode_video(data, 2.0, False, 16000, LIMITS)
     ranges = FakeRangesThatLoseAFrame()
-    monkeypatch.setattr(decode, "_decode_segments", ranges)
+    monkeypatch.setattr(video, "_decode_segments", ranges)
     converted = []  # frames the in-order loop turned into RGB (the ranges decoded none)
-    real_upright_rgb = decode._upright_rgb
-    monkeypatch.setattr(decode, "_upright_rgb", lambda *a: converted.append(1) or real_upright_rgb(*a))
+    real_upright_rgb = video._upright_rgb
+    monkeypatch.setattr(video, "_upright_rgb", lambda *a: converted.append(1) or real_upright_rgb(*a))
     again = decode_video(data, 2.0, False, 16000, LIMITS)
     assert ranges.calls == 1, "the video was not split into ranges: the fallback was not exercised"
     assert len(converted) == len(again.frames) == len(expected.frames) == 12
@@ -661,7 +664,7 @@ def test_sequential_fallback_when_a_range_misses_a_frame(monkeypatch):
 
 
 def test_video_ranges_start_only_where_later_frames_can_be_reached():
-    from omnigate_gateway.media.decode import _DecodePlan, _segments
+    from omnigate_gateway.media.video import _DecodePlan, _segments
 
     # Sampled packets 5, 25, 45 reach back to keyframes 0, 20, 40; packet 42 is a leading picture that
     # needs keyframe 20 (shown before keyframe 40), so no range may start at 40.

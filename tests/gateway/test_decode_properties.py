@@ -15,8 +15,10 @@ from PIL import Image as PILImage
 
 from omnigate.media import DecodeLimits
 from omnigate_gateway.errors import OmnigateError
-from omnigate_gateway.media.decode import decode_audio, decode_image, decode_video
+from omnigate_gateway.media.audio import decode_audio
+from omnigate_gateway.media.image import decode_image
 from omnigate_gateway.media.resize import fit_size
+from omnigate_gateway.media.video import decode_video
 from tests.support import media_factory as mf
 
 LIMITS = DecodeLimits(max_audio_duration_s=60, max_video_duration_s=60, max_image_pixels=4_000_000)

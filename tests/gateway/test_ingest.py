@@ -13,10 +13,11 @@ from omnigate.conversation import Modality, ModelInfo
 from omnigate.gateway.v1 import gateway_pb2 as pb
 from omnigate_gateway import convert
 from omnigate_gateway.errors import DeadlineExceeded, ErrorCode, LimitExceeded, MediaDecodeTimeout
-from omnigate_gateway.media import decode
 from omnigate_gateway.media.fetch import MediaFetcher
+from omnigate_gateway.media.image import decode_image
 from omnigate_gateway.media.ingest import MediaIngestor
 from omnigate_gateway.media.resize import fit_size
+from omnigate_gateway.media.video import decode_video
 from omnigate_gateway.metrics import GatewayMetrics
 from omnigate_gateway.settings import GatewaySettings
 from tests.support import media_factory as mf
@@ -94,7 +95,7 @@ async def test_image_within_bounds_is_untouched(make_ingestor):
     data = mf.make_png(200, 150)  # 30000 pixels, under 50176
     ingestor = await make_ingestor()
     (part,) = await resolve(ingestor, ("image", inline(data)))
-    assert np.array_equal(part.image.pixels, decode.decode_image(data, decode_limits()).pixels)
+    assert np.array_equal(part.image.pixels, decode_image(data, decode_limits()).pixels)
 
 
 async def test_1080p_video_frames_are_downscaled(make_ingestor):
@@ -210,7 +211,7 @@ def long_video() -> tuple[bytes, float]:
     """A 60 s clip and how long decoding it at 10 fps takes here, undisturbed."""
     data = mf.make_video("mp4", "h264", seconds=60.0, fps=30, w=320, h=240, with_audio=False)
     started = time.monotonic()
-    decode.decode_video(data, 10.0, False, 16000, decode_limits())
+    decode_video(data, 10.0, False, 16000, decode_limits())
     return data, time.monotonic() - started
 
 

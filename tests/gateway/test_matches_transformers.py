@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from omnigate.media import DecodeLimits
-from omnigate_gateway.media.decode import decode_audio, decode_image, decode_video
+from omnigate_gateway.media.audio import decode_audio
+from omnigate_gateway.media.image import decode_image
+from omnigate_gateway.media.video import decode_video
 from tests.support import media_factory as mf
 
 transformers = pytest.importorskip("transformers")

@@ -26,9 +26,11 @@ from omnigate_gateway.errors import (
     MediaFetchError,
     OmnigateError,
 )
-from omnigate_gateway.media.decode import decode_audio, decode_image, decode_video
+from omnigate_gateway.media.audio import decode_audio
 from omnigate_gateway.media.fetch import FetchLimits, MediaFetcher
+from omnigate_gateway.media.image import decode_image
 from omnigate_gateway.media.resolver import StaticResolver
+from omnigate_gateway.media.video import decode_video
 from tests.support import media_factory as mf
 
 LIMITS = DecodeLimits()

@@ -17,8 +17,9 @@ from omnigate.gateway.v1 import gateway_pb2_grpc
 from omnigate.media import DecodeLimits, Image
 from omnigate.worker.v1 import worker_pb2_grpc
 from omnigate_gateway.convert import worker_stream
-from omnigate_gateway.media import decode
+from omnigate_gateway.media.image import decode_image
 from omnigate_gateway.media.resize import fit_size
+from omnigate_gateway.media.video import decode_video
 from tests.support import media_factory as mf
 
 from .conftest import FAKE_MAX_IMAGE_PIXELS, FAKE_MAX_VIDEO_FRAME_PIXELS
@@ -81,7 +82,7 @@ def _direct_to_worker(worker, part: ContentPart, fps: float | None = None) -> tu
 def test_image_within_bounds_reaches_the_worker_byte_for_byte(fake_gateway, fake_worker):
     data = mf.make_png(200, 150)  # 30000 pixels: within the bound
     _via_gateway(fake_gateway, "image", data)
-    assert np.array_equal(fake_worker[0].last_image(), decode.decode_image(data, DecodeLimits()).pixels)
+    assert np.array_equal(fake_worker[0].last_image(), decode_image(data, DecodeLimits()).pixels)
 
 
 def test_4k_image_reaches_the_worker_downscaled(fake_gateway, fake_worker):
@@ -106,7 +107,7 @@ def test_1080p_video_frames_reach_the_worker_downscaled(fake_gateway, fake_worke
 
 def test_answer_unchanged_for_an_image_within_bounds(real_gateway, omni_worker):
     data = mf.make_jpeg(160, 120)
-    pixels = decode.decode_image(data, DecodeLimits()).pixels
+    pixels = decode_image(data, DecodeLimits()).pixels
     expected = _direct_to_worker(omni_worker, ContentPart(Modality.IMAGE, image=Image(pixels)))
     assert expected[0]
     assert _via_gateway(real_gateway, "image", data) == expected
@@ -114,7 +115,7 @@ def test_answer_unchanged_for_an_image_within_bounds(real_gateway, omni_worker):
 
 def test_answer_unchanged_for_a_video_within_bounds(real_gateway, omni_worker):
     data = mf.make_video("mp4", "h264", seconds=2.0, fps=10, w=96, h=64, with_audio=False)
-    video = decode.decode_video(data, 2.0, False, 16000, DecodeLimits())
+    video = decode_video(data, 2.0, False, 16000, DecodeLimits())
     expected = _direct_to_worker(omni_worker, ContentPart(Modality.VIDEO, video=video), fps=2.0)
     assert expected[0]
     assert _via_gateway(real_gateway, "video", data, fps=2.0) == expected
@@ -124,7 +125,7 @@ def test_4k_image_costs_the_model_the_same_prompt_tokens(real_gateway, omni_work
     """The processor shrinks a 4K image to its bound anyway: sending it pre-shrunk changes nothing in the
     prompt (same patch grid, same number of image tokens)."""
     data = mf.make_jpeg(3840, 2160)
-    raw = decode.decode_image(data, DecodeLimits()).pixels
+    raw = decode_image(data, DecodeLimits()).pixels
     assert raw.shape == (2160, 3840, 3)
     _, raw_tokens = _direct_to_worker(omni_worker, ContentPart(Modality.IMAGE, image=Image(raw)))
     _, gateway_tokens = _via_gateway(real_gateway, "image", data)
@@ -133,7 +134,7 @@ def test_4k_image_costs_the_model_the_same_prompt_tokens(real_gateway, omni_work
 
 def test_1080p_video_costs_the_model_the_same_prompt_tokens(real_gateway, omni_worker):
     data = mf.make_video("mp4", "h264", seconds=2.0, fps=5, w=1920, h=1080, with_audio=False)
-    raw = decode.decode_video(data, 2.0, False, 16000, DecodeLimits())
+    raw = decode_video(data, 2.0, False, 16000, DecodeLimits())
     assert raw.frames.shape == (4, 1080, 1920, 3)
     _, raw_tokens = _direct_to_worker(omni_worker, ContentPart(Modality.VIDEO, video=raw), fps=2.0)
     _, gateway_tokens = _via_gateway(real_gateway, "video", data, fps=2.0)

@@ -10,14 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from omnigate_gateway.errors import ErrorCode, ForbiddenSource, MediaFetchError
-from omnigate_gateway.media.resolver import StaticResolver
-from omnigate_gateway.media.url_policy import (
+from omnigate_gateway.media.policy import (
     DestinationChecker,
     UrlPolicy,
     embedded_ipv4,
     forbidden_reason,
     parse_ip_host,
 )
+from omnigate_gateway.media.resolver import StaticResolver
 
 HOSTS = {
     "media.example": "93.184.215.14",

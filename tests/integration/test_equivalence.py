@@ -19,7 +19,9 @@ import pytest
 from transformers import pipeline
 
 from omnigate.media import DecodeLimits
-from omnigate_gateway.media import decode
+from omnigate_gateway.media.audio import decode_audio
+from omnigate_gateway.media.image import decode_image
+from omnigate_gateway.media.video import decode_video
 from tests.support import encoder_probe, media_factory
 from tests.support.stack import MODELS_DIR, start_stack
 
@@ -70,9 +72,9 @@ def media(media_server):
     urls = {kind: media_server.serve(f"/equivalence/{kind}", data) for kind, data in files.items()}
     limits = DecodeLimits()
     decoded = {
-        "image": decode.decode_image(files["image"], limits),
-        "audio": decode.decode_audio(files["audio"], 16000, limits),
-        "video": decode.decode_video(files["video"], 1.0, True, 16000, limits),
+        "image": decode_image(files["image"], limits),
+        "audio": decode_audio(files["audio"], 16000, limits),
+        "video": decode_video(files["video"], 1.0, True, 16000, limits),
     }
     return urls, decoded
 

@@ -6,7 +6,7 @@ python tests/gateway/fuzz/fuzz_decode_audio.py SEED_DIR -max_total_time=60
 import atheris
 
 with atheris.instrument_imports(include=["omnigate_gateway"]):
-    from omnigate_gateway.media import decode
+    from omnigate_gateway.media import audio
 
 from _harness import run
 
@@ -15,4 +15,4 @@ from omnigate.media import DecodeLimits
 LIMITS = DecodeLimits(max_audio_duration_s=30.0, max_decoded_bytes=64 * 1024 * 1024)
 
 if __name__ == "__main__":
-    run(lambda data: decode.decode_audio(data, 16000, LIMITS))
+    run(lambda data: audio.decode_audio(data, 16000, LIMITS))

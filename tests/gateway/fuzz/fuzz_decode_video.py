@@ -6,7 +6,7 @@ python tests/gateway/fuzz/fuzz_decode_video.py SEED_DIR -max_total_time=60
 import atheris
 
 with atheris.instrument_imports(include=["omnigate_gateway"]):
-    from omnigate_gateway.media import decode
+    from omnigate_gateway.media import video
 
 from _harness import run
 
@@ -20,4 +20,4 @@ LIMITS = DecodeLimits(
 )
 
 if __name__ == "__main__":
-    run(lambda data: decode.decode_video(data, 2.0, True, 16000, LIMITS, fit_pixels=12544))
+    run(lambda data: video.decode_video(data, 2.0, True, 16000, LIMITS, fit_pixels=12544))

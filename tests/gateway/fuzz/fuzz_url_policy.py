@@ -10,8 +10,8 @@ import asyncio
 import atheris
 
 with atheris.instrument_imports(include=["omnigate_gateway"]):
+    from omnigate_gateway.media.policy import DestinationChecker, UrlPolicy, forbidden_reason
     from omnigate_gateway.media.resolver import StaticResolver
-    from omnigate_gateway.media.url_policy import DestinationChecker, UrlPolicy, forbidden_reason
 
 from _harness import run
 

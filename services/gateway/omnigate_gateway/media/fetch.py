@@ -1,7 +1,7 @@
 """Fetching media bytes from what a request points at: http(s) URLs, data: URLs and local paths.
 
 Every source is size-capped and time-limited. Which http(s) destinations may be reached is decided by
-``url_policy`` (SSRF protection: public addresses only by default, domain allow/deny lists), on the first
+``policy`` (SSRF protection: public addresses only by default, domain allow/deny lists), on the first
 request and on every redirect hop; redirects are followed here, one hop at a time, never by httpx.
 
 The connection goes to the address that was checked. Each hop's host is resolved once (by the injected
@@ -47,8 +47,8 @@ from omnigate_gateway.errors import (
     MediaFetchError,
     MediaFetchTimeout,
 )
+from omnigate_gateway.media.policy import HTTP_SCHEMES, Destination, DestinationChecker, UrlPolicy
 from omnigate_gateway.media.resolver import Resolver, SystemResolver
-from omnigate_gateway.media.url_policy import HTTP_SCHEMES, Destination, DestinationChecker, UrlPolicy
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _USER_AGENT = "omnigate-gateway"

@@ -28,10 +28,12 @@ from omnigate.conversation import ContentPart, Modality, ModelInfo
 from omnigate.errors import InvalidInput, LimitExceeded, OmnigateError
 from omnigate_gateway.convert import IncomingRequest, MediaRef
 from omnigate_gateway.errors import DeadlineExceeded
-from omnigate_gateway.media import decode
+from omnigate_gateway.media.audio import decode_audio
 from omnigate_gateway.media.cache import Decoded, DecodeKey, MediaCache, UrlRecord
 from omnigate_gateway.media.cancellation import StopSignal
 from omnigate_gateway.media.fetch import HTTP_SCHEMES, MediaFetcher, RequestBudget, scheme_of
+from omnigate_gateway.media.image import decode_image
+from omnigate_gateway.media.video import decode_video
 from omnigate_gateway.metrics import GatewayMetrics
 from omnigate_gateway.settings import GatewaySettings
 
@@ -252,13 +254,13 @@ class MediaIngestor:
         stop = StopSignal(stop_at, what=f"decoding the {modality.value}", limit=limit)
         fn: Callable[[], Decoded]
         if modality is Modality.IMAGE:
-            fn = functools.partial(decode.decode_image, data, self._limits, fit_pixels=options[0], stop=stop)
+            fn = functools.partial(decode_image, data, self._limits, fit_pixels=options[0], stop=stop)
         elif modality is Modality.AUDIO:
-            fn = functools.partial(decode.decode_audio, data, options[0], self._limits, stop=stop)
+            fn = functools.partial(decode_audio, data, options[0], self._limits, stop=stop)
         else:
             fps, load_audio, rate, fit_pixels = options
             fn = functools.partial(
-                decode.decode_video,
+                decode_video,
                 data,
                 fps,
                 load_audio,

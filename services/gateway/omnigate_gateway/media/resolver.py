@@ -1,6 +1,6 @@
 """Turning a media URL's host name into IP addresses.
 
-The fetcher resolves each host exactly once, checks every address it got (``url_policy``), and connects
+The fetcher resolves each host exactly once, checks every address it got (``policy``), and connects
 to one of those checked addresses; it never lets the HTTP library resolve the name again. The resolver is
 injected so that tests can map public-looking names to chosen addresses without touching real DNS.
 """

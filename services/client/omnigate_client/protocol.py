@@ -8,27 +8,23 @@ inline), or as raw ``data`` bytes; ``{"type": "image", "image": "https://..."}``
 from __future__ import annotations
 
 import pathlib
+from enum import StrEnum
 from typing import Any
 
+from omnigate.conversation import GenerationMode
+from omnigate.enums import PUBLIC_FINISH_REASONS, PUBLIC_MODALITIES, PUBLIC_MODES
 from omnigate.gateway.v1 import gateway_pb2 as pb
 from omnigate_client.types import AudioChunk, Event, Image, ModelInfo, Summary, TextDelta, Timings
 
-MODES = {
-    "text": pb.GENERATION_MODE_TEXT,
-    "audio": pb.GENERATION_MODE_AUDIO,
-    "image": pb.GENERATION_MODE_IMAGE,
-}
-MODALITY_NAMES = {
-    pb.MODALITY_TEXT: "text",
-    pb.MODALITY_IMAGE: "image",
-    pb.MODALITY_AUDIO: "audio",
-    pb.MODALITY_VIDEO: "video",
-}
-FINISH_REASONS = {
-    pb.FINISH_REASON_STOP: "stop",
-    pb.FINISH_REASON_LENGTH: "length",
-    pb.FINISH_REASON_STOP_SEQUENCE: "stop_sequence",
-}
+MODES = {mode.value: PUBLIC_MODES.to_proto(mode) for mode in GenerationMode}
+
+
+def _name(member: StrEnum | None, unknown: str) -> str:
+    """A proto enum value as the SDK's string: the member's name ("audio", "stop"), or ``unknown`` for a
+    value a newer gateway may send that this SDK does not know."""
+    return member.value if member is not None else unknown
+
+
 REMOTE_SCHEMES = ("http://", "https://", "data:")
 MEDIA_KINDS = ("image", "audio", "video")
 
@@ -140,7 +136,7 @@ def event_from_proto(event: pb.GenerateResponse) -> Event:
     s = event.summary
     t = s.timings
     return Summary(
-        finish_reason=FINISH_REASONS.get(s.finish_reason, "unspecified"),
+        finish_reason=_name(PUBLIC_FINISH_REASONS.get(s.finish_reason), "unspecified"),
         prompt_tokens=s.prompt_tokens,
         output_tokens=s.output_tokens,
         audio_seconds=s.audio_seconds,
@@ -160,8 +156,8 @@ def model_info_from_proto(info: pb.GetModelInfoResponse) -> ModelInfo:
     return ModelInfo(
         model_id=info.model_id,
         architecture=info.architecture,
-        input_modalities=[MODALITY_NAMES.get(m, str(m)) for m in info.input_modalities],
-        output_modalities=[MODALITY_NAMES.get(m, str(m)) for m in info.output_modalities],
+        input_modalities=[_name(PUBLIC_MODALITIES.get(m), str(m)) for m in info.input_modalities],
+        output_modalities=[_name(PUBLIC_MODALITIES.get(m), str(m)) for m in info.output_modalities],
         input_audio_sample_rate=info.input_audio_sample_rate,
         output_audio_sample_rate=info.output_audio_sample_rate,
         speakers=list(info.speakers),

@@ -13,47 +13,25 @@ import numpy as np
 
 from omnigate.conversation import (
     ContentPart,
-    GenerationMode,
     GenerationParams,
     GenerationRequest,
     Message,
     Modality,
     ModelInfo,
 )
+from omnigate.enums import (
+    PUBLIC_FINISH_REASONS,
+    PUBLIC_MODALITIES,
+    PUBLIC_MODES,
+    WORKER_FINISH_REASONS,
+    WORKER_MODALITIES,
+    WORKER_MODES,
+)
 from omnigate.errors import InvalidInput
 from omnigate.gateway.v1 import gateway_pb2 as gw
 from omnigate.media import Audio
 from omnigate.validation import RequestLimits, check_counts, check_request
 from omnigate.worker.v1 import worker_pb2 as wk
-
-PUBLIC_MODES = {
-    gw.GENERATION_MODE_TEXT: GenerationMode.TEXT,
-    gw.GENERATION_MODE_AUDIO: GenerationMode.AUDIO,
-    gw.GENERATION_MODE_IMAGE: GenerationMode.IMAGE,
-}
-WORKER_MODES = {
-    GenerationMode.TEXT: wk.GENERATION_MODE_TEXT,
-    GenerationMode.AUDIO: wk.GENERATION_MODE_AUDIO,
-    GenerationMode.IMAGE: wk.GENERATION_MODE_IMAGE,
-}
-WORKER_MODALITIES = {
-    wk.MODALITY_TEXT: Modality.TEXT,
-    wk.MODALITY_IMAGE: Modality.IMAGE,
-    wk.MODALITY_AUDIO: Modality.AUDIO,
-    wk.MODALITY_VIDEO: Modality.VIDEO,
-}
-PUBLIC_MODALITIES = {
-    Modality.TEXT: gw.MODALITY_TEXT,
-    Modality.IMAGE: gw.MODALITY_IMAGE,
-    Modality.AUDIO: gw.MODALITY_AUDIO,
-    Modality.VIDEO: gw.MODALITY_VIDEO,
-}
-# Worker and public FinishReason enums share their numbers by design.
-FINISH_REASONS = {
-    wk.FINISH_REASON_STOP: gw.FINISH_REASON_STOP,
-    wk.FINISH_REASON_LENGTH: gw.FINISH_REASON_LENGTH,
-    wk.FINISH_REASON_STOP_SEQUENCE: gw.FINISH_REASON_STOP_SEQUENCE,
-}
 
 
 @dataclass
@@ -93,15 +71,11 @@ def parse_request(
         raise InvalidInput("the conversation is empty; send at least one message")
     if limits is not None:  # before anything is built from an oversized conversation
         check_counts(len(message.messages), sum(len(m.content) for m in message.messages), limits)
-    if message.generation_mode not in PUBLIC_MODES:
-        if message.generation_mode == gw.GENERATION_MODE_UNSPECIFIED:
-            raise InvalidInput(
-                "generation_mode is not set; use GENERATION_MODE_TEXT, GENERATION_MODE_AUDIO or GENERATION_MODE_IMAGE"
-            )
-        raise InvalidInput(
-            f"unknown generation_mode {message.generation_mode}; use GENERATION_MODE_TEXT, "
-            "GENERATION_MODE_AUDIO or GENERATION_MODE_IMAGE"
-        )
+    mode = PUBLIC_MODES.get(message.generation_mode)
+    if mode is None:
+        if message.generation_mode == PUBLIC_MODES.unspecified:
+            raise InvalidInput(f"generation_mode is not set; use {PUBLIC_MODES.names}")
+        raise InvalidInput(f"unknown generation_mode {message.generation_mode}; use {PUBLIC_MODES.names}")
     fps = message.video.fps if message.HasField("video") and message.video.fps else default_fps
     if not (math.isfinite(fps) and fps > 0):
         raise InvalidInput(f"video fps is {fps!r}; it must be a number greater than 0")
@@ -157,7 +131,7 @@ def parse_request(
     request = GenerationRequest(
         messages=messages,
         params=params,
-        mode=PUBLIC_MODES[message.generation_mode],
+        mode=mode,
         return_full_text=message.return_full_text,
         video_fps=fps,
         use_audio_in_video=load_audio and any(ref.modality is Modality.VIDEO for _, ref in media),
@@ -233,7 +207,7 @@ def worker_stream(request: GenerationRequest, chunk_bytes: int) -> Iterator[wk.G
             request_id=request.request_id,
             messages=messages,
             parameters=params,
-            generation_mode=WORKER_MODES[request.mode],
+            generation_mode=WORKER_MODES.to_proto(request.mode),
             return_full_text=request.return_full_text,
             use_audio_in_video=request.use_audio_in_video,
             speaker=request.speaker or "",
@@ -296,7 +270,7 @@ def public_event(message: wk.GenerateResponse, timings: gw.Timings, model_id: st
         timings.generate_s = s.generate_s
         return gw.GenerateResponse(
             summary=gw.Summary(
-                finish_reason=FINISH_REASONS.get(s.finish_reason, gw.FINISH_REASON_UNSPECIFIED),
+                finish_reason=_public_finish_reason(s.finish_reason),
                 prompt_tokens=s.prompt_tokens,
                 output_tokens=s.output_tokens,
                 timings=timings,
@@ -311,10 +285,16 @@ def model_info_to_public(info: ModelInfo, limits: gw.Limits) -> gw.GetModelInfoR
     return gw.GetModelInfoResponse(
         model_id=info.model_id,
         architecture=info.architecture,
-        input_modalities=[PUBLIC_MODALITIES[m] for m in info.input_modalities],
-        output_modalities=[PUBLIC_MODALITIES[m] for m in info.output_modalities],
+        input_modalities=[PUBLIC_MODALITIES.to_proto(m) for m in info.input_modalities],
+        output_modalities=[PUBLIC_MODALITIES.to_proto(m) for m in info.output_modalities],
         input_audio_sample_rate=info.input_audio_sample_rate,
         output_audio_sample_rate=info.output_audio_sample_rate,
         speakers=info.speakers,
         limits=limits,
     )
+
+
+def _public_finish_reason(number: wk.FinishReason) -> gw.FinishReason:
+    """A worker's finish reason in the public enum (UNSPECIFIED for one this gateway does not know)."""
+    reason = WORKER_FINISH_REASONS.get(number)
+    return PUBLIC_FINISH_REASONS.to_proto(reason) if reason is not None else PUBLIC_FINISH_REASONS.unspecified

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from omnigate import status, tracing
-from omnigate.conversation import GenerationMode, GenerationRequest, Modality, ModelInfo
+from omnigate.conversation import GenerationRequest, ModelInfo
 from omnigate.errors import InvalidInput
 from omnigate.gateway.v1 import gateway_pb2
 from omnigate.grpc_server import Undecodable
@@ -28,12 +28,6 @@ from omnigate_gateway.metrics import GatewayMetrics
 from omnigate_gateway.observation import GenerateObservation, ModelInfoObservation
 from omnigate_gateway.settings import GatewaySettings
 from omnigate_gateway.workers.pool import WorkerPool
-
-MODE_OUTPUT = {
-    GenerationMode.TEXT: Modality.TEXT,
-    GenerationMode.AUDIO: Modality.AUDIO,
-    GenerationMode.IMAGE: Modality.IMAGE,
-}
 
 
 def new_request_id() -> str:
@@ -158,8 +152,8 @@ def check_against_model(generation: GenerationRequest, info: ModelInfo) -> None:
         raise InvalidInput(
             f"max_new_tokens is {generation.params.max_new_tokens}; it must be between 1 and {info.max_new_tokens}"
         )
-    if MODE_OUTPUT[generation.mode] not in info.output_modalities:
+    if generation.mode.output not in info.output_modalities:
         raise InvalidInput(
-            f"the model {info.model_id} cannot generate {MODE_OUTPUT[generation.mode].value}; it generates "
+            f"the model {info.model_id} cannot generate {generation.mode.output.value}; it generates "
             f"{', '.join(m.value for m in info.output_modalities)}"
         )

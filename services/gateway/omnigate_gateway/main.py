@@ -28,7 +28,9 @@ from omnigate_gateway.media.fetch import MediaFetcher
 from omnigate_gateway.media.ingest import MediaIngestor
 from omnigate_gateway.media.resolver import Resolver
 from omnigate_gateway.metrics import GatewayMetrics
-from omnigate_gateway.openai_api.app import HttpApiServer, create_app, grpc_health_probe
+from omnigate_gateway.openai_api.app import create_app
+from omnigate_gateway.openai_api.routes.health import grpc_health_probe
+from omnigate_gateway.openai_api.server import HttpApiServer
 from omnigate_gateway.settings import GatewaySettings
 from omnigate_gateway.workers.pool import WorkerPool
 

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Self
 import grpc
 
 from omnigate import status, tracing
+from omnigate.enums import PUBLIC_MODES
 from omnigate.gateway.v1 import gateway_pb2
 from omnigate.grpc_server import Undecodable
-from omnigate_gateway import convert
 from omnigate_gateway.metrics import GatewayMetrics
 
 if TYPE_CHECKING:
@@ -114,7 +114,7 @@ class GenerateObservation(CallObservation):
         self._metrics = metrics
         self.mode = "unknown"  # the metrics' mode label: the parsed request's
         public_mode = (
-            convert.PUBLIC_MODES.get(request.generation_mode)
+            PUBLIC_MODES.get(request.generation_mode)
             if isinstance(request, gateway_pb2.GenerateRequest)
             else None
         )

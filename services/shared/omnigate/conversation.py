@@ -12,17 +12,28 @@ from dataclasses import dataclass, field
 from omnigate.media import Audio, Image, Video
 
 
-class GenerationMode(enum.StrEnum):
-    TEXT = "text"
-    AUDIO = "audio"
-    IMAGE = "image"
-
-
 class Modality(enum.StrEnum):
     TEXT = "text"
     IMAGE = "image"
     AUDIO = "audio"
     VIDEO = "video"
+
+
+class GenerationMode(enum.StrEnum):
+    TEXT = "text"
+    AUDIO = "audio"
+    IMAGE = "image"
+
+    @property
+    def output(self) -> Modality:
+        """The modality this mode generates (text mode: text; audio mode: speech, with its text)."""
+        return Modality(self.value)
+
+
+class FinishReason(enum.StrEnum):
+    STOP = "stop"  # the model's end of sequence
+    LENGTH = "length"  # max_new_tokens reached
+    STOP_SEQUENCE = "stop_sequence"  # one of the request's stop strings
 
 
 @dataclass
@@ -100,7 +111,7 @@ class Timings:
 
 @dataclass
 class Summary:
-    finish_reason: str  # "stop", "length", "stop_sequence"
+    finish_reason: FinishReason
     prompt_tokens: int
     output_tokens: int
     timings: Timings = field(default_factory=Timings)

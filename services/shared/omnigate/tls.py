@@ -1,12 +1,13 @@
 """Transport security for both services: certificates from files, followed as the files change.
 
 Server side: ``server_credentials`` builds ``grpc.dynamic_ssl_server_credentials``. gRPC asks its fetcher
-for the certificate configuration before every new TLS handshake; the fetcher checks the files at most once
-per ``check_interval_s`` (a few ``stat`` calls) and re-reads them when one changed, so a renewed
-certificate (cert-manager, a Kubernetes Secret volume updated through its ``..data`` symlink swap) is used
-by new connections without a restart. Connections already open keep the certificate they were made with.
-Files that fail to load (half written, key and certificate not matching) are logged once and the previous
-certificate stays in use until a good pair appears.
+for the certificate configuration before every new TLS handshake; the fetcher (``ReloadingFiles``, which the
+gateway's HTTPS API uses too) checks the files at most once per ``check_interval_s`` (a few ``stat`` calls)
+and re-reads them when one changed, so a renewed certificate (cert-manager, a Kubernetes Secret volume
+updated through its ``..data`` symlink swap) is used by new connections without a restart. Connections
+already open keep the certificate they were made with. Files that fail to load (half written, key and
+certificate not matching) are logged once and the previous certificate stays in use until a good pair
+appears.
 
 Client side: ``channel_credentials`` reads the files once; a channel keeps its credentials for its
 lifetime, so callers compare ``files_version`` of the same files over time and open new channels when it
@@ -19,8 +20,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import grpc
 from cryptography import x509
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 CHECK_INTERVAL_S = 1.0
 
 FileVersion = tuple[tuple[int, int, int, int] | None, ...]
+T = TypeVar("T")
 
 
 class TlsConfigError(ValueError):
@@ -113,6 +116,70 @@ def _public_bytes(public_key: PublicKeyTypes) -> bytes:
     )
 
 
+class ReloadingFiles(Generic[T]):
+    """Something loaded from files (a certificate configuration, an SSL context), loaded again when they
+    change: what both the gRPC port and the HTTP API use to follow renewed certificates.
+
+    ``load`` runs once here (an error fails start-up) and its result is ``initial``. ``changed()`` looks at
+    the files at most once per ``check_interval_s`` and, when they changed since the last load, loads them
+    again: it returns the new value, or None to keep the current one. Files that fail to load with one of
+    ``unusable`` are logged once (``label`` names them in the log) and refused until they change again.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | None],
+        load: Callable[[], T],
+        *,
+        label: str = "TLS",
+        check_interval_s: float = CHECK_INTERVAL_S,
+        unusable: tuple[type[Exception], ...] = (TlsConfigError,),
+    ) -> None:
+        self._paths = tuple(paths)
+        self._load = load
+        self._label = label
+        self._check_interval_s = check_interval_s
+        self._unusable = unusable
+        self._lock = threading.Lock()
+        self._loaded_version = files_version(self._paths)
+        self._refused_version: FileVersion | None = None
+        self.initial = load()  # fails start-up on unusable files
+        self._next_check = time.monotonic() + check_interval_s
+        self.reloads = 0  # loads since start (tests, logs)
+
+    def changed(self) -> T | None:
+        """The files loaded again when they changed and load, else None (keep the current value).
+
+        Runs before each TLS handshake; it must not raise.
+        """
+        try:
+            with self._lock:
+                now = time.monotonic()
+                if now < self._next_check:
+                    return None
+                self._next_check = now + self._check_interval_s
+                version = files_version(self._paths)
+                if version == self._loaded_version or version == self._refused_version:
+                    return None
+                try:
+                    loaded = self._load()
+                except self._unusable as e:
+                    self._refused_version = version
+                    log.error(
+                        "%s files changed but cannot be used (%s); keeping the previous certificate",
+                        self._label,
+                        e,
+                    )
+                    return None
+                self._loaded_version = version
+                self.reloads += 1
+                log.info("%s certificate reloaded from %s", self._label, self._paths[0])
+                return loaded
+        except Exception:  # noqa: BLE001 - an exception here would fail the handshake
+            log.exception("%s certificate check failed; keeping the previous certificate", self._label)
+            return None
+
+
 class ReloadingServerCertificates:
     """The server's certificate configuration, re-read from its files when they change.
 
@@ -131,14 +198,14 @@ class ReloadingServerCertificates:
         self.cert_file = cert_file
         self.key_file = key_file
         self.client_ca_file = client_ca_file
-        self._check_interval_s = check_interval_s
-        self._lock = threading.Lock()
-        self._paths = (cert_file, key_file, client_ca_file)
-        self._loaded_version = files_version(self._paths)
-        self._refused_version: FileVersion | None = None
-        self._initial = self._load()  # fails start-up on unusable files
-        self._next_check = time.monotonic() + check_interval_s
-        self.reloads = 0  # certificate configurations loaded since start (tests, logs)
+        self._files = ReloadingFiles(
+            (cert_file, key_file, client_ca_file), self._load, check_interval_s=check_interval_s
+        )
+
+    @property
+    def reloads(self) -> int:
+        """Certificate configurations loaded since start (tests, logs)."""
+        return self._files.reloads
 
     def _load(self) -> grpc.ServerCertificateConfiguration:
         pair = load_key_pair(self.cert_file, self.key_file)
@@ -147,42 +214,12 @@ class ReloadingServerCertificates:
 
     def credentials(self) -> grpc.ServerCredentials:
         return grpc.dynamic_ssl_server_credentials(
-            self._initial,
-            # grpc documents that the fetcher returns None to keep the current configuration; types-grpcio
-            # types it as always returning one.
-            self._fetch,  # type: ignore[arg-type]
+            self._files.initial,
+            # gRPC's fetcher, run on a gRPC thread before each handshake. grpc documents that it returns None
+            # to keep the current configuration; types-grpcio types it as always returning one.
+            self._files.changed,  # type: ignore[arg-type]
             require_client_authentication=self.client_ca_file is not None,
         )
-
-    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
-        """gRPC's fetcher: a new configuration when the files changed, else None (keep the current one).
-
-        Runs on a gRPC thread before each handshake; it must not raise.
-        """
-        try:
-            with self._lock:
-                now = time.monotonic()
-                if now < self._next_check:
-                    return None
-                self._next_check = now + self._check_interval_s
-                version = files_version(self._paths)
-                if version == self._loaded_version or version == self._refused_version:
-                    return None
-                try:
-                    config = self._load()
-                except TlsConfigError as e:
-                    self._refused_version = version
-                    log.error(
-                        "TLS files changed but cannot be used (%s); keeping the previous certificate", e
-                    )
-                    return None
-                self._loaded_version = version
-                self.reloads += 1
-                log.info("TLS certificate reloaded from %s", self.cert_file)
-                return config
-        except Exception:  # noqa: BLE001 - an exception here would fail the handshake
-            log.exception("TLS certificate check failed; keeping the previous certificate")
-            return None
 
 
 def server_credentials(

@@ -25,13 +25,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 from transformers import LogitsProcessorList
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from omnigate.conversation import GenerationRequest, Summary, Timings
+from omnigate.conversation import FinishReason, GenerationRequest, Summary, Timings
 from omnigate.errors import DeadlineExceeded
 from omnigate_worker.engine import Batch, EventSink
 from omnigate_worker.streaming import TextOutput
@@ -78,7 +78,7 @@ class Row:
     streamer: TokenSink
     started: float
     stop_flag: threading.Event = field(default_factory=threading.Event)
-    finished_reason: str | None = None
+    finished_reason: FinishReason | Literal["deadline"] | None = None
     cache_len: int = 0  # tokens in the row's KV cache (slot runner)
     # A speech request's thinker row: its speech.ThinkerTap; its talker row: its speech.TalkerFeed (slot runner
     # only).
@@ -241,11 +241,11 @@ def _accept(row: Row, token: int) -> None:
     row.tokens.append(token)
     row.streamer.put(torch.tensor([token]))
     if token in row.eos:
-        row.finished_reason = "stop"
+        row.finished_reason = FinishReason.STOP
     elif row.stop_flag.is_set():
-        row.finished_reason = "stop_sequence"
+        row.finished_reason = FinishReason.STOP_SEQUENCE
     elif row.generated >= row.max_new_tokens:
-        row.finished_reason = "length"
+        row.finished_reason = FinishReason.LENGTH
     elif row.deadline is not None and time.monotonic() > row.deadline:
         row.finished_reason = "deadline"
 
@@ -268,8 +268,8 @@ def _finish(row: Row) -> None:
     row.streamer.end()
     row.text.flush()
     finished = time.monotonic()
-    reason = "stop_sequence" if row.text.stopped_by_string else row.finished_reason
-    assert reason is not None  # end_if_finished ends a row here only once it has its reason
+    reason = FinishReason.STOP_SEQUENCE if row.text.stopped_by_string else row.finished_reason
+    assert isinstance(reason, FinishReason)  # end_if_finished ends a row here only once it has its reason
     row.emit(
         Summary(
             finish_reason=reason,

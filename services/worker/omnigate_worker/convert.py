@@ -11,7 +11,6 @@ from omnigate.conversation import (
     AudioChunk,
     ContentPart,
     Event,
-    GenerationMode,
     GenerationParams,
     GenerationRequest,
     ImageOutput,
@@ -21,28 +20,12 @@ from omnigate.conversation import (
     Summary,
     TextDelta,
 )
+from omnigate.enums import WORKER_FINISH_REASONS, WORKER_MODALITIES, WORKER_MODES
 from omnigate.errors import InvalidInput, LimitExceeded
 from omnigate.grpc_server import Undecodable
 from omnigate.media import Audio, Image, Video
 from omnigate.validation import RequestLimits, check_counts
 from omnigate.worker.v1 import worker_pb2 as pb
-
-MODES = {
-    pb.GENERATION_MODE_TEXT: GenerationMode.TEXT,
-    pb.GENERATION_MODE_AUDIO: GenerationMode.AUDIO,
-    pb.GENERATION_MODE_IMAGE: GenerationMode.IMAGE,
-}
-MODALITIES = {
-    Modality.TEXT: pb.MODALITY_TEXT,
-    Modality.IMAGE: pb.MODALITY_IMAGE,
-    Modality.AUDIO: pb.MODALITY_AUDIO,
-    Modality.VIDEO: pb.MODALITY_VIDEO,
-}
-FINISH_REASONS = {
-    "stop": pb.FINISH_REASON_STOP,
-    "length": pb.FINISH_REASON_LENGTH,
-    "stop_sequence": pb.FINISH_REASON_STOP_SEQUENCE,
-}
 
 
 @dataclass
@@ -175,10 +158,9 @@ def _build_request(spec: pb.GenerateSpec, buffers: dict[int, bytearray]) -> Gene
                 raise InvalidInput("a content part has no type; set text, image, audio or video")
         messages.append(Message(role=message.role, content=parts))
 
-    if spec.generation_mode not in MODES:
-        raise InvalidInput(
-            f"unknown generation_mode {spec.generation_mode}; use GENERATION_MODE_TEXT, _AUDIO or _IMAGE"
-        )
+    mode = WORKER_MODES.get(spec.generation_mode)
+    if mode is None:
+        raise InvalidInput(f"unknown generation_mode {spec.generation_mode}; use {WORKER_MODES.names}")
     p = spec.parameters
     params = GenerationParams(
         max_new_tokens=p.max_new_tokens,
@@ -194,7 +176,7 @@ def _build_request(spec: pb.GenerateSpec, buffers: dict[int, bytearray]) -> Gene
     return GenerationRequest(
         messages=messages,
         params=params,
-        mode=MODES[spec.generation_mode],
+        mode=mode,
         return_full_text=spec.return_full_text,
         use_audio_in_video=spec.use_audio_in_video,
         speaker=spec.speaker or None,
@@ -223,7 +205,7 @@ def event_to_proto(event: Event) -> pb.GenerateResponse:
     if isinstance(event, Summary):
         return pb.GenerateResponse(
             summary=pb.Summary(
-                finish_reason=FINISH_REASONS.get(event.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
+                finish_reason=WORKER_FINISH_REASONS.to_proto(event.finish_reason),
                 prompt_tokens=event.prompt_tokens,
                 output_tokens=event.output_tokens,
                 queue_s=event.timings.queue_s,
@@ -241,8 +223,8 @@ def model_info_to_proto(
     return pb.GetModelInfoResponse(
         model_id=info.model_id,
         architecture=info.architecture,
-        input_modalities=[MODALITIES[m] for m in info.input_modalities],
-        output_modalities=[MODALITIES[m] for m in info.output_modalities],
+        input_modalities=[WORKER_MODALITIES.to_proto(m) for m in info.input_modalities],
+        output_modalities=[WORKER_MODALITIES.to_proto(m) for m in info.output_modalities],
         input_audio_sample_rate=info.input_audio_sample_rate,
         output_audio_sample_rate=info.output_audio_sample_rate,
         speakers=info.speakers,

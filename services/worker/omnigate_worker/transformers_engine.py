@@ -9,7 +9,6 @@ preparing inputs, the batched decode loop's rows (``start_row``), the one-reques
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import logging
 import threading
@@ -21,12 +20,13 @@ import jinja2
 import numpy as np
 import torch
 from prometheus_client import CollectorRegistry
-from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.cache_utils import DynamicCache
 
 from omnigate.conversation import (
     AudioChunk,
     ContentPart,
+    FinishReason,
     GenerationMode,
     GenerationParams,
     GenerationRequest,
@@ -45,6 +45,7 @@ from omnigate_worker.engine import Batch, Engine, EventSink, Prepared
 from omnigate_worker.families import family_for
 from omnigate_worker.loading import LoadedModel
 from omnigate_worker.metrics import WorkerMetrics
+from omnigate_worker.sampling import generate_kwargs, generation_config
 from omnigate_worker.settings import WorkerSettings
 from omnigate_worker.speech import (
     SpeechBatch,
@@ -275,9 +276,7 @@ class TransformersEngine(Engine):
                     )
         if request.use_audio_in_video and Modality.AUDIO not in info.input_modalities:
             raise InvalidInput(f"{info.model_id} cannot take audio, so a video's audio track cannot be used")
-        wanted = {GenerationMode.TEXT: Modality.TEXT, GenerationMode.AUDIO: Modality.AUDIO}.get(
-            request.mode, Modality.IMAGE
-        )
+        wanted = request.mode.output
         if wanted not in info.output_modalities:
             raise InvalidInput(
                 f"{info.model_id} cannot generate {wanted.value}; it generates "
@@ -433,7 +432,7 @@ class TransformersEngine(Engine):
         if request.params.seed is not None:
             torch.manual_seed(request.params.seed)
 
-        sampling = self._sampling_kwargs(request)
+        sampling = generate_kwargs(request.params)
         first_output_at: float | None
         if request.mode is GenerationMode.IMAGE:
             sequences, image = self._family.generate_image(inputs, request, sampling)
@@ -473,11 +472,11 @@ class TransformersEngine(Engine):
 
         finished = time.monotonic()
         if text.stopped_by_string:
-            reason = "stop_sequence"
+            reason = FinishReason.STOP_SEQUENCE
         elif request.mode is not GenerationMode.IMAGE and output_tokens >= request.params.max_new_tokens:
-            reason = "length"
+            reason = FinishReason.LENGTH
         else:
-            reason = "stop"
+            reason = FinishReason.STOP
         emit(
             Summary(
                 finish_reason=reason,
@@ -527,7 +526,7 @@ class TransformersEngine(Engine):
         if request.mode is GenerationMode.AUDIO:
             speech = self._speech_request(prepared, emit, done, cancelled, deadline, started, input_ids)
             emit, done = speech.thinker_emit, speech.thinker_done
-        config = self._generation_config(request)
+        config = generation_config(self._gen_model, request.params)
         gen._prepare_special_tokens(config, True, device=input_ids.device)
         model_kwargs = {**inputs, "use_cache": True, "past_key_values": DynamicCache(config=gen.config)}
         model_kwargs.update(self._family.prefill_kwargs(request))
@@ -689,40 +688,6 @@ class TransformersEngine(Engine):
         )
         speech.tap.drop_prompt()
         speech.talker_began()
-
-    def _generation_config(self, request: GenerationRequest) -> GenerationConfig:
-        """The GenerationConfig generate() would use for this request (checkpoint defaults + request)."""
-        p = request.params
-        kwargs: dict = {"max_new_tokens": p.max_new_tokens, "do_sample": p.do_sample}
-        if p.min_new_tokens:
-            kwargs["min_new_tokens"] = p.min_new_tokens
-        if p.do_sample:
-            for name in ("temperature", "top_p", "top_k"):
-                if getattr(p, name) is not None:
-                    kwargs[name] = getattr(p, name)
-        if p.repetition_penalty is not None:
-            kwargs["repetition_penalty"] = p.repetition_penalty
-        config, _ = self._gen_model._prepare_generation_config(None, **kwargs)
-        config = copy.deepcopy(config)
-        config.guidance_scale = None  # text mode; generate() does the same for Janus
-        return config
-
-    def _sampling_kwargs(self, request: GenerationRequest) -> dict:
-        p = request.params
-        kwargs: dict = {"do_sample": p.do_sample}
-        if p.do_sample:
-            for name in ("temperature", "top_p", "top_k"):
-                value = getattr(p, name)
-                if value is not None:
-                    kwargs[name] = value
-        else:
-            # Greedy: neutralise sampling defaults a checkpoint's generation_config may carry.
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        if p.repetition_penalty is not None:
-            kwargs["repetition_penalty"] = p.repetition_penalty
-        if p.min_new_tokens:
-            kwargs["min_new_tokens"] = p.min_new_tokens
-        return kwargs
 
     def _emit_audio(self, waveform: torch.Tensor, emit: EventSink) -> float:
         samples = waveform.detach().float().reshape(-1).cpu().numpy()

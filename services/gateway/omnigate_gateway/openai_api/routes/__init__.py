@@ -1,0 +1,4 @@
+"""The HTTP API's routes, one module per endpoint group, each an ``APIRouter`` of module-level handlers:
+``completions`` (``POST /v1/chat/completions``, ``POST /v1/completions``), ``images``
+(``POST /v1/images/generations``), ``models`` (``GET /v1/models``, ``GET /v1/models/{id}``) and ``health``
+(``GET /health``). Every GET route answers HEAD too (same status and headers, no body)."""

@@ -1,0 +1,260 @@
+"""The gateway core (``core.GatewayCore``) on its own: the one request path both front doors share, with its
+observation (``observation.py``: metrics, access line), against a fake worker pool named as one (these tests
+are about the core's control flow; the real pool has tests/gateway/test_pool.py and the real stack
+tests/integration/)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+from prometheus_client import CollectorRegistry
+
+from omnigate import status
+from omnigate.conversation import GenerationRequest, Modality, ModelInfo
+from omnigate.errors import InternalError, InvalidInput, Unavailable
+from omnigate.gateway.v1 import gateway_pb2 as gw
+from omnigate.grpc_server import Undecodable
+from omnigate.worker.v1 import worker_pb2 as wk
+from omnigate_gateway.auth import Authenticator
+from omnigate_gateway.core import Call, GatewayCore
+from omnigate_gateway.media.fetch import MediaFetcher
+from omnigate_gateway.media.ingest import MediaIngestor
+from omnigate_gateway.metrics import GatewayMetrics
+from omnigate_gateway.settings import GatewaySettings
+
+TEXT_MODEL = ModelInfo(
+    "fake/text-model", "FakeForCausalLM", [Modality.TEXT], [Modality.TEXT], max_new_tokens=512
+)
+
+
+def _summary(tokens: int) -> wk.GenerateResponse:
+    return wk.GenerateResponse(
+        summary=wk.Summary(finish_reason=wk.FINISH_REASON_LENGTH, output_tokens=tokens)
+    )
+
+
+def _text(delta: str) -> wk.GenerateResponse:
+    return wk.GenerateResponse(text=wk.TextDelta(text=delta))
+
+
+def _rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
+@dataclass
+class FakeWorkerCall:
+    """A fake of ``workers.call.PoolCall``: plays ``events`` (an exception in the list is raised there)."""
+
+    events: list
+    target: str = "fake-worker:50061"
+    cancelled: bool = False
+    read: int = 0
+
+    def __aiter__(self) -> FakeWorkerCall:
+        return self
+
+    async def __anext__(self) -> wk.GenerateResponse:
+        if self.read == len(self.events):
+            raise StopAsyncIteration
+        event = self.events[self.read]
+        self.read += 1
+        if isinstance(event, BaseException):
+            raise event
+        return event
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
+class FakeWorkerPool:
+    """A fake of ``workers.pool.WorkerPool``: one model, calls that play scripted events, and a record of
+    what the core sent."""
+
+    info: ModelInfo | None = field(default_factory=lambda: TEXT_MODEL)
+    events: list = field(default_factory=lambda: [_text("Hel"), _text("lo"), _summary(2)])
+    calls: list[tuple[GenerationRequest, float | None, list]] = field(default_factory=list)
+    started: list[FakeWorkerCall] = field(default_factory=list)
+
+    def require_info(self) -> ModelInfo:
+        if self.info is None:
+            raise Unavailable("no worker is ready (fake pool)")
+        return self.info
+
+    def generate(self, request: GenerationRequest, timeout_s: float | None, metadata=None) -> FakeWorkerCall:
+        self.calls.append((request, timeout_s, list(metadata or [])))
+        call = FakeWorkerCall(list(self.events))
+        self.started.append(call)
+        return call
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def pool() -> FakeWorkerPool:
+    return FakeWorkerPool()
+
+
+@pytest.fixture
+def core(registry, pool) -> GatewayCore:
+    settings = GatewaySettings()
+    metrics = GatewayMetrics(registry)
+    ingestor = MediaIngestor(MediaFetcher(settings.fetch_limits()), settings, metrics)
+    return GatewayCore(settings, pool, ingestor, metrics, Authenticator(settings, metrics))  # type: ignore[arg-type]
+
+
+def _request(text: str = "Say hello.", **fields) -> gw.GenerateRequest:
+    return gw.GenerateRequest(
+        messages=[gw.Message(role="user", content=[gw.ContentPart(text=text)])],
+        generation_mode=fields.pop("generation_mode", gw.GENERATION_MODE_TEXT),
+        **fields,
+    )
+
+
+def _value(registry: CollectorRegistry, name: str, **labels) -> float:
+    return registry.get_sample_value(name, labels) or 0.0
+
+
+async def _collect(core: GatewayCore, request, call: Call | None = None) -> list[gw.GenerateResponse]:
+    return [event async for event in core.generate(request, call or Call(rpc="Generate"))]
+
+
+async def test_a_request_streams_the_workers_events_and_is_counted_once(core, pool, registry, caplog):
+    call = Call(rpc="Generate", request_id="req-core-1")
+    with caplog.at_level(logging.INFO, logger="omnigate_gateway.access"):
+        events = await _collect(core, _request(), call)
+
+    assert [e.text.text for e in events if e.HasField("text")] == ["Hel", "lo"]
+    summary = events[-1].summary
+    assert summary.output_tokens == 2 and summary.model_id == "fake/text-model"
+    assert summary.finish_reason == gw.FINISH_REASON_LENGTH
+    assert summary.timings.total_s > 0
+    sent, timeout, metadata = pool.calls[0]
+    assert sent.request_id == "req-core-1" and ("x-request-id", "req-core-1") in metadata
+    assert 0 < timeout <= core.settings.default_timeout_s
+    assert pool.started[0].cancelled  # the finished call is released (a no-op on a real finished call)
+    assert _value(registry, "omnigate_gateway_requests_total", rpc="Generate", code="OK", mode="text") == 1
+    assert _value(registry, "omnigate_gateway_generated_tokens_total") == 2
+    assert _value(registry, "omnigate_gateway_time_to_first_token_seconds_count", mode="text") == 1
+    assert _value(registry, "omnigate_gateway_requests_in_flight") == 0
+    [line] = [r for r in caplog.records if r.name == "omnigate_gateway.access"]
+    assert (line.rpc, line.code, line.mode, line.output_tokens) == ("Generate", "OK", "text", 2)
+
+
+@pytest.mark.parametrize(
+    ("request_", "info", "message"),
+    [
+        (_request(parameters=gw.GenerationParameters(max_new_tokens=513)), TEXT_MODEL, "between 1 and 512"),
+        (_request(generation_mode=gw.GENERATION_MODE_AUDIO), TEXT_MODEL, "cannot generate audio"),
+        (_request(generation_mode=gw.GENERATION_MODE_UNSPECIFIED), TEXT_MODEL, "generation_mode is not set"),
+        (Undecodable("GenerateRequest", ValueError("truncated")), TEXT_MODEL, "not a valid GenerateRequest"),
+    ],
+    ids=["over-the-models-token-limit", "a-mode-the-model-lacks", "no-mode", "undecodable"],
+)
+async def test_a_refused_request_never_reaches_a_worker_and_is_counted_as_rejected(
+    core, pool, registry, request_, info, message
+):
+    pool.info = info
+    with pytest.raises(InvalidInput, match=message):
+        await _collect(core, request_)
+    assert pool.calls == []
+    assert _value(registry, "omnigate_gateway_rejected_requests_total", reason="invalid_argument") == 1
+    code = {"code": "INVALID_ARGUMENT"}
+    assert sum(_value(registry, "omnigate_gateway_requests_total", rpc="Generate", mode=m, **code) for m in
+               ("text", "audio", "image", "unknown")) == 1  # fmt: skip
+
+
+async def test_no_ready_worker_is_unavailable_and_counted_as_no_worker(core, pool, registry):
+    pool.info = None
+    with pytest.raises(Unavailable):
+        await _collect(core, _request())
+    assert _value(registry, "omnigate_gateway_rejected_requests_total", reason="no_worker") == 1
+    assert (
+        _value(registry, "omnigate_gateway_requests_total", rpc="Generate", code="UNAVAILABLE", mode="text")
+        == 1
+    )
+
+
+async def test_a_worker_failure_mid_stream_names_the_worker_and_counts_an_upstream_error(
+    core, pool, registry
+):
+    pool.events = [_text("Hel"), _rpc_error(grpc.StatusCode.UNAVAILABLE, "socket closed")]
+    received = []
+    with pytest.raises(Unavailable, match="fake-worker:50061"):
+        async for event in core.generate(_request(), Call(rpc="Generate")):
+            received.append(event)
+    assert len(received) == 1  # what was streamed before the failure reached the caller
+    assert _value(registry, "omnigate_gateway_upstream_errors_total", code="UNAVAILABLE") == 1
+    assert (
+        _value(registry, "omnigate_gateway_rejected_requests_total", reason="no_worker") == 0
+    )  # it was admitted
+    assert (
+        _value(registry, "omnigate_gateway_requests_total", rpc="Generate", code="UNAVAILABLE", mode="text")
+        == 1
+    )
+
+
+async def test_an_unexpected_worker_code_is_internal_to_the_caller(core, pool, registry, caplog):
+    pool.events = [_rpc_error(grpc.StatusCode.DATA_LOSS, "worker internals the caller must not see")]
+    with (
+        caplog.at_level(logging.INFO, logger="omnigate_gateway.access"),
+        pytest.raises(InternalError) as raised,
+    ):
+        await _collect(core, _request())
+    refusal = status.to_status(raised.value)
+    assert refusal.code is grpc.StatusCode.INTERNAL and "internals" not in refusal.details
+    [line] = [r for r in caplog.records if r.name == "omnigate_gateway.access"]
+    assert line.code == "INTERNAL" and "internals" not in line.getMessage()
+    assert _value(registry, "omnigate_gateway_upstream_errors_total", code="DATA_LOSS") == 1
+
+
+async def test_a_caller_that_leaves_mid_stream_cancels_the_worker_call(core, pool, registry):
+    events = core.generate(_request(), Call(rpc="Generate"))
+    first = await anext(events)
+    assert first.text.text == "Hel"
+    await events.aclose()
+    assert pool.started[0].cancelled and pool.started[0].read == 1
+    assert (
+        _value(registry, "omnigate_gateway_requests_total", rpc="Generate", code="CANCELLED", mode="text")
+        == 1
+    )
+    assert _value(registry, "omnigate_gateway_requests_in_flight") == 0
+
+
+async def test_a_caller_whose_deadline_passed_is_counted_as_deadline_exceeded(core, pool, registry):
+    events = core.generate(_request(), Call(rpc="Generate", time_remaining_s=0.05))
+    await anext(events)
+    await events.aclose()  # the caller's deadline (0.05 s, less the slack) has passed: not a plain cancel
+    assert (
+        _value(
+            registry, "omnigate_gateway_requests_total", rpc="Generate", code="DEADLINE_EXCEEDED", mode="text"
+        )
+        == 1
+    )
+
+
+async def test_model_info_is_counted_and_logged_like_generate(core, pool, registry, caplog):
+    with caplog.at_level(logging.INFO, logger="omnigate_gateway.access"):
+        info = core.public_model_info(Call(rpc="GetModelInfo"))
+        pool.info = None
+        with contextlib.suppress(Unavailable):
+            core.public_model_info(Call(rpc="GetModelInfo"))
+    assert info.model_id == "fake/text-model" and info.limits.max_new_tokens == 512
+    assert (
+        _value(registry, "omnigate_gateway_requests_total", rpc="GetModelInfo", code="OK", mode="none") == 1
+    )
+    assert (
+        _value(
+            registry, "omnigate_gateway_requests_total", rpc="GetModelInfo", code="UNAVAILABLE", mode="none"
+        )
+        == 1
+    )
+    codes = [r.code for r in caplog.records if r.name == "omnigate_gateway.access"]
+    assert codes == ["OK", "UNAVAILABLE"]

@@ -9,12 +9,10 @@ arguments out here rather than importing the worker's, so a change in what the w
 
 from __future__ import annotations
 
-import asyncio
 import threading
 
 import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry
 
 torch = pytest.importorskip("torch")
 
@@ -27,17 +25,15 @@ from omnigate.conversation import (  # noqa: E402
     Message,
     Modality,
     Summary,
-    TextDelta,
 )
 from omnigate.errors import InvalidInput  # noqa: E402
 from omnigate.media import Audio, Image, Video  # noqa: E402
 from omnigate_tiny import builders as tiny  # noqa: E402
 from omnigate_worker import loading  # noqa: E402
 from omnigate_worker.families.qwen3_omni import Qwen3OmniFamily  # noqa: E402
-from omnigate_worker.metrics import WorkerMetrics  # noqa: E402
-from omnigate_worker.scheduler import Scheduler  # noqa: E402
 from omnigate_worker.settings import WorkerSettings  # noqa: E402
 from omnigate_worker.transformers_engine import TransformersEngine  # noqa: E402
+from tests.support.engine_runs import alone, batched  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -209,26 +205,6 @@ def _reference(loaded, case: str) -> str:
     return processor.tokenizer.decode(sequences[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def _alone(engine, request) -> tuple[str, list]:
-    events: list = []
-    engine.generate(request, events.append, threading.Event())
-    return "".join(e.text for e in events if isinstance(e, TextDelta)), events
-
-
-async def _batched(engine, requests) -> list[tuple[str, list]]:
-    scheduler = Scheduler(engine, engine._settings, WorkerMetrics(CollectorRegistry()))
-    scheduler.start()
-
-    async def collect(job):
-        events = [event async for event in job.events()]
-        return "".join(e.text for e in events if isinstance(e, TextDelta)), events
-
-    try:
-        return await asyncio.gather(*(collect(scheduler.submit(r)) for r in requests))
-    finally:
-        scheduler.shutdown()
-
-
 def test_the_family_serves_it_and_batches_its_text(engine):
     assert isinstance(engine._family, Qwen3OmniFamily)
     assert engine.info.architecture == "Qwen3OmniMoeForConditionalGeneration"
@@ -249,7 +225,7 @@ def test_the_slot_runner_says_why_it_cannot_serve_it(checkpoint, loaded):
 def test_text_equals_transformers_generate(case, engine, loaded):
     want = _reference(loaded, case)
     assert want  # the tiny model writes something for every prompt
-    text, events = _alone(engine, _request(case))
+    text, events = alone(engine, _request(case))
     assert text == want
     assert isinstance(events[-1], Summary) and 0 < events[-1].output_tokens <= MAX_NEW
 
@@ -262,7 +238,7 @@ async def test_a_mixed_batch_equals_transformers_generate(prefill_tokens_per_ste
     engine = TransformersEngine(loaded, settings, str(checkpoint))
     engine.warmup()
     try:
-        results = await _batched(engine, [_request(case) for case in _CASES])
+        results = await batched(engine, [_request(case) for case in _CASES])
     finally:
         engine.close()
     for case, (text, events) in zip(_CASES, results, strict=True):
@@ -305,7 +281,7 @@ def test_speech_info(speech_engine):
 def test_speech_is_audible_24khz_with_the_same_text(case, speaker, speech_engine, loaded):
     request = _request(case, mode=GenerationMode.AUDIO, speaker=speaker)
     speech_engine.validate(request)
-    text, events = _alone(speech_engine, request)
+    text, events = alone(speech_engine, request)
     assert text == _reference(loaded, case)  # the thinker's greedy text does not depend on speaking
     chunks = [e for e in events if isinstance(e, AudioChunk)]
     assert chunks and {c.sample_rate for c in chunks} == {AUDIO_RATE_OUT}

@@ -5,7 +5,8 @@ The worker keeps the real loading path (``AutoModelForMultimodalLM.from_pretrain
 any download: real architectures and real prompt formats, random weights, a byte-level BPE tokenizer
 trained on a fixed in-code corpus.
 
-    python -m omnigate_tiny --out models [--family omni|janus|qwen2-audio|gemma3n|qwen3-omni|all] [--force]
+    python -m omnigate_tiny --out models [--force]
+        [--family omni|janus|qwen2-audio|gemma3n|qwen3-omni|voxtral|all]
 
 Each family lands in its own folder under ``--out``:
 
@@ -19,11 +20,12 @@ Each family lands in its own folder under ``--out``:
   + code predictor + code2wav; built by ``qwen3_omni.py``); image, video, audio and text in, text and
   24 kHz speech out. Drive it as Qwen2.5-Omni below, but pass ``thinker_eos_token_id`` (``generate``
   defaults to the real vocabulary's 151645) and a lower-case speaker (``chelsie``, ``ethan``).
-
-Voxtral is not built. ``VoxtralProcessor`` has no tokenizer of the ``tokenizers`` library: it needs
-mistral-common's ``MistralCommonBackend`` (the ``mistral-common`` package, not a dependency here, and a
-``tekken.json`` vocabulary in its own format), whose chat-request code also places the audio tokens; and its
-``__call__`` refuses audio, so the worker's ``processor(text=..., audio=...)`` path cannot feed it either.
+- ``tiny-voxtral``       VoxtralForConditionalGeneration (Whisper-style audio encoder, projector, Llama;
+  built by ``voxtral.py``, with a tiny mistral-common ``tekken.json``); audio and text in, text out. Its
+  processor takes audio only through ``apply_chat_template(conversation)`` (audio parts as ``{"type":
+  "audio", "base64": ...}``, a url or a path) and ``apply_transcription_request(audio=[array],
+  model_id=..., language="en", sampling_rate=16000, format=["wav"])``, both tokenized; then
+  ``generate(**inputs)``.
 
 A build is byte-for-byte deterministic (fixed seed, fixed corpus). It happens in a temporary folder next
 to the target that is renamed into place at the end, so an interrupted build never leaves a half folder.
@@ -894,6 +896,13 @@ def _build_qwen3_omni(out: Path) -> None:
     build_qwen3_omni(out)
 
 
+def _build_voxtral(out: Path) -> None:
+    """Voxtral lives in its own module (``voxtral.py``), which imports this module's shared pieces."""
+    from omnigate_tiny.voxtral import build_voxtral
+
+    build_voxtral(out)
+
+
 @dataclass(frozen=True)
 class Family:
     """One checkpoint family: its CLI name, output folder and builder."""
@@ -911,6 +920,7 @@ FAMILIES: dict[str, Family] = {
         Family("qwen2-audio", "tiny-qwen2-audio", build_qwen2_audio),
         Family("gemma3n", "tiny-gemma3n", build_gemma3n),
         Family("qwen3-omni", "tiny-qwen3-omni", _build_qwen3_omni),
+        Family("voxtral", "tiny-voxtral", _build_voxtral),
     )
 }
 

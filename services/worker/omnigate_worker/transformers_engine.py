@@ -383,7 +383,7 @@ class TransformersEngine(Engine):
                 f"the prompt is at least {least} tokens ({chars} characters of text); the limit is {budget}"
             )
         try:
-            inputs, _prompt = model_inputs.build(self._processor, request, audio_padding=self._audio_padding)
+            inputs = self._family.build_inputs(request, self._audio_padding)
         except (ValueError, TypeError, IndexError, jinja2.TemplateError) as exc:
             log.info("the processor refused a request: %r", exc, exc_info=True)
             raise InvalidInput(

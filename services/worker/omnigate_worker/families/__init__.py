@@ -11,6 +11,7 @@ arguments, output modalities and speakers, request checks, input quirks, and spe
 - ``janus.py``        Janus-style image output.
 - ``qwen2_audio.py``  Qwen2-Audio: audio in, text out.
 - ``gemma3n.py``      Gemma 3n: image and audio in, text out, one request at a time.
+- ``voxtral.py``      Voxtral: audio in, text out; inputs through mistral-common's chat request.
 
 A new family is one module with a ``ModelFamily`` subclass listed in ``FAMILIES`` below; the engine needs no
 edit.
@@ -27,6 +28,7 @@ from omnigate_worker.families.janus import JanusFamily
 from omnigate_worker.families.qwen2_audio import Qwen2AudioFamily
 from omnigate_worker.families.qwen3_omni import Qwen3OmniFamily
 from omnigate_worker.families.qwen_omni import QwenOmniFamily
+from omnigate_worker.families.voxtral import VoxtralFamily
 
 if TYPE_CHECKING:
     from omnigate_worker.settings import WorkerSettings
@@ -38,6 +40,7 @@ FAMILIES: tuple[type[ModelFamily], ...] = (
     JanusFamily,
     Qwen2AudioFamily,
     Gemma3nFamily,
+    VoxtralFamily,
 )
 
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from omnigate.conversation import GenerationMode, GenerationRequest, ImageOutput, Modality
 from omnigate.errors import InvalidInput
+from omnigate_worker import inputs as model_inputs
 
 if TYPE_CHECKING:
     from omnigate_worker.engine import EventSink
@@ -60,6 +61,13 @@ class ModelFamily:
 
     def validate(self, request: GenerationRequest) -> None:
         """Family-specific refusals (InvalidInput), after the engine's generic checks."""
+
+    def build_inputs(self, request: GenerationRequest, audio_padding: int | None) -> Any:
+        """The processor's model inputs for a request (a BatchFeature of tensors with ``input_ids``): the chat
+        template rendered, then the processor over the decoded media (``inputs.build``). A family whose
+        processor takes media another way overrides this; content the processor refuses is InvalidInput."""
+        inputs, _prompt = model_inputs.build(self.processor, request, audio_padding=audio_padding)
+        return inputs
 
     def prefill_kwargs(self, request: GenerationRequest) -> dict[str, Any]:
         """Model kwargs the text model's prefill takes beside the processor's outputs."""

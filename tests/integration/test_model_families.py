@@ -95,6 +95,15 @@ MATRIX = {
             ),  # speech is synthesized whole at the end of generate(), then framed in chunks
             True,
         ),
+        Family(
+            "Voxtral",
+            "tiny-voxtral",
+            "VoxtralForConditionalGeneration",
+            frozenset({"text", "audio"}),
+            frozenset({"text"}),
+            frozenset({"text"}),
+            True,
+        ),
     )
 }
 

@@ -7,89 +7,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, field
 
 import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
 from omnigate import status
-from omnigate.conversation import GenerationRequest, Modality, ModelInfo
 from omnigate.errors import InternalError, InvalidInput, Unavailable
 from omnigate.gateway.v1 import gateway_pb2 as gw
 from omnigate.grpc_server import Undecodable
-from omnigate.worker.v1 import worker_pb2 as wk
-from omnigate_gateway.auth import Authenticator
 from omnigate_gateway.core import Call, GatewayCore
-from omnigate_gateway.media.fetch import MediaFetcher
-from omnigate_gateway.media.ingest import MediaIngestor
-from omnigate_gateway.metrics import GatewayMetrics
-from omnigate_gateway.settings import GatewaySettings
-
-TEXT_MODEL = ModelInfo(
-    "fake/text-model", "FakeForCausalLM", [Modality.TEXT], [Modality.TEXT], max_new_tokens=512
-)
-
-
-def _summary(tokens: int) -> wk.GenerateResponse:
-    return wk.GenerateResponse(
-        summary=wk.Summary(finish_reason=wk.FINISH_REASON_LENGTH, output_tokens=tokens)
-    )
-
-
-def _text(delta: str) -> wk.GenerateResponse:
-    return wk.GenerateResponse(text=wk.TextDelta(text=delta))
-
-
-def _rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
-
-
-@dataclass
-class FakeWorkerCall:
-    """A fake of ``workers.call.PoolCall``: plays ``events`` (an exception in the list is raised there)."""
-
-    events: list
-    target: str = "fake-worker:50061"
-    cancelled: bool = False
-    read: int = 0
-
-    def __aiter__(self) -> FakeWorkerCall:
-        return self
-
-    async def __anext__(self) -> wk.GenerateResponse:
-        if self.read == len(self.events):
-            raise StopAsyncIteration
-        event = self.events[self.read]
-        self.read += 1
-        if isinstance(event, BaseException):
-            raise event
-        return event
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-@dataclass
-class FakeWorkerPool:
-    """A fake of ``workers.pool.WorkerPool``: one model, calls that play scripted events, and a record of
-    what the core sent."""
-
-    info: ModelInfo | None = field(default_factory=lambda: TEXT_MODEL)
-    events: list = field(default_factory=lambda: [_text("Hel"), _text("lo"), _summary(2)])
-    calls: list[tuple[GenerationRequest, float | None, list]] = field(default_factory=list)
-    started: list[FakeWorkerCall] = field(default_factory=list)
-
-    def require_info(self) -> ModelInfo:
-        if self.info is None:
-            raise Unavailable("no worker is ready (fake pool)")
-        return self.info
-
-    def generate(self, request: GenerationRequest, timeout_s: float | None, metadata=None) -> FakeWorkerCall:
-        self.calls.append((request, timeout_s, list(metadata or [])))
-        call = FakeWorkerCall(list(self.events))
-        self.started.append(call)
-        return call
+from tests.support.fake_workers import TEXT_MODEL, FakeWorkerPool, core_over, rpc_error, text
 
 
 @pytest.fixture
@@ -104,10 +32,7 @@ def pool() -> FakeWorkerPool:
 
 @pytest.fixture
 def core(registry, pool) -> GatewayCore:
-    settings = GatewaySettings()
-    metrics = GatewayMetrics(registry)
-    ingestor = MediaIngestor(MediaFetcher(settings.fetch_limits()), settings, metrics)
-    return GatewayCore(settings, pool, ingestor, metrics, Authenticator(settings, metrics))  # type: ignore[arg-type]
+    return core_over(pool, registry)
 
 
 def _request(text: str = "Say hello.", **fields) -> gw.GenerateRequest:
@@ -185,7 +110,7 @@ async def test_no_ready_worker_is_unavailable_and_counted_as_no_worker(core, poo
 async def test_a_worker_failure_mid_stream_names_the_worker_and_counts_an_upstream_error(
     core, pool, registry
 ):
-    pool.events = [_text("Hel"), _rpc_error(grpc.StatusCode.UNAVAILABLE, "socket closed")]
+    pool.events = [text("Hel"), rpc_error(grpc.StatusCode.UNAVAILABLE, "socket closed")]
     received = []
     with pytest.raises(Unavailable, match="fake-worker:50061"):
         async for event in core.generate(_request(), Call(rpc="Generate")):
@@ -202,7 +127,7 @@ async def test_a_worker_failure_mid_stream_names_the_worker_and_counts_an_upstre
 
 
 async def test_an_unexpected_worker_code_is_internal_to_the_caller(core, pool, registry, caplog):
-    pool.events = [_rpc_error(grpc.StatusCode.DATA_LOSS, "worker internals the caller must not see")]
+    pool.events = [rpc_error(grpc.StatusCode.DATA_LOSS, "worker internals the caller must not see")]
     with (
         caplog.at_level(logging.INFO, logger="omnigate_gateway.access"),
         pytest.raises(InternalError) as raised,

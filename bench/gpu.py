@@ -80,12 +80,12 @@ from omnigate.conversation import (
     TextDelta,
 )
 from omnigate.media import Audio, Image, Video
-from omnigate_worker import inputs as model_inputs
-from omnigate_worker import loading
+from omnigate_worker.engine import inputs as model_inputs
+from omnigate_worker.engine import loading
+from omnigate_worker.engine.transformers_engine import TransformersEngine
 from omnigate_worker.metrics import WorkerMetrics
 from omnigate_worker.scheduler import Scheduler
 from omnigate_worker.settings import WorkerSettings
-from omnigate_worker.transformers_engine import TransformersEngine
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "models" / "tiny-qwen2.5-omni"

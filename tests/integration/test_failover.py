@@ -419,7 +419,8 @@ def test_soak_60s_with_a_worker_killed_and_restarted(tmp_path):
     result = subprocess.run(
         [
             sys.executable,
-            str(REPO_DIR / "bench" / "soak.py"),
+            "-m",
+            "bench.soak",
             "--seconds",
             "60",
             "--kill-every",
@@ -429,6 +430,7 @@ def test_soak_60s_with_a_worker_killed_and_restarted(tmp_path):
             "--output",
             str(output),
         ],
+        cwd=REPO_DIR,
         capture_output=True,
         text=True,
         timeout=400,

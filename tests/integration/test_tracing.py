@@ -56,9 +56,9 @@ def _request(
 
 @pytest.fixture(scope="module")
 def engine():
-    from omnigate_worker import loading
+    from omnigate_worker.engine import loading
+    from omnigate_worker.engine.transformers_engine import TransformersEngine
     from omnigate_worker.settings import WorkerSettings
-    from omnigate_worker.transformers_engine import TransformersEngine
 
     if not (OMNI / "config.json").exists():
         pytest.fail(f"{OMNI} is missing: run `make models` (make test does it first)")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from omnigate_worker import loading
+from omnigate_worker.engine import loading
+from omnigate_worker.engine.transformers_engine import TransformersEngine
 from omnigate_worker.settings import WorkerSettings
-from omnigate_worker.transformers_engine import TransformersEngine
 from tests.support.stack import MODELS_DIR
 
 OMNI = str(MODELS_DIR / "tiny-qwen2.5-omni")

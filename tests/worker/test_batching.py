@@ -23,7 +23,7 @@ from omnigate.conversation import (
 )
 from omnigate.errors import DeadlineExceeded, InvalidInput, LimitExceeded
 from omnigate.media import Audio, Image, Video
-from omnigate_worker.engine import Prepared
+from omnigate_worker.engine.base import Prepared
 from omnigate_worker.metrics import WorkerMetrics
 from omnigate_worker.scheduler import Scheduler
 from omnigate_worker.settings import WorkerSettings

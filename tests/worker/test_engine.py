@@ -21,7 +21,7 @@ from omnigate.conversation import (
 )
 from omnigate.errors import InvalidInput
 from omnigate.media import Audio
-from omnigate_worker import loading
+from omnigate_worker.engine import loading
 
 
 def _request(text="Hello", mode=GenerationMode.TEXT, **params) -> GenerationRequest:

@@ -10,7 +10,7 @@ from transformers import AutoProcessor
 from omnigate.conversation import ContentPart, GenerationRequest, Message, Modality
 from omnigate.errors import ErrorCode, InvalidInput
 from omnigate.media import Audio, Image, Video
-from omnigate_worker import inputs
+from omnigate_worker.engine import inputs
 from tests.support.stack import MODELS_DIR
 
 MESSAGE_LIMIT = 400

@@ -28,11 +28,11 @@ from omnigate.conversation import (  # noqa: E402
 )
 from omnigate.errors import InvalidInput  # noqa: E402
 from omnigate.media import Audio, Image, Video  # noqa: E402
-from omnigate_tiny import builders as tiny  # noqa: E402
-from omnigate_worker import loading  # noqa: E402
+from omnigate_tiny import build as tiny  # noqa: E402
+from omnigate_worker.engine import loading  # noqa: E402
+from omnigate_worker.engine.transformers_engine import TransformersEngine  # noqa: E402
 from omnigate_worker.families.qwen3_omni import Qwen3OmniFamily  # noqa: E402
 from omnigate_worker.settings import WorkerSettings  # noqa: E402
-from omnigate_worker.transformers_engine import TransformersEngine  # noqa: E402
 from tests.support.engine_runs import alone, batched  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -21,7 +21,7 @@ from omnigate.conversation import (
     Modality,
     Summary,
 )
-from omnigate_worker.engine import Batch, Prepared
+from omnigate_worker.engine.base import Batch, Prepared
 from omnigate_worker.metrics import WorkerMetrics
 from omnigate_worker.scheduler import Scheduler
 from omnigate_worker.settings import WorkerSettings

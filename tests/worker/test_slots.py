@@ -19,12 +19,12 @@ from prometheus_client import CollectorRegistry
 from omnigate.conversation import ContentPart, Modality, Summary
 from omnigate.errors import LimitExceeded
 from omnigate.media import Audio, Image
-from omnigate_worker import loading
 from omnigate_worker.convert import model_info_to_proto
+from omnigate_worker.engine import loading
+from omnigate_worker.engine.transformers_engine import TransformersEngine
 from omnigate_worker.metrics import WorkerMetrics
 from omnigate_worker.scheduler import Scheduler
 from omnigate_worker.settings import WorkerSettings
-from omnigate_worker.transformers_engine import TransformersEngine
 from tests.support.stack import MODELS_DIR
 from tests.worker.test_batching import _bench_set, _collect, _request, _text, _unbatched
 

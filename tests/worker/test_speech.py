@@ -32,12 +32,13 @@ from omnigate.conversation import (
 )
 from omnigate.errors import DeadlineExceeded
 from omnigate.media import Audio, Image
-from omnigate_worker import speech
+from omnigate_worker.engine.sampling import generate_kwargs
 from omnigate_worker.metrics import Playback, WorkerMetrics
 from omnigate_worker.scheduler import Scheduler
 from omnigate_worker.settings import WorkerSettings
-from omnigate_worker.talker import TALKER_STOP_CODES, talker_generation_config
-from omnigate_worker.vocoder import NoiseSource, synthesize
+from omnigate_worker.speech import pipeline as speech
+from omnigate_worker.speech.talker import TALKER_STOP_CODES, talker_generation_config
+from omnigate_worker.speech.vocoder import NoiseSource, synthesize
 from tests.support.stack import MODELS_DIR
 
 OMNI = str(MODELS_DIR / "tiny-qwen2.5-omni")
@@ -145,7 +146,7 @@ def _talker_reference(engine, request) -> list[int]:
         with torch.inference_mode():
             try:
                 engine._family.generate_speech(
-                    prepared.inputs, request, engine._sampling_kwargs(request), None, None, None, None
+                    prepared.inputs, request, generate_kwargs(request.params), None, None, None, None
                 )
             except Exception:  # noqa: BLE001 - token2wav on the stand-in codes; the inputs are captured
                 pass
@@ -440,7 +441,7 @@ def test_the_engine_reports_the_speech_pipeline(engine):
 async def test_a_failing_vocoder_call_fails_only_its_request(engine, monkeypatch):
     """FakeBrokenVocoder: synthesis raises whenever Ethan's voice is in the call. The batched call is retried
     chunk by chunk, so Chelsie's request, vocoded alongside, still gets all its audio."""
-    from omnigate_worker import vocoder as vocoder_module
+    from omnigate_worker.speech import vocoder as vocoder_module
 
     ethan = engine._speech.speaker_tensors("Ethan")[0]
     real = vocoder_module.synthesize
@@ -496,7 +497,7 @@ async def test_a_failing_talker_step_fails_the_speech_not_the_text(engine, monke
 def test_the_vocoder_thread_outlives_a_failing_callback(engine):
     """A request's callback raising (its event loop gone, say) must not kill the thread every later speech
     request needs."""
-    from omnigate_worker.vocoder import VocodeJob, Vocoder
+    from omnigate_worker.speech.vocoder import VocodeJob, Vocoder
 
     model = engine._model
     vocoder = Vocoder(model.token2wav, torch.device("cpu"), num_steps=2, max_batch=4)
@@ -536,8 +537,8 @@ def test_the_vocoder_thread_outlives_a_failing_callback(engine):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_vocoder_graphs_equal_the_eager_solve():
-    from omnigate_worker import loading
-    from omnigate_worker.vocoder import DitGraphs, dit_mel, ode_times
+    from omnigate_worker.engine import loading
+    from omnigate_worker.speech.vocoder import DitGraphs, dit_mel, ode_times
 
     model = loading.load(OMNI, "cuda", "float32", "auto", False).model
     token2wav = model.token2wav.float()

@@ -22,6 +22,7 @@ transformers = pytest.importorskip("transformers")
 from PIL import Image  # noqa: E402
 from transformers import AutoModelForMultimodalLM, AutoProcessor, pipeline  # noqa: E402
 
+from omnigate_tiny import build as tiny_build  # noqa: E402
 from omnigate_tiny import builders as tiny_models  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -44,12 +45,12 @@ SMALL_VIDEO = {"videos_kwargs": {"size": {"shortest_edge": 56 * 56, "longest_edg
 def models_dir(tmp_path_factory) -> Path:
     """All families, built once for the session."""
     out = tmp_path_factory.mktemp("tiny-models")
-    tiny_models.build(out, list(tiny_models.FAMILIES))
+    tiny_build.build(out, list(tiny_build.FAMILIES))
     return out
 
 
 def _path(models_dir: Path, family: str) -> Path:
-    return models_dir / tiny_models.FAMILIES[family].folder
+    return models_dir / tiny_build.FAMILIES[family].folder
 
 
 @pytest.fixture(scope="session")
@@ -124,18 +125,18 @@ def test_build_is_byte_for_byte_deterministic(models_dir, tmp_path):
         capture_output=True,
         timeout=300,
     )
-    for family in tiny_models.FAMILIES.values():
-        first = tiny_models.file_hashes(models_dir / family.folder)
-        second = tiny_models.file_hashes(again / family.folder)
+    for family in tiny_build.FAMILIES.values():
+        first = tiny_build.file_hashes(models_dir / family.folder)
+        second = tiny_build.file_hashes(again / family.folder)
         assert first == second, family.name
-        assert (models_dir / family.folder / tiny_models.STAMP_FILE).read_bytes() == (
-            again / family.folder / tiny_models.STAMP_FILE
+        assert (models_dir / family.folder / tiny_build.STAMP_FILE).read_bytes() == (
+            again / family.folder / tiny_build.STAMP_FILE
         ).read_bytes()
 
 
 def test_each_folder_has_what_from_pretrained_needs(models_dir):
-    for name, family in tiny_models.FAMILIES.items():
-        files = set(tiny_models.file_hashes(models_dir / family.folder))
+    for name, family in tiny_build.FAMILIES.items():
+        files = set(tiny_build.file_hashes(models_dir / family.folder))
         expected = {"config.json", "generation_config.json", "model.safetensors", "processor_config.json"}
         if name == VOXTRAL:
             expected.add("tekken.json")  # mistral-common's vocabulary; the prompt format is its code's
@@ -144,21 +145,21 @@ def test_each_folder_has_what_from_pretrained_needs(models_dir):
         if name == OMNI:
             expected.add("spk_dict.pt")
         assert expected <= files, name
-        stamp = json.loads((models_dir / family.folder / tiny_models.STAMP_FILE).read_text())
+        stamp = json.loads((models_dir / family.folder / tiny_build.STAMP_FILE).read_text())
         assert stamp["recipe_version"] == tiny_models.RECIPE_VERSION
         assert set(stamp["files"]) == files
 
 
 def test_up_to_date_build_is_skipped_and_a_changed_one_rebuilt(tmp_path):
-    first = tiny_models.build_family(QWEN2_AUDIO, tmp_path)
+    first = tiny_build.build_family(QWEN2_AUDIO, tmp_path)
     assert first.built
-    assert not tiny_models.build_family(QWEN2_AUDIO, tmp_path).built
-    assert tiny_models.build_family(QWEN2_AUDIO, tmp_path, force=True).built
+    assert not tiny_build.build_family(QWEN2_AUDIO, tmp_path).built
+    assert tiny_build.build_family(QWEN2_AUDIO, tmp_path, force=True).built
 
     (first.path / "config.json").write_text("{}")
-    assert not tiny_models.is_up_to_date(first.path)
-    assert tiny_models.build_family(QWEN2_AUDIO, tmp_path).built
-    assert tiny_models.is_up_to_date(first.path)
+    assert not tiny_build.is_up_to_date(first.path)
+    assert tiny_build.build_family(QWEN2_AUDIO, tmp_path).built
+    assert tiny_build.is_up_to_date(first.path)
 
 
 def test_interrupted_build_leaves_no_folder(tmp_path, monkeypatch):
@@ -166,17 +167,17 @@ def test_interrupted_build_leaves_no_folder(tmp_path, monkeypatch):
         (out / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(tiny_models.FAMILIES, "crash", tiny_models.Family("crash", "tiny-crash", crash))
+    monkeypatch.setitem(tiny_build.FAMILIES, "crash", tiny_build.Family("crash", "tiny-crash", crash))
     with pytest.raises(KeyboardInterrupt):
-        tiny_models.build_family("crash", tmp_path)
+        tiny_build.build_family("crash", tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_builds_one_family_and_skips_it_next_time(tmp_path, caplog):
     caplog.set_level("INFO")
-    assert tiny_models.main(["--out", str(tmp_path), "--family", QWEN2_AUDIO]) == 0
+    assert tiny_build.main(["--out", str(tmp_path), "--family", QWEN2_AUDIO]) == 0
     assert [p.name for p in tmp_path.iterdir()] == ["tiny-qwen2-audio"]
-    assert tiny_models.main(["--out", str(tmp_path), "--family", QWEN2_AUDIO]) == 0
+    assert tiny_build.main(["--out", str(tmp_path), "--family", QWEN2_AUDIO]) == 0
     assert "up to date" in caplog.text
 
 

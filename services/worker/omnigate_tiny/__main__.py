@@ -2,6 +2,6 @@
 
 import sys
 
-from omnigate_tiny.builders import main
+from omnigate_tiny.build import main
 
 sys.exit(main())

@@ -29,7 +29,7 @@ from omnigate_worker.server import SERVICE_NAME, WorkerServicer, build_server
 from omnigate_worker.settings import WorkerSettings
 
 if TYPE_CHECKING:
-    from omnigate_worker.transformers_engine import TransformersEngine
+    from omnigate_worker.engine.transformers_engine import TransformersEngine
 
 log = logging.getLogger("omnigate_worker")
 
@@ -124,8 +124,8 @@ async def serve(settings: WorkerSettings) -> None:
 
 
 def _load_engine(settings: WorkerSettings, metrics: WorkerMetrics) -> TransformersEngine:
-    from omnigate_worker import loading
-    from omnigate_worker.transformers_engine import TransformersEngine
+    from omnigate_worker.engine import loading
+    from omnigate_worker.engine.transformers_engine import TransformersEngine
 
     _route_transformers_logs(settings.log_format)
     loaded = loading.load(

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from omnigate import tracing
 from omnigate.conversation import Event, GenerationRequest, Modality, Summary, TextDelta
 from omnigate.errors import DeadlineExceeded, InvalidInput, LimitExceeded, Unavailable
-from omnigate_worker.engine import Batch, Engine, Prepared
+from omnigate_worker.engine.base import Batch, Engine, Prepared
 from omnigate_worker.metrics import WorkerMetrics
 from omnigate_worker.settings import WorkerSettings
 

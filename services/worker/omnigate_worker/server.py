@@ -14,7 +14,7 @@ from omnigate.errors import Unavailable
 from omnigate.grpc_server import add_service, finish_server
 from omnigate.worker.v1 import worker_pb2, worker_pb2_grpc
 from omnigate_worker import convert
-from omnigate_worker.engine import Engine
+from omnigate_worker.engine.base import Engine
 from omnigate_worker.metrics import WorkerMetrics
 from omnigate_worker.observation import GenerateObservation
 from omnigate_worker.scheduler import Scheduler

@@ -152,7 +152,7 @@ class WorkerSettings(ServiceSettings):
     stream_speech: bool = Field(
         True,
         description="Send speech chunk by chunk while it is generated: the speech pipeline (thinker, batched "
-        "talker and vocoder stages, speech.py) where the slot runner serves the model, else generate() "
+        "talker and vocoder stages, speech/pipeline.py) where the slot runner serves the model, else generate() "
         "with a streamer (a second vocoder pass at the end). false: one waveform at the end, one request "
         "at a time.",
     )

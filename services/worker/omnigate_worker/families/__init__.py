@@ -1,6 +1,6 @@
 """Model families: what each family of any-to-any models adds to the generic engine, one module each.
 
-The engine (``transformers_engine.py``) loads any model through transformers' standard path and drives it
+The engine (``engine/transformers_engine.py``) loads any model through transformers' standard path and drives it
 through ``generate`` and its own batched decode loop. What differs between families lives here, behind the
 small interface of ``base.ModelFamily``: the module whose ``generate`` writes the text, the generate
 arguments, output modalities and speakers, request checks, input quirks, and speech or image output.

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 from omnigate.conversation import GenerationMode, GenerationRequest, ImageOutput, Modality
 from omnigate.errors import InvalidInput
-from omnigate_worker import inputs as model_inputs
+from omnigate_worker.engine import inputs as model_inputs
 
 if TYPE_CHECKING:
-    from omnigate_worker.engine import EventSink
+    from omnigate_worker.engine.base import EventSink
     from omnigate_worker.settings import WorkerSettings
 
 

@@ -37,7 +37,7 @@ from typing import Any
 
 from omnigate.conversation import GenerationMode, GenerationRequest, Modality
 from omnigate.errors import InvalidInput
-from omnigate_worker import decoders
+from omnigate_worker.engine import decoders
 from omnigate_worker.families.base import ModelFamily
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ What the worker does for it (transformers 5.23, each reproduced):
   audio instead of an error.
 - Its processor pads every audio to the feature extractor's 300 s; the worker pads to the audio's own
   length (``audio_padding``), which gives the same output for less work.
-- Speech runs as pipelined stages where the slot runner serves the thinker (``speech.py``, ``talker.py``,
-  ``vocoder.py``); this module's ``generate_speech`` is the one-request path through ``generate``.
+- Speech runs as pipelined stages where the slot runner serves the thinker (``speech/``: ``pipeline.py``,
+  ``talker.py``, ``vocoder.py``); this module's ``generate_speech`` is the one-request path through ``generate``.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ import torch
 
 from omnigate.conversation import GenerationMode, GenerationRequest, Modality
 from omnigate.errors import InvalidInput
-from omnigate_worker import inputs as model_inputs
+from omnigate_worker.engine import inputs as model_inputs
 from omnigate_worker.families.base import ModelFamily
 
 if TYPE_CHECKING:
-    from omnigate_worker.engine import EventSink
+    from omnigate_worker.engine.base import EventSink
     from omnigate_worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -96,8 +96,8 @@ class QwenOmniFamily(ModelFamily):
     def speech_streamer(
         self, request: GenerationRequest, emit: EventSink, sample_rate: int, cancelled: threading.Event
     ) -> Any:
-        from omnigate_worker.speech import SpeechStreamer  # the speech stages import the families
-        from omnigate_worker.talker import TALKER_STOP_CODES
+        from omnigate_worker.speech.pipeline import SpeechStreamer  # the speech stages import the families
+        from omnigate_worker.speech.talker import TALKER_STOP_CODES
 
         speaker = request.speaker or self.default_speaker()
         settings = self.settings

@@ -29,7 +29,7 @@ from mistral_common.exceptions import MistralCommonException
 
 from omnigate.conversation import GenerationRequest, Modality
 from omnigate.errors import InvalidInput
-from omnigate_worker import inputs as model_inputs
+from omnigate_worker.engine import inputs as model_inputs
 from omnigate_worker.families.generic import GenericFamily
 
 _DETAIL_LIMIT = 200  # characters of mistral-common's reason a message repeats

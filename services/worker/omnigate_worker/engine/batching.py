@@ -33,11 +33,11 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from omnigate.conversation import FinishReason, GenerationRequest, Summary, Timings
 from omnigate.errors import DeadlineExceeded
-from omnigate_worker.engine import Batch, EventSink
-from omnigate_worker.streaming import TextOutput
+from omnigate_worker.engine.base import Batch, EventSink
+from omnigate_worker.engine.streaming import TextOutput
 
 if TYPE_CHECKING:
-    from omnigate_worker.speech import TalkerFeed, ThinkerTap
+    from omnigate_worker.speech.pipeline import TalkerFeed, ThinkerTap
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import torch
 from transformers import TextStreamer
 
 from omnigate.conversation import TextDelta
-from omnigate_worker.engine import EventSink
+from omnigate_worker.engine.base import EventSink
 
 
 class TokenStreamer(TextStreamer):

@@ -37,26 +37,26 @@ from omnigate.conversation import (
     Timings,
 )
 from omnigate.errors import InvalidInput, LimitExceeded, quote
-from omnigate_worker import inputs as model_inputs
-from omnigate_worker import slots
-from omnigate_worker.batching import DecodeBatch, Done, Row, cache_is_batchable
-from omnigate_worker.decoders import DecoderFamily, decoder_for
-from omnigate_worker.engine import Batch, Engine, EventSink, Prepared
+from omnigate_worker.engine import inputs as model_inputs
+from omnigate_worker.engine import slots
+from omnigate_worker.engine.base import Batch, Engine, EventSink, Prepared
+from omnigate_worker.engine.batching import DecodeBatch, Done, Row, cache_is_batchable
+from omnigate_worker.engine.decoders import DecoderFamily, decoder_for
+from omnigate_worker.engine.loading import LoadedModel
+from omnigate_worker.engine.sampling import generate_kwargs, generation_config
+from omnigate_worker.engine.streaming import TextOutput, TokenStreamer
 from omnigate_worker.families import family_for
-from omnigate_worker.loading import LoadedModel
 from omnigate_worker.metrics import WorkerMetrics
-from omnigate_worker.sampling import generate_kwargs, generation_config
 from omnigate_worker.settings import WorkerSettings
-from omnigate_worker.speech import (
+from omnigate_worker.speech.pipeline import (
     SpeechBatch,
     SpeechPipeline,
     SpeechRequest,
     TalkerFeed,
     ThinkerTap,
 )
-from omnigate_worker.streaming import TextOutput, TokenStreamer
-from omnigate_worker.talker import TalkerBatch, TalkerFamily, start_talker
-from omnigate_worker.vocoder import Vocoder
+from omnigate_worker.speech.talker import TalkerBatch, TalkerFamily, start_talker
+from omnigate_worker.speech.vocoder import Vocoder
 
 log = logging.getLogger(__name__)
 

@@ -36,11 +36,11 @@ from transformers.generation.streamers import BaseStreamer
 from omnigate import tracing
 from omnigate.conversation import AudioChunk, Event, Summary
 from omnigate.errors import DeadlineExceeded, LimitExceeded
-from omnigate_worker.batching import Done, Row
-from omnigate_worker.engine import Batch, EventSink, Prepared
+from omnigate_worker.engine.base import Batch, EventSink, Prepared
+from omnigate_worker.engine.batching import Done, Row
 from omnigate_worker.settings import WorkerSettings
-from omnigate_worker.talker import TALKER_STOP_CODES, TalkerBatch
-from omnigate_worker.vocoder import NoiseSource, VocodeJob, Vocoder, chunk_plan
+from omnigate_worker.speech.talker import TALKER_STOP_CODES, TalkerBatch
+from omnigate_worker.speech.vocoder import NoiseSource, VocodeJob, Vocoder, chunk_plan
 
 log = logging.getLogger(__name__)
 

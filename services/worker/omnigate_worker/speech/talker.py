@@ -33,12 +33,12 @@ from transformers.cache_utils import DynamicCache
 
 from omnigate.conversation import GenerationRequest
 from omnigate.errors import DeadlineExceeded
-from omnigate_worker.batching import Cancelled, Done, Row, pick_tokens
-from omnigate_worker.decoders import DecoderFamily
-from omnigate_worker.slots import SlotBatch, SlotPool
+from omnigate_worker.engine.batching import Cancelled, Done, Row, pick_tokens
+from omnigate_worker.engine.decoders import DecoderFamily
+from omnigate_worker.engine.slots import SlotBatch, SlotPool
 
 if TYPE_CHECKING:
-    from omnigate_worker.speech import TalkerFeed, ThinkerTap
+    from omnigate_worker.speech.pipeline import TalkerFeed, ThinkerTap
 
 log = logging.getLogger(__name__)
 

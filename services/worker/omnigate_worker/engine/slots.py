@@ -40,13 +40,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from omnigate.errors import DeadlineExceeded, LimitExceeded
-from omnigate_worker.batching import Row, end_if_finished, pick_tokens
-from omnigate_worker.decoders import CacheGeometry, DecoderFamily
-from omnigate_worker.engine import Batch
+from omnigate_worker.engine.base import Batch
+from omnigate_worker.engine.batching import Row, end_if_finished, pick_tokens
+from omnigate_worker.engine.decoders import CacheGeometry, DecoderFamily
 from omnigate_worker.settings import WorkerSettings
 
 if TYPE_CHECKING:
-    from omnigate_worker.speech import ThinkerTap
+    from omnigate_worker.speech.pipeline import ThinkerTap
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from omnigate_worker.slots import SlotPool
+    from omnigate_worker.engine.slots import SlotPool
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,14 @@
 """The scheduler's admission and ordering, on a fake engine (control flow only: no model runs here).
 
-``FakeRecordingEngine`` stands in for the transformers engine: it records when each request starts (joins the
-batch, or runs alone) and lets batch rows finish after a fixed number of decode steps; ``FakeBatch`` stands in
-for the decode batch with a fixed number of rows it admits.
+``FakeRecordingEngine`` (tests.support.fake_engine, shared with the server's tests) stands in for the
+transformers engine: it records when each request starts (joins the batch, or runs alone) and lets batch rows
+finish after a fixed number of decode steps; its ``FakeBatch`` stands in for the decode batch with a fixed
+number of rows it admits.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 
 from prometheus_client import CollectorRegistry
 
@@ -19,12 +19,11 @@ from omnigate.conversation import (
     GenerationRequest,
     Message,
     Modality,
-    Summary,
 )
-from omnigate_worker.engine.base import Batch, Prepared
 from omnigate_worker.metrics import WorkerMetrics
 from omnigate_worker.scheduler import Scheduler
 from omnigate_worker.settings import WorkerSettings
+from tests.support.fake_engine import FakeRecordingEngine
 from tests.support.waiting import async_wait_until
 
 
@@ -34,69 +33,6 @@ def _request(name: str, mode=GenerationMode.TEXT, prompt_tokens: int = 4) -> Gen
         params=GenerationParams(max_new_tokens=4),
         mode=mode,
     )
-
-
-class FakeBatch(Batch):
-    """Stands in for the decode batch: admits up to ``capacity`` rows; a row ends after ``steps`` steps."""
-
-    def __init__(self, capacity: int, steps: int, log: list) -> None:
-        self.capacity, self.steps, self.log = capacity, steps, log
-        self.rows: list[list] = []  # [name, steps left, emit, done]
-        self.widths: list[int] = []
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    @property
-    def length(self) -> int:
-        return 0
-
-    def admits(self, prompt_tokens: int, admitted: list[int]) -> bool:
-        return len(self.rows) + len(admitted) < self.capacity
-
-    def step(self) -> None:
-        self.widths.append(len(self.rows))
-        for row in list(self.rows):
-            row[1] -= 1
-            if row[1] == 0:
-                self.rows.remove(row)
-                self.log.append(("end", row[0]))
-                row[2](Summary("stop", 1, 1))
-                row[3](None)
-
-    def fail_all(self, error: BaseException) -> None:
-        rows, self.rows = self.rows, []
-        for row in rows:
-            row[3](error)
-
-
-class FakeRecordingEngine:
-    """Stands in for the engine: text requests batch, image requests run alone; records every start."""
-
-    def __init__(self, capacity: int = 8, steps: int = 3) -> None:
-        self.log: list[tuple[str, str]] = []
-        self.batch = FakeBatch(capacity, steps, self.log)
-        self.hold = threading.Event()  # an alone run waits on it when not set
-        self.hold.set()
-
-    def prepare(self, request):
-        text = request.messages[0].content[0].text
-        return Prepared(request, text.split(":")[0], int(text.split(":")[1]))
-
-    def can_batch(self, prepared) -> bool:
-        return prepared.request.mode is GenerationMode.TEXT
-
-    def open_batch(self):
-        return self.batch
-
-    def start_row(self, batch, prepared, emit, done, cancelled, deadline) -> None:
-        self.log.append(("join", prepared.inputs))
-        batch.rows.append([prepared.inputs, batch.steps, emit, done])
-
-    def run(self, prepared, emit, cancelled) -> None:
-        self.log.append(("alone", prepared.inputs))
-        self.hold.wait(10)
-        emit(Summary("stop", 1, 0))
 
 
 def _scheduler(engine, **settings) -> Scheduler:

@@ -32,6 +32,10 @@ REJECTION_BY_CODE = {
 }
 
 
+# How a realtime answer ended (the realtime responses counter's label values; OpenAI's response statuses).
+REALTIME_RESPONSE_STATUSES = ("completed", "incomplete", "cancelled", "failed")
+
+
 def _version() -> str:
     try:
         return metadata.version("omnigate")
@@ -136,6 +140,30 @@ class GatewayMetrics:
             "omnigate_gateway_workers",
             "Workers known to the gateway, by state (ready, not_ready, ejected, draining).",
             ["state"],
+            registry=registry,
+        )
+        self.realtime_sessions = Gauge(
+            "omnigate_gateway_realtime_sessions",
+            "Realtime conversation sessions open (/v1/realtime WebSocket connections past the handshake).",
+            registry=registry,
+        )
+        self.realtime_responses = Counter(
+            "omnigate_gateway_realtime_responses_total",
+            "Realtime answers (turns) finished, by status (completed, incomplete, cancelled, failed).",
+            ["status"],
+            registry=registry,
+        )
+        for status in REALTIME_RESPONSE_STATUSES:
+            self.realtime_responses.labels(status)
+        self.realtime_barge_ins = Counter(
+            "omnigate_gateway_realtime_barge_ins_total",
+            "Realtime answers cancelled because the user started speaking (server VAD barge-in).",
+            registry=registry,
+        )
+        self.realtime_barge_in_latency = Histogram(
+            "omnigate_gateway_realtime_barge_in_seconds",
+            "Time from detecting the user's speech to the interrupted answer's worker call being cancelled.",
+            buckets=MEDIA_BUCKETS,
             registry=registry,
         )
         self.info = Gauge(

@@ -198,6 +198,24 @@ class GatewaySettings(ServiceSettings):
         0, description="Generate streams one API key may have open at once; 0 = no limit."
     )
     grace_period_s: float = Field(30.0, description="On SIGTERM, seconds to let in-flight requests finish.")
+    realtime_max_items: int = Field(
+        64,
+        ge=1,
+        description="Conversation items (messages) a realtime session keeps (/v1/realtime); the oldest are "
+        "dropped first.",
+    )
+    realtime_max_buffer_s: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds of user audio a realtime session buffers before it becomes an item: with manual "
+        "turns more is refused, with server VAD a longer utterance is committed there.",
+    )
+    realtime_idle_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="Seconds a realtime session may go without a client event while no answer is running "
+        "before the gateway closes it.",
+    )
 
     @field_validator("worker_target")
     @classmethod

@@ -9,7 +9,8 @@ server-sent events (``responses``, ``streaming``). Routes (``routes/``):
 - ``POST /v1/completions``: text prompts (one user message on the same core; see ``requests``);
 - ``POST /v1/images/generations`` for image-output models;
 - ``GET /v1/models``, ``GET /v1/models/{id}``;
-- ``GET /health``: 200 while the gateway is SERVING (its gRPC health), 503 otherwise.
+- ``GET /health``: 200 while the gateway is SERVING (its gRPC health), 503 otherwise;
+- ``/v1/realtime`` (WebSocket): OpenAI's Realtime API, a spoken conversation (``routes/realtime.py``).
 
 Every GET route answers HEAD (same status and headers, no body); a method a route does not take is 405
 with an ``Allow`` header. Every error is answered in OpenAI's shape (``errors``).
@@ -36,7 +37,7 @@ from omnigate.validation import RequestLimits
 from omnigate_gateway.core import GatewayCore
 from omnigate_gateway.openai_api.errors import EXCEPTION_HANDLERS
 from omnigate_gateway.openai_api.middleware import RequestIdMiddleware
-from omnigate_gateway.openai_api.routes import completions, health, images, models
+from omnigate_gateway.openai_api.routes import completions, health, images, models, realtime
 from omnigate_gateway.openai_api.routes.health import HealthProbe
 from omnigate_gateway.settings import GatewaySettings
 
@@ -63,6 +64,7 @@ def create_app(core: GatewayCore, settings: GatewaySettings, probe: HealthProbe)
         completions.chat_completions_router(limits),
         completions.router,
         images.router,
+        realtime.router,
     ):
         app.include_router(router)
     return RequestIdMiddleware(app, settings.max_http_body_bytes, core.metrics)

@@ -221,7 +221,9 @@ class HttpApiServer:
             lifespan="off",
             log_config=None,
             access_log=False,  # it logs query strings; RequestIdMiddleware and the core write access lines
-            ws="none",
+            # /v1/realtime; a message may be as large as a request body
+            ws="websockets-sansio",
+            ws_max_size=settings.max_http_body_bytes,
             server_header=False,
             timeout_graceful_shutdown=max(1, math.ceil(settings.grace_period_s)),
         )

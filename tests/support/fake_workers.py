@@ -16,6 +16,17 @@ from omnigate.worker.v1 import worker_pb2 as wk
 TEXT_MODEL = ModelInfo(
     "fake/text-model", "FakeForCausalLM", [Modality.TEXT], [Modality.TEXT], max_new_tokens=512
 )
+# A model that hears and speaks, with two voices (as Qwen2.5-Omni: 16 kHz in, 24 kHz out).
+SPEAKING_MODEL = ModelInfo(
+    "fake/omni",
+    "FakeOmni",
+    [Modality.TEXT, Modality.AUDIO],
+    [Modality.TEXT, Modality.AUDIO],
+    input_audio_sample_rate=16000,
+    output_audio_sample_rate=24000,
+    speakers=["Chelsie", "Ethan"],
+    max_new_tokens=512,
+)
 
 
 def summary(tokens: int) -> wk.GenerateResponse:

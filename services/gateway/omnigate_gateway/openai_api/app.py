@@ -8,6 +8,8 @@ server-sent events (``responses``, ``streaming``). Routes (``routes/``):
 - ``POST /v1/chat/completions`` (streamed as SSE with ``stream: true``), text or speech output;
 - ``POST /v1/completions``: text prompts (one user message on the same core; see ``requests``);
 - ``POST /v1/images/generations`` for image-output models;
+- ``POST /v1/audio/speech`` (speech as it is generated: wav, pcm, mp3, opus, aac, flac) and
+  ``POST /v1/audio/transcriptions`` (a multipart audio file to text, for audio-input models);
 - ``GET /v1/models``, ``GET /v1/models/{id}``;
 - ``GET /health``: 200 while the gateway is SERVING (its gRPC health), 503 otherwise;
 - ``/v1/realtime`` (WebSocket): OpenAI's Realtime API, a spoken conversation (``routes/realtime.py``).
@@ -37,7 +39,7 @@ from omnigate.validation import RequestLimits
 from omnigate_gateway.core import GatewayCore
 from omnigate_gateway.openai_api.errors import EXCEPTION_HANDLERS
 from omnigate_gateway.openai_api.middleware import RequestIdMiddleware
-from omnigate_gateway.openai_api.routes import completions, health, images, models, realtime
+from omnigate_gateway.openai_api.routes import audio, completions, health, images, models, realtime
 from omnigate_gateway.openai_api.routes.health import HealthProbe
 from omnigate_gateway.settings import GatewaySettings
 
@@ -64,6 +66,7 @@ def create_app(core: GatewayCore, settings: GatewaySettings, probe: HealthProbe)
         completions.chat_completions_router(limits),
         completions.router,
         images.router,
+        audio.router,
         realtime.router,
     ):
         app.include_router(router)

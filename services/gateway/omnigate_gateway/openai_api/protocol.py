@@ -1,5 +1,6 @@
-"""OpenAI's request bodies as pydantic models (what ``/v1/chat/completions``, ``/v1/completions`` and
-``/v1/images/generations`` accept), and the formats they name.
+"""OpenAI's request bodies as pydantic models (what ``/v1/chat/completions``, ``/v1/completions``,
+``/v1/images/generations``, ``/v1/audio/speech`` and ``/v1/audio/transcriptions`` accept), and the formats
+they name.
 
 Every model refuses unknown keys (as OpenAI does) and every whole body refuses a string holding a lone UTF-16
 surrogate before anything else (``refuse_invalid_unicode``). Numbers are typed loosely here: ``requests``
@@ -290,6 +291,51 @@ class ImageGenerationRequest(_Body):
     safety_identifier: str | None = None
 
 
+class SpeechVoice(_Strict):
+    """OpenAI's custom voice reference (``{"id": ...}``): the id names one of the model's voices."""
+
+    id: str
+
+
+class SpeechRequest(_Body):
+    """``POST /v1/audio/speech``: OpenAI's text-to-speech body, plus vLLM-Omni's ``max_new_tokens`` and a
+    ``seed`` (Omnigate's extensions). Formats, voice and speed are checked by ``requests.speech_request``."""
+
+    input: str
+    model: str | None = None
+    voice: str | SpeechVoice | None = None
+    response_format: str | None = None
+    speed: float | None = None
+    instructions: str | None = None
+    stream_format: str | None = None
+    # extensions
+    max_new_tokens: int | None = None
+    seed: int | None = None
+
+
+class TranscriptionRequest(_Body):
+    """``POST /v1/audio/transcriptions``: the form fields of OpenAI's multipart body besides ``file`` (form
+    values are strings: pydantic reads the numbers and booleans from them), plus ``max_new_tokens``
+    (Omnigate's extension). Checked by ``requests.transcription_request``."""
+
+    model: str | None = None
+    language: str | None = None
+    prompt: str | None = None
+    response_format: str | None = None
+    temperature: float | None = None
+    stream: bool | None = None
+    # refused when set (requests.transcription_request)
+    include: list[str] | None = None
+    timestamp_granularities: list[str] | None = None
+    chunking_strategy: Any = None
+    keywords: Any = None
+    languages: Any = None
+    known_speaker_names: Any = None
+    known_speaker_references: Any = None
+    # extension
+    max_new_tokens: int | None = None
+
+
 AUDIO_INPUT_MIME = {
     "wav": "audio/wav",
     "mp3": "audio/mpeg",
@@ -301,4 +347,8 @@ AUDIO_INPUT_MIME = {
     "webm": "audio/webm",
 }
 AUDIO_OUTPUT_FORMATS = ("wav", "pcm16")
+# /v1/audio/speech's response_format values (encoding.SPEECH_ENCODINGS says how each is made); OpenAI's
+# default is mp3.
+SPEECH_OUTPUT_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
+TRANSCRIPTION_RESPONSE_FORMATS = ("json", "text")
 IMAGE_OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}

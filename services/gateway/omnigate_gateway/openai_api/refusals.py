@@ -13,7 +13,13 @@ from omnigate_gateway.metrics import GatewayMetrics
 from omnigate_gateway.observation import access_log
 
 # The routes that are Generate calls (the others that reach the core are GetModelInfo).
-GENERATE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/images/generations")
+GENERATE_PATHS = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/images/generations",
+    "/v1/audio/speech",
+    "/v1/audio/transcriptions",
+)
 
 # HTTP status -> the gRPC code name an access line shows for a refusal (the core's lines use these names).
 _STATUS_CODES = {

@@ -13,6 +13,10 @@ What is translated:
   ``n`` (1 only); without temperature/top_p/top_k the answer is greedy (the model's deterministic answer),
   unlike OpenAI's default temperature of 1;
 - ``modalities: ["text", "audio"]`` with ``audio: {voice, format}`` (``wav`` or ``pcm16``) as speech output;
+- ``/v1/audio/speech``: ``input`` becomes one user message asking the model to say it (``SPEECH_PROMPT``,
+  with ``instructions`` after it), in audio mode, with ``voice`` as the model's speaker (``speech_request``);
+- ``/v1/audio/transcriptions``: the uploaded audio (inline bytes) and ``TRANSCRIPTION_PROMPT`` (with the
+  ``language`` and ``prompt`` when given) become one user message, in text mode (``transcription_request``);
 - ``stream_options``: ``include_usage`` adds a last chunk with the usage; vLLM's ``continuous_usage_stats``
   puts a running ``usage`` on every chunk (it implies ``include_usage``). Mid-stream, ``completion_tokens``
   counts the text deltas sent so far (a delta carries one token, or several merged when the worker is busy,
@@ -56,17 +60,23 @@ import base64
 import binascii
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import overload
 
+from pydantic import ValidationError
+
 from omnigate import validation
+from omnigate.conversation import Modality, ModelInfo
 from omnigate.errors import quote
 from omnigate.gateway.v1 import gateway_pb2 as gw
-from omnigate_gateway.openai_api.errors import InvalidParam, number_shown
+from omnigate_gateway.openai_api.errors import InvalidParam, number_shown, validation_error
 from omnigate_gateway.openai_api.protocol import (
     AUDIO_INPUT_MIME,
     AUDIO_OUTPUT_FORMATS,
     IMAGE_OUTPUT_FORMATS,
+    SPEECH_OUTPUT_FORMATS,
+    TRANSCRIPTION_RESPONSE_FORMATS,
     AudioPart,
     AudioURLPart,
     ChatCompletionRequest,
@@ -76,7 +86,10 @@ from omnigate_gateway.openai_api.protocol import (
     GenerationBody,
     ImageGenerationRequest,
     ImagePart,
+    SpeechRequest,
+    SpeechVoice,
     TextPart,
+    TranscriptionRequest,
     VideoPart,
 )
 
@@ -523,3 +536,192 @@ def pick_voice(voice: str | None, speakers: list[str]) -> str:
         if speaker.lower() == voice.lower():
             return speaker
     return voice
+
+
+# What the model is asked. An omni model answers a conversation (it has no read-out mode), so the speech
+# route asks it, in one user message, to say the text and nothing else; whether the answer is that text
+# word for word is up to the model (a small or chatty one may paraphrase or reply to it instead).
+SPEECH_PROMPT = "Say the following text aloud, word for word, exactly as it is written, and say nothing else."
+SPEECH_INSTRUCTIONS = "How to say it: {instructions}"
+TRANSCRIPTION_PROMPT = "Transcribe the speech in this audio word for word. Answer with the transcript only."
+TRANSCRIPTION_LANGUAGE = "The speech is in the language whose ISO-639-1 code is {language}."
+TRANSCRIPTION_CONTEXT = "Text that may come just before this audio (follow its spelling and style): {prompt}"
+MAX_SPEECH_INPUT_CHARS = 4096  # OpenAI's limit on ``input``
+# OpenAI's refused transcription formats: the model gives neither timestamps nor speakers.
+_TIMED_TRANSCRIPTION_FORMATS = ("verbose_json", "srt", "vtt", "diarized_json")
+_LANGUAGE_CODE = re.compile(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})?")
+
+
+@dataclass
+class TranscriptionOptions:
+    """What the HTTP layer needs to know about a transcription request besides the GenerateRequest."""
+
+    response_format: str  # "json" or "text"
+    stream: bool
+
+
+def speech_request(body: SpeechRequest, info: ModelInfo | None) -> tuple[gw.GenerateRequest, str]:
+    """``POST /v1/audio/speech`` as a GenerateRequest in audio mode (one user message asking the model to
+    say ``input``: ``SPEECH_PROMPT``), and the response format. ``info``: the served model (None while no
+    worker is ready: the core then answers 503), whose speech output and voices are checked here."""
+    if not body.input.strip():
+        raise InvalidParam("input is empty; send the text to say", "input")
+    if len(body.input) > MAX_SPEECH_INPUT_CHARS:
+        raise InvalidParam(
+            f"input has {len(body.input)} characters; the limit is {MAX_SPEECH_INPUT_CHARS}", "input"
+        )
+    response_format = body.response_format or "mp3"
+    if response_format not in SPEECH_OUTPUT_FORMATS:
+        raise InvalidParam(
+            f"response_format {quote(response_format)} is not supported; use one of "
+            f"{', '.join(SPEECH_OUTPUT_FORMATS)}",
+            "response_format",
+        )
+    if body.speed is not None and body.speed != 1:
+        raise InvalidParam(
+            f"speed is {number_shown(body.speed)}; it must be 1.0 (Omnigate speaks at the model's own pace)",
+            "speed",
+            "unsupported_parameter",
+        )
+    if body.stream_format not in (None, "audio"):
+        raise InvalidParam(
+            f'stream_format {quote(body.stream_format)} is not supported; use "audio" (the audio is '
+            "always streamed as it is generated, with chunked transfer)",
+            "stream_format",
+            "unsupported_parameter",
+        )
+    speaker = ""
+    if info is not None:
+        if Modality.AUDIO not in info.output_modalities:
+            raise InvalidParam(
+                f"the model {info.model_id} cannot generate speech (it generates "
+                f"{', '.join(m.value for m in info.output_modalities)}); /v1/audio/speech needs a model with "
+                "speech output",
+                "model",
+            )
+        speaker = speech_voice(body.voice, info.speakers)
+    text = SPEECH_PROMPT
+    if body.instructions and body.instructions.strip():
+        text += "\n" + SPEECH_INSTRUCTIONS.format(instructions=body.instructions.strip())
+    text += "\n\n" + body.input
+    limit = min(info.max_new_tokens if info is not None and info.max_new_tokens else UINT32_MAX, UINT32_MAX)
+    parameters = gw.GenerationParameters()
+    max_new_tokens = _integer("max_new_tokens", body.max_new_tokens, 1, limit)
+    if max_new_tokens:
+        parameters.max_new_tokens = max_new_tokens
+    if body.seed is not None:
+        parameters.seed = _integer("seed", body.seed, MIN_SEED, validation.MAX_SEED) % 2**64
+    request = gw.GenerateRequest(
+        messages=[gw.Message(role="user", content=[gw.ContentPart(text=text)])],
+        parameters=parameters,
+        generation_mode=gw.GENERATION_MODE_AUDIO,
+        speaker=speaker,
+    )
+    return request, response_format
+
+
+def speech_voice(voice: str | SpeechVoice | None, speakers: list[str]) -> str:
+    """The model's speaker for a ``voice`` (a name or ``{"id": name}``, case-insensitive); "" (the model's
+    default) when none is given or the model names no voices; a 400 naming the voices for another name."""
+    name = voice.id if isinstance(voice, SpeechVoice) else voice
+    if not name or not speakers:
+        return ""
+    speaker = pick_voice(name, speakers)
+    if speaker not in speakers:
+        param = "voice.id" if isinstance(voice, SpeechVoice) else "voice"
+        raise InvalidParam(
+            f"voice {quote(name)} is not one of the model's voices; use one of {', '.join(speakers)}", param
+        )
+    return speaker
+
+
+def transcription_fields(fields: list[tuple[str, str]]) -> TranscriptionRequest:
+    """A multipart body's text fields (all but ``file``) as a TranscriptionRequest; a 400 naming the field
+    otherwise. Array fields come as ``name[]`` (what the openai SDK sends) or as a repeated name."""
+    values: dict[str, str | list[str]] = {}
+    for name, value in fields:
+        key = name.removesuffix("[]")
+        if name.endswith("[]") or key in values:
+            previous = values.get(key, [])
+            values[key] = [*(previous if isinstance(previous, list) else [previous]), value]
+        else:
+            values[key] = value
+    try:
+        return TranscriptionRequest.model_validate(values)
+    except ValidationError as exc:
+        raise validation_error([dict(e) for e in exc.errors()]) from None
+
+
+def transcription_request(
+    body: TranscriptionRequest, audio: bytes, info: ModelInfo | None
+) -> tuple[gw.GenerateRequest, TranscriptionOptions]:
+    """``POST /v1/audio/transcriptions`` as a GenerateRequest in text mode: one user message with the audio
+    (inline bytes, decoded by the gateway's media path like any inline audio) and ``TRANSCRIPTION_PROMPT``
+    (plus the language and the prompt when given)."""
+    if not audio:
+        raise InvalidParam("file is empty; send the audio to transcribe", "file")
+    response_format = body.response_format or "json"
+    if response_format in _TIMED_TRANSCRIPTION_FORMATS:
+        raise InvalidParam(
+            f"response_format {quote(response_format)} is not supported: the model gives no timestamps or "
+            f"speakers; use one of {', '.join(TRANSCRIPTION_RESPONSE_FORMATS)}",
+            "response_format",
+            "unsupported_parameter",
+        )
+    if response_format not in TRANSCRIPTION_RESPONSE_FORMATS:
+        raise InvalidParam(
+            f"response_format {quote(response_format)} is not supported; use one of "
+            f"{', '.join(TRANSCRIPTION_RESPONSE_FORMATS)}",
+            "response_format",
+        )
+    for name in (
+        "include",
+        "timestamp_granularities",
+        "chunking_strategy",
+        "keywords",
+        "languages",
+        "known_speaker_names",
+        "known_speaker_references",
+    ):
+        if getattr(body, name) not in (None, [], ""):
+            _refuse(name, " for transcriptions")
+    if info is not None and Modality.AUDIO not in info.input_modalities:
+        raise InvalidParam(
+            f"the model {info.model_id} cannot take audio input (it takes "
+            f"{', '.join(m.value for m in info.input_modalities)}); /v1/audio/transcriptions needs a model "
+            "that takes audio",
+            "model",
+        )
+    text = TRANSCRIPTION_PROMPT
+    if body.language:
+        if not _LANGUAGE_CODE.fullmatch(body.language):
+            raise InvalidParam(
+                f"language is {quote(body.language)}; it must be an ISO-639-1 code such as en or de",
+                "language",
+            )
+        text += " " + TRANSCRIPTION_LANGUAGE.format(language=body.language)
+    if body.prompt and body.prompt.strip():
+        text += "\n" + TRANSCRIPTION_CONTEXT.format(prompt=body.prompt.strip())
+    parameters = gw.GenerationParameters()
+    limit = min(info.max_new_tokens if info is not None and info.max_new_tokens else UINT32_MAX, UINT32_MAX)
+    max_new_tokens = _integer("max_new_tokens", body.max_new_tokens, 1, limit)
+    if max_new_tokens:
+        parameters.max_new_tokens = max_new_tokens
+    temperature = body.temperature
+    if temperature is not None:
+        _float32(
+            "temperature",
+            temperature,
+            temperature == 0 or validation.MIN_TEMPERATURE <= temperature <= 1,
+            f"it must be 0 (greedy) or between {validation.MIN_TEMPERATURE:g} and 1",
+        )
+        if temperature > 0:
+            parameters.do_sample = True
+            parameters.temperature = temperature
+    audio_part = gw.ContentPart(audio=gw.MediaSource(inline=gw.InlineMedia(data=audio)))
+    request = gw.GenerateRequest(
+        messages=[gw.Message(role="user", content=[audio_part, gw.ContentPart(text=text)])],
+        parameters=parameters,
+        generation_mode=gw.GENERATION_MODE_TEXT,
+    )
+    return request, TranscriptionOptions(response_format=response_format, stream=bool(body.stream))

@@ -1,6 +1,7 @@
 """The core's ``GenerateResponse`` events as OpenAI's answers: ``chat.completion`` and ``text_completion``
 objects, the chunks of their streams (``chat.completion.chunk``, streamed ``text_completion``), model
-objects; pure functions, no I/O (``streaming`` sends the chunks as server-sent events)."""
+objects, transcriptions and their stream's events; pure functions, no I/O (``streaming`` sends the chunks
+as server-sent events)."""
 
 from __future__ import annotations
 
@@ -244,3 +245,46 @@ def text_completion(
 
 def model_object(model_id: str, created: int) -> dict:
     return {"id": model_id, "object": "model", "created": created, "owned_by": "omnigate"}
+
+
+def transcription_usage(summary: gw.Summary) -> dict:
+    """A transcription's usage as OpenAI counts it (tokens in, tokens out)."""
+    return {
+        "type": "tokens",
+        "input_tokens": summary.prompt_tokens,
+        "output_tokens": summary.output_tokens,
+        "total_tokens": summary.prompt_tokens + summary.output_tokens,
+    }
+
+
+def transcription(events: list[gw.GenerateResponse]) -> dict:
+    """All events of one transcription as OpenAI's ``json`` answer (``text`` answers ``["text"]`` alone)."""
+    text = "".join(e.text.text for e in events if e.WhichOneof("event") == "text")
+    return {"text": text, "usage": transcription_usage(_last_summary(events))}
+
+
+class TranscriptionStream:
+    """Turns the core's events into OpenAI's streamed transcription events: ``transcript.text.delta`` per
+    text delta, then ``transcript.text.done`` with the whole text and the usage."""
+
+    def __init__(self) -> None:
+        self._text: list[str] = []
+
+    def start(self) -> list[dict]:
+        return []
+
+    def event(self, event: gw.GenerateResponse) -> list[dict]:
+        kind = event.WhichOneof("event")
+        if kind == "text" and event.text.text:
+            self._text.append(event.text.text)
+            return [{"type": "transcript.text.delta", "delta": event.text.text, "logprobs": None}]
+        if kind == "summary":
+            return [
+                {
+                    "type": "transcript.text.done",
+                    "text": "".join(self._text),
+                    "logprobs": None,
+                    "usage": transcription_usage(event.summary),
+                }
+            ]
+        return []

@@ -24,7 +24,7 @@ from omnigate import tracing
 from omnigate.errors import OmnigateError
 from omnigate.gateway.v1 import gateway_pb2 as gw
 from omnigate_gateway.openai_api.errors import ClientGone, http_error
-from omnigate_gateway.openai_api.responses import ChatStream, CompletionStream
+from omnigate_gateway.openai_api.responses import ChatStream, CompletionStream, TranscriptionStream
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,9 @@ async def _awaited(awaitable: Awaitable[T]) -> T:
 
 
 async def event_stream(
-    request: Request, events: AsyncIterator[gw.GenerateResponse], stream: ChatStream | CompletionStream
+    request: Request,
+    events: AsyncIterator[gw.GenerateResponse],
+    stream: ChatStream | CompletionStream | TranscriptionStream,
 ) -> EventSourceResponse:
     """A streamed answer. The first event is awaited before answering, so that errors before any output
     (bad media, no worker, auth, limits) get their HTTP status; later errors can only be an SSE error
@@ -85,7 +87,7 @@ async def event_stream(
 
 
 async def _sse(
-    stream: ChatStream | CompletionStream,
+    stream: ChatStream | CompletionStream | TranscriptionStream,
     first: gw.GenerateResponse | None,
     events: AsyncIterator[gw.GenerateResponse],
     request_id: str,

@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import base64
 import re
+import shutil
+import subprocess
+import sys
 import time
+import wave
 from collections.abc import Iterator
 
 import numpy as np
@@ -22,7 +26,7 @@ import websockets.sync.client
 from websockets.exceptions import InvalidStatus
 
 from tests.support import speech_like
-from tests.support.stack import Service, metric_sum, scrape_metrics, start_service, wait_serving
+from tests.support.stack import REPO_DIR, Service, metric_sum, scrape_metrics, start_service, wait_serving
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
@@ -247,3 +251,21 @@ def test_an_idle_session_is_closed(client, model):
         assert IDLE_TIMEOUT_S - 0.5 <= time.monotonic() - started <= IDLE_TIMEOUT_S + 5
         with pytest.raises(websockets.exceptions.ConnectionClosedOK):
             connection.recv()
+
+
+def test_the_docs_example_runs(gateway, tmp_path):
+    """docs/openai-api.md's realtime example, as written but for the gateway's address and key."""
+    docs = (REPO_DIR / "docs" / "openai-api.md").read_text()
+    section = docs[docs.index("## `/v1/realtime` (WebSocket)") :]
+    example = section[section.index("```python\n") + 10 : section.index("```\n", section.index("```python"))]
+    example = example.replace("http://127.0.0.1:8000/v1", f"http://127.0.0.1:{gateway.http_port}/v1")
+    example = example.replace('api_key="unused"', f'api_key="{KEY}"')
+    (tmp_path / "demo-media").mkdir()
+    shutil.copy(REPO_DIR / "demo-media" / "sound.wav", tmp_path / "demo-media" / "sound.wav")
+    ran = subprocess.run(
+        [sys.executable, "-c", example], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert re.search(r"^(completed|incomplete): \d+\.\d s of speech$", ran.stdout, re.MULTILINE), ran.stdout
+    with wave.open(str(tmp_path / "answer.wav")) as answer:
+        assert answer.getframerate() == 24000 and answer.getnframes() > 2400

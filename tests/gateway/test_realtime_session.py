@@ -405,6 +405,8 @@ async def test_history_and_request_bounds(pool, registry):
     created = [(await conversation.until(ItemCreated))[-1] for _ in range(4)]
     assert created[-1].item.id == "item_mine" and created[-1].previous_item_id == created[-2].item.id
     assert [i.content[0].text for i in session.items] == ["clip 0", "clip 1", "clip 2", "ok"]
+    kept = [bool(i.content[1].wav) for i in session.items if i.role == "user"]
+    assert kept == [False, False, True], "audio no request can carry any more (max_media_items) is freed"
     await session.send(CreateItem("user", [TextContent("again")], item_id="item_mine"))
     assert "already exists" in (await conversation.until(Error))[-1].message
     await session.send(CreateItem("user", [TextContent("x")], previous_item_id="item_elsewhere"))

@@ -11,8 +11,10 @@ answer, whose transcript and audio stream back. A second answer is interrupted b
 from __future__ import annotations
 
 import base64
+import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -269,3 +271,29 @@ def test_the_docs_example_runs(gateway, tmp_path):
     assert re.search(r"^(completed|incomplete): \d+\.\d s of speech$", ran.stdout, re.MULTILINE), ran.stdout
     with wave.open(str(tmp_path / "answer.wav")) as answer:
         assert answer.getframerate() == 24000 and answer.getnframes() > 2400
+
+
+def test_a_client_that_vanishes_mid_answer_stops_the_worker(omni_stack, gateway, model):
+    cancelled_before = _worker_cancelled(omni_stack)
+    connection = websockets.sync.client.connect(
+        f"ws://127.0.0.1:{gateway.http_port}/v1/realtime?model={model}",
+        additional_headers={"Authorization": f"Bearer {KEY}"},
+        open_timeout=10,
+    )
+    assert json.loads(connection.recv(timeout=10))["type"] == "session.created"
+    item = {
+        "type": "message",
+        "role": "user",
+        "content": [{"type": "input_text", "text": "Tell me a story."}],
+    }
+    connection.send(json.dumps({"type": "conversation.item.create", "item": item}))
+    connection.send(json.dumps({"type": "response.create", "response": {"max_output_tokens": 2000}}))
+    while json.loads(connection.recv(timeout=60))["type"] != "response.output_audio.delta":
+        pass
+    connection.socket.shutdown(socket.SHUT_RDWR)  # gone, without a close frame
+    connection.close()
+    wait_until(lambda: _worker_cancelled(omni_stack) == cancelled_before + 1, timeout_s=30)
+    wait_until(
+        lambda: metric_sum(scrape_metrics(gateway), "omnigate_gateway_realtime_sessions") == 0, timeout_s=10
+    )
+    assert metric_sum(scrape_metrics(gateway), "omnigate_gateway_in_flight_requests") == 0

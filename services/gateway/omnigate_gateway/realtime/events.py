@@ -103,7 +103,8 @@ class Item:
 
     @property
     def audio_parts(self) -> int:
-        return sum(1 for part in self.content if part.kind == "audio")
+        """The user audio a request carries for this item (an answer's audio part is its transcript)."""
+        return sum(1 for part in self.content if part.kind == "audio") if self.role == "user" else 0
 
 
 @dataclass

@@ -227,6 +227,15 @@ class RealtimeSession:
         """Sends the client an error found by the front door (an event it could not read)."""
         await self._emit(Error(message, code, param=param, event_id=event_id))
 
+    async def end_input(self) -> None:
+        """The client will send nothing more (a gRPC half-close): the running answer, if any, finishes, then
+        ``events()`` ends after the events already queued. ``close()`` still ends the session."""
+        task = self._response_task
+        if task is not None:
+            await asyncio.wait([task])
+        if not self._closed:
+            await self._out.put(None)
+
     async def _emit(self, event: ServerEvent) -> None:
         if not self._closed:
             await self._out.put(event)
@@ -323,6 +332,7 @@ class RealtimeSession:
             raise Refused(
                 f"the audio is {len(event.pcm)} bytes; 16-bit PCM has an even number of bytes", param="audio"
             )
+        self._takes_audio()
         samples = pcm16_to_float(event.pcm)
         limit = round(self._settings.realtime_max_buffer_s * AUDIO_RATE)
         detector = self._detector
@@ -412,7 +422,20 @@ class RealtimeSession:
         previous = self.items[-1].id if self.items else None
         self.items.append(item)
         del self.items[: max(0, len(self.items) - self._settings.realtime_max_items)]
+        self._forget_unsendable_audio()
         await self._emit(ItemCreated(item, previous))
+
+    def _forget_unsendable_audio(self) -> None:
+        """Frees the audio of items older than the newest ``max_media_items`` audio parts: no request can
+        carry it any more (``_context``), so a session holds at most that much audio."""
+        room = self._settings.max_media_items
+        for item in reversed(self.items):
+            for part in item.content if item.role == "user" else ():
+                if part.kind == "audio":
+                    if room > 0:
+                        room -= 1
+                    else:
+                        part.wav = b""
 
     async def _create_item(self, event: CreateItem) -> None:
         if event.item_id is not None and any(item.id == event.item_id for item in self.items):

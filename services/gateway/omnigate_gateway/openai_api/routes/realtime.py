@@ -95,7 +95,8 @@ async def _converse(websocket: WebSocket, core: GatewayCore, call: Call, info: M
             for task in (reader, writer):
                 task.cancel()
             for outcome in await asyncio.gather(reader, writer, return_exceptions=True):
-                if isinstance(outcome, Exception) and not isinstance(outcome, WebSocketDisconnect):
+                # The client left: a disconnect, or a send on a connection that is gone (OSError).
+                if isinstance(outcome, Exception) and not isinstance(outcome, WebSocketDisconnect | OSError):
                     log.error("realtime session %s failed", session.id, exc_info=outcome)
     log.info("realtime session %s closed", session.id)
 

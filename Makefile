@@ -127,6 +127,11 @@ bench: install protos models
 bench-media: install
 	$(PY) -m bench.media
 
+.PHONY: bench-realtime
+## realtime speech over /v1/realtime (tiny model, CPU): VAD commit to first audio, barge-in: bench/results/realtime.json
+bench-realtime: install protos models
+	$(PY) -m bench.realtime
+
 BENCH_GPU_ARGS ?=
 .PHONY: bench-gpu bench-gpu-wheels
 ## the worker at GPU speed: generate vs the engine in-process, decode steps, memory: bench/results/gpu.{json,md}

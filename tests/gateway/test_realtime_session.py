@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from omnigate.conversation import GenerationRequest, Modality, ModelInfo
+from omnigate.conversation import GenerationRequest, ModelInfo
 from omnigate.worker.v1 import worker_pb2 as wk
 from omnigate_gateway.core import Call, GatewayCore
 from omnigate_gateway.realtime.events import (
@@ -51,20 +51,17 @@ from omnigate_gateway.realtime.session import RealtimeSession
 from omnigate_gateway.realtime.vad import SpeechDetector, SpeechEnd, SpeechStart, load_silero
 from omnigate_gateway.settings import GatewaySettings
 from tests.support import speech_like
-from tests.support.fake_workers import FakeWorkerCall, FakeWorkerPool, core_over, rpc_error, summary, text
+from tests.support.fake_workers import (
+    SPEAKING_MODEL,
+    FakeWorkerCall,
+    FakeWorkerPool,
+    core_over,
+    rpc_error,
+    summary,
+    text,
+)
 
 RATE = speech_like.RATE
-# A model that hears and speaks with two voices, as Qwen2.5-Omni (16 kHz in, 24 kHz out).
-SPEAKING_MODEL = ModelInfo(
-    "fake/omni",
-    "FakeOmni",
-    [Modality.TEXT, Modality.AUDIO],
-    [Modality.TEXT, Modality.AUDIO],
-    input_audio_sample_rate=16000,
-    output_audio_sample_rate=24000,
-    speakers=["Chelsie", "Ethan"],
-    max_new_tokens=512,
-)
 
 
 def spoken(seconds: float = 0.1) -> wk.GenerateResponse:

@@ -21,6 +21,7 @@ import time
 import wave
 from collections.abc import Iterator
 
+import httpx
 import numpy as np
 import openai
 import pytest
@@ -242,6 +243,9 @@ def test_handshake_needs_a_key_and_the_served_model(gateway, model):
             open_timeout=10,
         )
     assert refused.value.response.status_code == 404
+    plain = httpx.get(url.replace("ws://", "http://"), timeout=10)  # not an upgrade
+    assert plain.status_code == 426 and plain.headers["upgrade"] == "websocket"
+    assert plain.json()["error"]["code"] == "upgrade_required" and plain.headers["x-request-id"]
 
 
 def test_an_idle_session_is_closed(client, model):

@@ -3,7 +3,7 @@
 The handshake is authenticated like every other route (``Authorization: Bearer <key>`` or ``x-api-key``; a
 browser's ``openai-insecure-api-key.<key>`` subprotocol too) and may name the model (``?model=``, as the
 openai SDK's ``client.realtime.connect(model=...)`` does). A refused handshake is answered with OpenAI's
-error body and HTTP status (401, 404, 503) instead of an upgrade.
+error body and HTTP status (401, 404, 503) instead of an upgrade; a plain HTTP request gets 426.
 
 Once open, two tasks run until either ends: one reads client events (``realtime_events.client_event``) into
 the session, answering a message it cannot read with an ``error`` event (the connection stays open); the
@@ -18,7 +18,7 @@ import asyncio
 import json
 import logging
 
-from fastapi import APIRouter, WebSocket
+from fastapi import APIRouter, Request, WebSocket
 from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect
 
@@ -27,7 +27,7 @@ from omnigate.errors import OmnigateError, Unavailable
 from omnigate_gateway.auth import credential
 from omnigate_gateway.core import Call, GatewayCore, request_id_from
 from omnigate_gateway.openai_api.dependencies import served_model
-from omnigate_gateway.openai_api.errors import http_error
+from omnigate_gateway.openai_api.errors import error_body, http_error, refusal
 from omnigate_gateway.openai_api.realtime_events import WireError, client_event, server_events
 from omnigate_gateway.realtime.events import SessionClosed
 from omnigate_gateway.realtime.session import RealtimeSession
@@ -47,6 +47,18 @@ _NOT_METADATA = {
     "sec-websocket-key",
     "sec-websocket-protocol",
 }
+
+
+@router.api_route("/v1/realtime", methods=["GET", "HEAD"], response_model=None)
+async def not_a_websocket(request: Request) -> JSONResponse:
+    """A plain HTTP request to the WebSocket's path: 426 saying how to connect."""
+    body = error_body(
+        "/v1/realtime is a WebSocket: connect with an upgrade (ws:// or wss://), e.g. the openai SDK's "
+        "client.realtime.connect(model=...)",
+        "invalid_request_error",
+        "upgrade_required",
+    )
+    return refusal(request, body, 426, {"Upgrade": "websocket"})
 
 
 @router.websocket("/v1/realtime")

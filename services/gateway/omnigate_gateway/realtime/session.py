@@ -419,11 +419,16 @@ class RealtimeSession:
     # ---- the conversation --------------------------------------------------------------------------
 
     async def _add_item(self, item: Item) -> None:
+        previous = self._append_item(item)
+        self._forget_unsendable_audio()
+        await self._emit(ItemCreated(item, previous))
+
+    def _append_item(self, item: Item) -> str | None:
+        """Adds ``item`` at the end (the oldest go beyond ``realtime_max_items``); the previous item's id."""
         previous = self.items[-1].id if self.items else None
         self.items.append(item)
         del self.items[: max(0, len(self.items) - self._settings.realtime_max_items)]
-        self._forget_unsendable_audio()
-        await self._emit(ItemCreated(item, previous))
+        return previous
 
     def _forget_unsendable_audio(self) -> None:
         """Frees the audio of items older than the newest ``max_media_items`` audio parts: no request can
@@ -545,8 +550,7 @@ class RealtimeSession:
         speech = "audio" in response.output_modalities
         item = Item(new_id("item"), "assistant", [ContentPart("audio" if speech else "text")], "in_progress")
         part = item.content[0]
-        previous = self.items[-1].id if self.items else None
-        self.items.append(item)
+        previous = self._append_item(item)
         response.output.append(item)
         status: ResponseStatus = "completed"
         # The request id of the answer's Generate call (access line, spans, the worker's logs) is its id.

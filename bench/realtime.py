@@ -13,9 +13,10 @@ turn streams speech-like audio (tests/support/speech_like.py: 1.5 s of speech, t
 - **speech end to first audio:** from the moment the client finished sending the speech (before the
   silence that ends the turn) to the first audio: what a user hears, the VAD's silence duration (500 ms)
   included;
-- **barge-in:** in half of the turns the client starts speaking again after the first audio chunk; the
-  time from that speech's first chunk to ``response.done`` with status ``cancelled`` (the answer, and its
-  worker call, stopped), next to the gateway's own ``omnigate_gateway_realtime_barge_in_seconds``.
+- **barge-in:** in every second turn the client starts speaking again (0.3 s, real-time pace) once the
+  first audio chunk arrived; the time from that speech's first chunk to ``response.done`` with status
+  ``cancelled`` (the answer, and its worker call, stopped), next to the gateway's own
+  ``omnigate_gateway_realtime_barge_in_seconds`` (speech detected to worker call cancelled).
 
 Writes ``--out`` (JSON) and prints a table. It reports numbers; it never fails on them.
 """
@@ -27,8 +28,10 @@ import base64
 import json
 import os
 import platform
+import queue
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -36,10 +39,40 @@ import numpy as np
 import openai
 
 from tests.support import speech_like
-from tests.support.stack import MODELS_DIR, start_stack
+from tests.support.stack import MODELS_DIR, metric_sum, scrape_metrics, start_stack
 
 REPO = Path(__file__).resolve().parents[1]
 CHUNK_S = 0.1
+
+
+class Events:
+    """The connection's events as they arrive, each stamped with its arrival time by a reader thread (the
+    main thread sends audio meanwhile, as a microphone would: the websockets connection under the SDK takes
+    a send and a receive from two threads)."""
+
+    def __init__(self, connection) -> None:
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._read, args=(connection,), daemon=True)
+        self._thread.start()
+
+    def _read(self, connection) -> None:
+        try:
+            for event in connection:
+                self._queue.put((time.monotonic(), event))
+        finally:
+            self._queue.put((time.monotonic(), None))
+
+    def next(self, kinds: set[str], timeout_s: float = 300):
+        """The first event of one of ``kinds`` and its arrival time (events of other kinds are skipped)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            at, event = self._queue.get(timeout=max(0.01, deadline - time.monotonic()))
+            if event is None:
+                raise RuntimeError(f"the connection closed before {sorted(kinds)}")
+            if event.type == "error":
+                raise RuntimeError(f"error event: {event}")
+            if event.type in kinds:
+                return event, at
 
 
 def _paced(connection, samples: np.ndarray) -> float:
@@ -53,24 +86,11 @@ def _paced(connection, samples: np.ndarray) -> float:
     return time.monotonic()
 
 
-def _next(connection, kinds: set[str], timeout_s: float = 300):
-    deadline = time.monotonic() + timeout_s
-    for event in connection:
-        if event.type == "error":
-            raise RuntimeError(f"error event: {event}")
-        if event.type in kinds:
-            return event, time.monotonic()
-        if time.monotonic() > deadline:
-            break
-    raise RuntimeError(f"no {sorted(kinds)} within {timeout_s} s")
-
-
-def _turn(connection, seed: int, barge_in: bool) -> dict:
-    speech = speech_like.speech(1.5, seed=seed)
-    speech_end = _paced(connection, speech)
+def _turn(connection, events: Events, seed: int, barge_in: bool) -> dict:
+    speech_end = _paced(connection, speech_like.speech(1.5, seed=seed))
     _paced(connection, speech_like.silence(1.0))
-    _, committed_at = _next(connection, {"input_audio_buffer.committed"})
-    event, first_audio_at = _next(connection, {"response.output_audio.delta", "response.done"})
+    _, committed_at = events.next({"input_audio_buffer.committed"})
+    event, first_audio_at = events.next({"response.output_audio.delta", "response.done"})
     if event.type == "response.done":
         return {"audio": False, "status": event.response.status}
     turn = {
@@ -80,31 +100,21 @@ def _turn(connection, seed: int, barge_in: bool) -> dict:
     }
     if barge_in:
         interrupted_at = time.monotonic()
-        connection.input_audio_buffer.append(
-            audio=base64.b64encode(speech_like.pcm16(speech_like.speech(0.3, seed=seed + 1000))).decode()
-        )
-        done, done_at = _next(connection, {"response.done"})
+        _paced(connection, speech_like.speech(0.3, seed=seed + 1000))
+        done, done_at = events.next({"response.done"})
         turn["barge_in_status"] = done.response.status
         turn["barge_in_to_cancelled_s"] = done_at - interrupted_at
-        # the interrupting speech stays in the buffer: clear it so the next turn starts clean
+        # the interrupting speech is still in the buffer: end it and let its own answer run out
         _paced(connection, speech_like.silence(1.0))
-        connection.input_audio_buffer.clear()
-        _drain(connection, 1.0)
+        events.next({"response.done"})
     else:
-        _next(connection, {"response.done"})
+        events.next({"response.done"})
     return turn
 
 
-def _drain(connection, seconds: float) -> None:
-    """Reads what arrives for ``seconds`` (the answer to an interrupting fragment, cleared events)."""
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        try:
-            connection.recv()  # the SDK's recv blocks; the stream is short-lived here
-        except Exception:  # noqa: BLE001 - a closed or quiet connection ends the drain
-            return
-        if time.monotonic() >= end:
-            return
+def _mean_histogram(samples: dict, name: str) -> float | None:
+    count = metric_sum(samples, f"{name}_count")
+    return round(metric_sum(samples, f"{name}_sum") / count, 6) if count else None
 
 
 def _summary(values: list[float]) -> dict:
@@ -134,15 +144,17 @@ def main(argv: list[str] | None = None) -> int:
             model = client.models.list().data[0].id
             turns = []
             with client.realtime.connect(model=model) as connection:
-                _next(connection, {"session.created"})
+                events = Events(connection)
+                events.next({"session.created"})
                 connection.session.update(
                     session={"type": "realtime", "max_output_tokens": args.max_output_tokens}
                 )
-                _next(connection, {"session.updated"})
+                events.next({"session.updated"})
                 for i in range(args.turns):
-                    turn = _turn(connection, seed=i, barge_in=i % 2 == 1)
+                    turn = _turn(connection, events, seed=i, barge_in=i % 2 == 1)
                     turns.append(turn)
                     print(f"turn {i + 1}/{args.turns}: {json.dumps(turn)}", flush=True)
+            samples = scrape_metrics(stack.gateway)
         finally:
             stack.gateway.stop()
             stack.worker.stop()
@@ -164,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
             [t["barge_in_to_cancelled_s"] for t in spoken if t.get("barge_in_status") == "cancelled"]
         ),
         "barge_in_statuses": [t["barge_in_status"] for t in spoken if "barge_in_status" in t],
+        "gateway_barge_in_detection_to_cancel_mean_s": _mean_histogram(
+            samples, "omnigate_gateway_realtime_barge_in_seconds"
+        ),
         "per_turn": turns,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -172,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     print("| measure | n | p50 s | p90 s | max s |\n|---|---:|---:|---:|---:|")
     for name in ("commit_to_first_audio", "speech_end_to_first_audio", "barge_in_to_cancelled"):
         s = result[name]
-        print(f"| {name} | {s['n']} | {s.get('p50_s', '-')} | {s.get('p90_s', '-')} | {s.get('max_s', '-')} |")
+        print(
+            f"| {name} | {s['n']} | {s.get('p50_s', '-')} | {s.get('p90_s', '-')} | {s.get('max_s', '-')} |"
+        )
     print(f"\nwritten to {args.out}")
     return 0
 

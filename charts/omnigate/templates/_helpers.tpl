@@ -167,6 +167,42 @@ topologySpreadConstraints:
 {{- end -}}
 {{- end -}}
 
+{{/*
+The worker's start-up budget in seconds: the startup probe's allowance (periodSeconds x failureThreshold,
+the longest model load and warm-up) plus worker.progressDeadlineMarginSeconds (scheduling, image pull and
+the prefetch download, which run before the probe starts).
+*/}}
+{{- define "omnigate.worker.startupAllowanceSeconds" -}}
+{{- mul (int .Values.worker.startupProbe.periodSeconds) (int .Values.worker.startupProbe.failureThreshold) -}}
+{{- end -}}
+{{- define "omnigate.worker.startupBudgetSeconds" -}}
+{{- add (include "omnigate.worker.startupAllowanceSeconds" . | int) (int .Values.worker.progressDeadlineMarginSeconds) -}}
+{{- end -}}
+
+{{/*
+progressDeadlineSeconds of the Deployments. The worker's defaults to its start-up budget, so a rollout is
+declared failed only once a new pod has overrun everything it is allowed. The gateway's defaults to the
+same while its readiness is gRPC health (a gateway is ready only once a worker is, so a first install
+waits for a model load), else to Kubernetes' 600 s.
+*/}}
+{{- define "omnigate.worker.progressDeadlineSeconds" -}}
+{{- if gt (int .Values.worker.progressDeadlineSeconds) 0 -}}
+{{- int .Values.worker.progressDeadlineSeconds -}}
+{{- else -}}
+{{- include "omnigate.worker.startupBudgetSeconds" . -}}
+{{- end -}}
+{{- end -}}
+{{- define "omnigate.gateway.progressDeadlineSeconds" -}}
+{{- $g := .Values.gateway -}}
+{{- if gt (int $g.progressDeadlineSeconds) 0 -}}
+{{- int $g.progressDeadlineSeconds -}}
+{{- else if and $g.readinessProbe.enabled (eq $g.readinessProbe.type "grpc") -}}
+{{- include "omnigate.worker.progressDeadlineSeconds" . -}}
+{{- else -}}
+600
+{{- end -}}
+{{- end -}}
+
 {{/* A PodDisruptionBudget's budget (one line) from a `pdb` block. */}}
 {{- define "omnigate.pdbBudget" -}}
 {{- if not (eq (toString .minAvailable) "") -}}
@@ -213,6 +249,14 @@ maxUnavailable: {{ .maxUnavailable }}
 {{- end -}}
 {{- if and .Values.auth.existingSecret .Values.tests.enabled (not .Values.tests.apiKeySecret.name) -}}
 {{- fail "auth.existingSecret makes the gateway require API keys: give the helm test pod one (tests.apiKeySecret.name and .key, a Secret holding one raw key) or set tests.enabled=false" -}}
+{{- end -}}
+{{- $allowance := include "omnigate.worker.startupAllowanceSeconds" . | int -}}
+{{- if and (gt (int $w.progressDeadlineSeconds) 0) (le (int $w.progressDeadlineSeconds) $allowance) -}}
+{{- fail (printf "worker.progressDeadlineSeconds (%d) is not above the startup probe's allowance (worker.startupProbe.periodSeconds x failureThreshold = %d s): every rollout whose workers take their allowed start-up time would be reported as failed; raise it or leave it 0 (derived)" (int $w.progressDeadlineSeconds) $allowance) -}}
+{{- end -}}
+{{- $g := .Values.gateway -}}
+{{- if and (gt (int $g.progressDeadlineSeconds) 0) $g.readinessProbe.enabled (eq $g.readinessProbe.type "grpc") (le (int $g.progressDeadlineSeconds) $allowance) -}}
+{{- fail (printf "gateway.progressDeadlineSeconds (%d) is not above the workers' start-up allowance (%d s): with gRPC readiness a gateway is ready only once a worker is, so a first install would be reported as failed; raise it or leave it 0 (derived)" (int $g.progressDeadlineSeconds) $allowance) -}}
 {{- end -}}
 {{- range $c := list "gateway" "worker" -}}
 {{- $a := (index $.Values $c).autoscaling -}}

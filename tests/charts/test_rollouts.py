@@ -1,0 +1,92 @@
+"""Rollout deadlines follow the workers' start-up budget, so a slow model load is not a failed rollout."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.charts.chart import (
+    CHART_DIR,
+    GATEWAY,
+    NAMESPACE,
+    PROFILES,
+    RELEASE,
+    WORKER,
+    helm,
+    render,
+    render_profile,
+    template_args,
+)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_worker_rollout_deadline_covers_the_startup_probe_and_a_margin(profile):
+    rendered = render_profile(profile)
+    worker = rendered.one("Deployment", WORKER)
+    startup = next(c for c in worker["spec"]["template"]["spec"]["containers"] if c["name"] == "worker")[
+        "startupProbe"
+    ]
+    allowance = startup["periodSeconds"] * startup["failureThreshold"]
+    # Kubernetes' default (600 s) would fail any rollout whose model load takes longer than 10 minutes.
+    assert worker["spec"]["progressDeadlineSeconds"] == allowance + 600
+    gateway = rendered.one("Deployment", GATEWAY)
+    readiness = next(c for c in gateway["spec"]["template"]["spec"]["containers"] if c["name"] == "gateway")[
+        "readinessProbe"
+    ]
+    if "grpc" in readiness:  # a gateway is ready only once a worker is
+        assert gateway["spec"]["progressDeadlineSeconds"] == worker["spec"]["progressDeadlineSeconds"]
+    else:
+        assert gateway["spec"]["progressDeadlineSeconds"] == 600
+
+
+def test_default_deadline_is_forty_minutes_and_follows_the_probe_and_margin():
+    assert render_profile("default").one("Deployment", WORKER)["spec"]["progressDeadlineSeconds"] == 2400
+    rendered = render(
+        set_values={
+            "worker.startupProbe.periodSeconds": 20,
+            "worker.startupProbe.failureThreshold": 270,  # 90 minutes for a very large model
+            "worker.progressDeadlineMarginSeconds": 1200,
+        }
+    )
+    assert rendered.one("Deployment", WORKER)["spec"]["progressDeadlineSeconds"] == 5400 + 1200
+    assert rendered.one("Deployment", GATEWAY)["spec"]["progressDeadlineSeconds"] == 5400 + 1200
+
+
+def test_deadlines_can_be_set_explicitly():
+    rendered = render(
+        set_values={"worker.progressDeadlineSeconds": 7200, "gateway.progressDeadlineSeconds": 3600}
+    )
+    assert rendered.one("Deployment", WORKER)["spec"]["progressDeadlineSeconds"] == 7200
+    assert rendered.one("Deployment", GATEWAY)["spec"]["progressDeadlineSeconds"] == 3600
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"worker.progressDeadlineSeconds": 600},
+            "worker.progressDeadlineSeconds (600) is not above the startup probe's allowance",
+        ),
+        (
+            {"gateway.progressDeadlineSeconds": 900},
+            "gateway.progressDeadlineSeconds (900) is not above the workers' start-up allowance",
+        ),
+    ],
+)
+def test_a_deadline_shorter_than_the_startup_allowance_is_refused(values, message):
+    result = helm(*template_args(set_values=values), check=False)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_a_short_gateway_deadline_is_fine_when_readiness_does_not_wait_for_workers():
+    rendered = render(
+        set_values={"gateway.progressDeadlineSeconds": 300, "gateway.readinessProbe.type": "tcpSocket"}
+    )
+    assert rendered.one("Deployment", GATEWAY)["spec"]["progressDeadlineSeconds"] == 300
+
+
+def test_notes_wait_for_the_rollout_as_long_as_its_deadline():
+    out = helm("install", RELEASE, str(CHART_DIR), "--namespace", NAMESPACE, "--dry-run=client").stdout
+    notes = out.split("NOTES:", 1)[1]
+    assert f"rollout status deployment/{WORKER} --timeout=2400s" in notes
+    assert f"rollout status deployment/{GATEWAY} --timeout=2400s" in notes

@@ -66,6 +66,21 @@ app.kubernetes.io/component: {{ .component }}
 app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
+{{/*
+Labels of a component's pod template: the object labels without helm.sh/chart and app.kubernetes.io/version.
+A change to the pod template rolls every pod (each worker reloading its model), so it carries only what
+pods must change for: a chart bump that edits an alert must not restart the fleet, and a new version
+reaches the pods through the image reference. Call with (dict "ctx" $ "component" "worker").
+*/}}
+{{- define "omnigate.podLabels" -}}
+{{ include "omnigate.componentSelectorLabels" . }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+app.kubernetes.io/part-of: omnigate
+{{- with .ctx.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
 {{/* The ServiceAccount the pods run as. */}}
 {{- define "omnigate.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create -}}

@@ -1,7 +1,7 @@
 """``AsyncOmnigateClient``: the asyncio (``grpc.aio``) twin of ``OmnigateClient``, with the same API.
 
     import asyncio
-    from omnigate_client import AsyncOmnigateClient, TextDelta
+    from omnigate_client import AsyncOmnigateClient, ResponseDone, TextDelta
 
     async def main():
         async with AsyncOmnigateClient("127.0.0.1:50051") as client:
@@ -9,6 +9,10 @@
                 if isinstance(event, TextDelta):
                     print(event.text, end="", flush=True)
             result = await client.generate_all(messages, max_new_tokens=20)
+            async with client.converse(turn_detection=False) as conversation:  # Converse
+                await conversation.create_item(text="Say hello.")
+                await conversation.create_response()
+                events = await conversation.until(ResponseDone)
 
     asyncio.run(main())
 
@@ -27,10 +31,11 @@ from grpc_health.v1 import health_pb2
 from omnigate.gateway.v1 import gateway_pb2 as pb
 from omnigate.gateway.v1 import gateway_pb2_grpc
 from omnigate_client.client import _UNSET, _ClientBase, _Deadline, _policy
+from omnigate_client.conversation import AsyncConversation
 from omnigate_client.errors import REQUEST_ID_KEY, OmnigateClientError, metadata_value
-from omnigate_client.protocol import build_request, event_from_proto, model_info_from_proto
+from omnigate_client.protocol import build_request, event_from_proto, model_info_from_proto, opening_request
 from omnigate_client.retry import RetryPolicy
-from omnigate_client.types import Event, GenerationResult, ModelInfo
+from omnigate_client.types import Event, GenerationResult, ModelInfo, TurnDetection
 
 
 class AsyncGenerationStream:
@@ -221,3 +226,20 @@ class AsyncOmnigateClient(_ClientBase):
 
     async def generate_all(self, messages: list[dict], **kwargs: Any) -> GenerationResult:
         return await self.generate(messages, **kwargs).collect()
+
+    def converse(
+        self,
+        *,
+        instructions: str | None = None,
+        voice: str | None = None,
+        output_mode: str | None = None,
+        turn_detection: TurnDetection | bool | None = None,
+        max_output_tokens: int | None = None,
+        timeout_s: float | None = None,
+        request_id: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> AsyncConversation:
+        """Starts a ``Converse`` call (arguments as ``OmnigateClient.converse``): ``async for`` its events,
+        ``await`` its send methods."""
+        first = opening_request(instructions, voice, output_mode, turn_detection, max_output_tokens)
+        return AsyncConversation(self._stub, self._call_metadata(metadata, request_id), timeout_s, first)

@@ -1,6 +1,6 @@
 """The blocking Python client for Omnigate's public gRPC API (``AsyncOmnigateClient`` is its asyncio twin).
 
-    from omnigate_client import OmnigateClient, TextDelta
+    from omnigate_client import OmnigateClient, ResponseDone, TextDelta
 
     with OmnigateClient("127.0.0.1:50051", api_key=None, timeout_s=60) as client:
         messages = [{"role": "user", "content": [
@@ -11,13 +11,18 @@
             if isinstance(event, TextDelta):
                 print(event.text, end="", flush=True)
         result = client.generate_all(messages, max_new_tokens=20)  # GenerationResult
+        with client.converse(turn_detection=False) as conversation:  # a live conversation (Converse)
+            conversation.create_item(text="Say hello.")
+            conversation.create_response()
+            events = conversation.until(ResponseDone)
 
 Messages use Hugging Face's chat shape. A media part gives its source as ``url`` (http, https, data:), as
 ``path`` (a local file: read here and sent inline), or as raw ``data`` bytes.
 
 Every call has a deadline (``timeout_s``, per call or the client's default) that covers all its attempts,
 and is retried on ``UNAVAILABLE`` and on ``RESOURCE_EXHAUSTED`` with a ``RetryInfo`` (see ``retry.py``);
-a stream is never retried once its first event arrived. Failures raise ``OmnigateClientError``.
+a stream is never retried once its first event arrived, a conversation never. Failures raise
+``OmnigateClientError``.
 """
 
 from __future__ import annotations
@@ -41,8 +46,15 @@ from omnigate_client.connection import (
     channel_options,
     resolve_tls,
 )
+from omnigate_client.conversation import Conversation
 from omnigate_client.errors import REQUEST_ID_KEY, OmnigateClientError, metadata_value
-from omnigate_client.protocol import build_request, event_from_proto, media_part, model_info_from_proto
+from omnigate_client.protocol import (
+    build_request,
+    event_from_proto,
+    media_part,
+    model_info_from_proto,
+    opening_request,
+)
 from omnigate_client.retry import RetryPolicy
 from omnigate_client.types import (
     AudioChunk,
@@ -53,6 +65,7 @@ from omnigate_client.types import (
     Result,
     Summary,
     TextDelta,
+    TurnDetection,
 )
 
 ReplyT = TypeVar("ReplyT")
@@ -321,6 +334,28 @@ class OmnigateClient(_ClientBase):
     def generate_all(self, messages: list[dict], **kwargs: Any) -> GenerationResult:
         """Runs ``generate`` to the end and returns the collected ``GenerationResult``."""
         return self.generate(messages, **kwargs).collect()
+
+    def converse(
+        self,
+        *,
+        instructions: str | None = None,
+        voice: str | None = None,
+        output_mode: str | None = None,
+        turn_detection: TurnDetection | bool | None = None,
+        max_output_tokens: int | None = None,
+        timeout_s: float | None = None,
+        request_id: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> Conversation:
+        """Starts a ``Converse`` call: a live conversation, audio and messages in, typed events out
+        (``omnigate_client.conversation``). Settings given here are sent as its first ``update_session``
+        (None: the gateway's defaults, server VAD on and speech for a model that speaks).
+
+        ``timeout_s`` bounds the whole conversation (default: none; the gateway closes one left idle).
+        A conversation is not retried. A refused API key or no ready worker raises ``OmnigateClientError``
+        when its events are read."""
+        first = opening_request(instructions, voice, output_mode, turn_detection, max_output_tokens)
+        return Conversation(self._stub, self._call_metadata(metadata, request_id), timeout_s, first)
 
     def _unary(
         self,

@@ -1,7 +1,9 @@
-"""Typed events of a Generate stream, the collected result, and the model description.
+"""Typed events of a Generate stream, the collected result, the model description, and the settings and
+events of a Converse conversation.
 
 A stream yields ``TextDelta``, ``AudioChunk``, ``Image`` and finally one ``Summary``; ``GenerationResult``
-is all of them collected (what ``generate_all`` returns).
+is all of them collected (what ``generate_all`` returns). A conversation yields the ``ConverseEvent`` types
+(``SessionCreated`` first, then ``SpeechStarted`` ... ``ResponseDone``, ``EventRefused``).
 """
 
 from __future__ import annotations
@@ -246,3 +248,209 @@ class ModelInfo:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+CONVERSE_SAMPLE_RATE = 24000  # Hz, of the audio a conversation takes and sends (16-bit mono PCM)
+
+
+@dataclass(frozen=True)
+class TurnDetection:
+    """Server voice-activity detection settings (OpenAI Realtime's ``server_vad``, with its defaults).
+
+    Speech starts at the first 32 ms window whose speech probability reaches ``threshold`` and stops after
+    ``silence_duration_ms`` of quieter windows; the committed audio starts ``prefix_padding_ms`` earlier."""
+
+    threshold: float = 0.5
+    prefix_padding_ms: int = 300
+    silence_duration_ms: int = 500
+    create_response: bool = True  # answer when the user's turn ends
+    interrupt_response: bool = True  # cancel the running answer when the user starts speaking (barge-in)
+
+
+@dataclass(frozen=True)
+class ConversationSession:
+    """A conversation's settings (``SessionCreated`` and ``SessionUpdated`` carry them)."""
+
+    id: str
+    model: str
+    voice: str  # "" for a model without named speakers
+    output_mode: str  # "audio" (speech and its transcript) or "text"
+    instructions: str  # the system message of every answer ("" = none)
+    turn_detection: TurnDetection | None  # None = manual turns
+    max_output_tokens: int | None  # None = the gateway's default
+    sample_rate: int  # of the audio taken and sent (24000)
+
+
+@dataclass(frozen=True)
+class ItemContent:
+    """One part of a conversation item: ``kind`` "text" (``text``) or "audio" (an assistant's spoken answer
+    has its transcript in ``text``; the user's audio has its length in ``duration_ms``)."""
+
+    kind: str
+    text: str = ""
+    duration_ms: int = 0
+
+
+@dataclass(frozen=True)
+class ConversationItem:
+    """A message in the conversation."""
+
+    id: str
+    role: str  # "user", "assistant" or "system"
+    content: list[ItemContent]
+    status: str  # "completed", "in_progress" or "incomplete"
+
+    @property
+    def text(self) -> str:
+        """Its text parts and transcripts, joined."""
+        return "".join(part.text for part in self.content)
+
+
+@dataclass(frozen=True)
+class ConversationResponse:
+    """One answer of the conversation (``ResponseCreated``, ``ResponseDone``)."""
+
+    id: str
+    status: str  # "in_progress", "completed", "cancelled", "incomplete" or "failed"
+    reason: str | None  # "turn_detected" / "client_cancelled", "max_output_tokens", or a failure's kind
+    message: str | None  # what went wrong, when it failed
+    output_mode: str  # "audio" or "text"
+    voice: str
+    max_output_tokens: int | None
+    metadata: dict[str, str]
+    output: list[ConversationItem]
+    usage: Usage | None  # prompt and output tokens, in ResponseDone
+
+    @property
+    def text(self) -> str:
+        """The answer's text or transcript."""
+        return "".join(item.text for item in self.output)
+
+
+@dataclass(frozen=True)
+class SessionCreated:
+    """The first event: the session and its defaults."""
+
+    session: ConversationSession
+
+
+@dataclass(frozen=True)
+class SessionUpdated:
+    """The session's settings changed (after ``update_session``)."""
+
+    session: ConversationSession
+
+
+@dataclass(frozen=True)
+class SpeechStarted:
+    """The user started speaking (server VAD)."""
+
+    audio_start_ms: int  # in the conversation's input audio, the prefix padding included
+    item_id: str  # the id the committed item will have
+
+
+@dataclass(frozen=True)
+class SpeechStopped:
+    """The user stopped speaking (server VAD); ``AudioCommitted`` follows."""
+
+    audio_end_ms: int
+    item_id: str
+
+
+@dataclass(frozen=True)
+class AudioCommitted:
+    """The input audio became a user item; ``ItemCreated`` follows."""
+
+    item_id: str
+    previous_item_id: str | None
+
+
+@dataclass(frozen=True)
+class AudioCleared:
+    """The input audio buffer was emptied."""
+
+
+@dataclass(frozen=True)
+class ItemCreated:
+    """An item was added to the conversation."""
+
+    item: ConversationItem
+    previous_item_id: str | None
+
+
+@dataclass(frozen=True)
+class ResponseCreated:
+    """An answer started."""
+
+    response: ConversationResponse
+
+
+@dataclass(frozen=True)
+class OutputItemAdded:
+    """An answer's assistant message starts."""
+
+    response_id: str
+    item: ConversationItem
+    previous_item_id: str | None
+
+
+@dataclass(frozen=True)
+class OutputTextDelta:
+    """A piece of an answer's text; ``transcript`` is True when it is the transcript of its speech."""
+
+    response_id: str
+    item_id: str
+    text: str
+    transcript: bool
+
+
+@dataclass(frozen=True)
+class OutputAudioDelta:
+    """A piece of an answer's speech (16-bit mono PCM at 24 kHz: ``audio.pcm()``, ``audio.seconds``)."""
+
+    response_id: str
+    item_id: str
+    audio: AudioChunk
+
+
+@dataclass(frozen=True)
+class OutputItemDone:
+    """An answer's assistant message is finished, with its whole text or transcript."""
+
+    response_id: str
+    item: ConversationItem
+
+
+@dataclass(frozen=True)
+class ResponseDone:
+    """An answer ended (``response.status``: completed, cancelled, incomplete or failed)."""
+
+    response: ConversationResponse
+
+
+@dataclass(frozen=True)
+class EventRefused:
+    """A message of this client that the gateway did not take; the conversation goes on."""
+
+    message: str  # what was wrong and what is allowed
+    reason: str  # "unknown_event", "invalid_value", "input_audio_buffer_commit_empty", ...
+    field: str | None  # the field at fault, when there is one
+    event_id: str | None  # the refused message's event_id, when it had one
+
+
+ConverseEvent = (
+    SessionCreated
+    | SessionUpdated
+    | SpeechStarted
+    | SpeechStopped
+    | AudioCommitted
+    | AudioCleared
+    | ItemCreated
+    | ResponseCreated
+    | OutputItemAdded
+    | OutputTextDelta
+    | OutputAudioDelta
+    | OutputItemDone
+    | ResponseDone
+    | EventRefused
+)

@@ -1,7 +1,9 @@
-"""The gateway's public gRPC server: GatewayService, grpc.health.v1 and reflection."""
+"""The gateway's public gRPC server: GatewayService, grpc.health.v1 and reflection (Converse is served by
+``converse.py``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -13,6 +15,7 @@ from omnigate.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from omnigate.grpc_server import add_service, finish_server
 from omnigate_gateway.auth import credential
 from omnigate_gateway.core import Call, GatewayCore, request_id_from
+from omnigate_gateway.grpc_api.converse import converse
 from omnigate_gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                     yield event
             except Exception as exc:  # noqa: BLE001 - mapped to a status in one place
                 await status.abort(context, exc)
+
+    async def Converse(self, request_iterator, context):  # noqa: N802 - gRPC method name
+        # Each answer is a Generate call with the gateway's default timeout; the call's own deadline (gRPC
+        # enforces it) bounds the whole conversation.
+        call = dataclasses.replace(self._call("Generate", context), time_remaining_s=None)
+        await _send_request_id(context, call)
+        with tracing.activate(request_id=call.request_id):
+            await converse(self._core, call, request_iterator, context)
 
 
 async def _send_request_id(context: grpc.aio.ServicerContext[Any, Any], call: Call) -> None:

@@ -227,6 +227,18 @@ maxUnavailable: {{ .maxUnavailable }}
 {{- end -}}
 {{- end -}}
 
+{{/* Bytes of a Kubernetes memory quantity ("16Gi", "512Mi", "1G", "1073741824"), as a float. */}}
+{{- define "omnigate.quantityBytes" -}}
+{{- $q := toString . -}}
+{{- $units := dict "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0 "Pi" 1125899906842624.0 "k" 1000.0 "M" 1000000.0 "G" 1000000000.0 "T" 1000000000000.0 "P" 1000000000000000.0 -}}
+{{- $num := regexFind "^[0-9]+(\\.[0-9]+)?" $q -}}
+{{- $unit := trimPrefix $num $q -}}
+{{- if and $unit (not (hasKey $units $unit)) -}}
+{{- fail (printf "memory quantity %q: unknown unit %q (use Ki, Mi, Gi, Ti, k, M, G or T)" $q $unit) -}}
+{{- end -}}
+{{- mulf (float64 $num) (ternary (get $units $unit) 1.0 (ne $unit "")) -}}
+{{- end -}}
+
 {{/* Cross-field checks the JSON schema cannot express; each failure says what to change. */}}
 {{- define "omnigate.validate" -}}
 {{- $w := .Values.worker -}}
@@ -272,6 +284,12 @@ maxUnavailable: {{ .maxUnavailable }}
 {{- $g := .Values.gateway -}}
 {{- if and (gt (int $g.progressDeadlineSeconds) 0) $g.readinessProbe.enabled (eq $g.readinessProbe.type "grpc") (le (int $g.progressDeadlineSeconds) $allowance) -}}
 {{- fail (printf "gateway.progressDeadlineSeconds (%d) is not above the workers' start-up allowance (%d s): with gRPC readiness a gateway is ready only once a worker is, so a first install would be reported as failed; raise it or leave it 0 (derived)" (int $g.progressDeadlineSeconds) $allowance) -}}
+{{- end -}}
+{{- $memLimit := dig "limits" "memory" "" $w.resources -}}
+{{- if and $w.shm.enabled $memLimit -}}
+{{- if ge (include "omnigate.quantityBytes" $w.shm.sizeLimit | float64) (include "omnigate.quantityBytes" $memLimit | float64) -}}
+{{- fail (printf "worker.shm.sizeLimit (%s) is not below the worker's memory limit (%s): /dev/shm is memory-backed and counted against that limit, so a full /dev/shm would leave the worker nothing and it would be OOM-killed; lower shm.sizeLimit or raise resources.limits.memory" (toString $w.shm.sizeLimit) (toString $memLimit)) -}}
+{{- end -}}
 {{- end -}}
 {{- range $c := list "gateway" "worker" -}}
 {{- $a := (index $.Values $c).autoscaling -}}

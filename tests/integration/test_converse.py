@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
+import subprocess
+import sys
+import wave
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -39,7 +43,8 @@ from omnigate_client import (
     SpeechStopped,
 )
 from tests.support import speech_like
-from tests.support.stack import Service, metric_sum, scrape_metrics, start_service, wait_serving
+from tests.support.media_factory import write_samples
+from tests.support.stack import REPO_DIR, Service, metric_sum, scrape_metrics, start_service, wait_serving
 from tests.support.waiting import async_wait_until
 
 pytestmark = pytest.mark.slow
@@ -240,3 +245,31 @@ async def test_a_conversation_needs_an_api_key(converse):
                 await conversation.next()
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert refused.value.request_id
+
+
+def test_the_docs_examples_run(gateway, tmp_path):
+    """docs/usage.md's Converse examples, as written but for the gateway's address and key."""
+    docs = (REPO_DIR / "docs" / "usage.md").read_text()
+    section = docs[docs.index("## Live conversations (Converse)") :].split("\n## ", 1)[0]
+    examples = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(examples) == 2
+    write_samples(str(tmp_path / "demo-media"))
+    for example, expected in zip(
+        examples,
+        [
+            r"^(completed|incomplete): \d+\.\d s of speech\n(completed|incomplete): '.+' \(Usage",
+            r"^(completed|incomplete)$",
+        ],
+        strict=True,
+    ):
+        for name in ("OmnigateClient", "AsyncOmnigateClient"):
+            example = example.replace(
+                f'{name}("127.0.0.1:50051")', f'{name}("{gateway.target}", api_key="{KEY}")'
+            )
+        ran = subprocess.run(
+            [sys.executable, "-c", example], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        )
+        assert ran.returncode == 0, ran.stderr
+        assert re.search(expected, ran.stdout, re.M), ran.stdout
+    with wave.open(str(tmp_path / "answer.wav")) as answer:
+        assert answer.getframerate() == 24000 and answer.getnframes() > 2400

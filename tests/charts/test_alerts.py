@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import subprocess
@@ -33,7 +34,8 @@ def test_promtool_check_rules_passes(profile, tmp_path):
     result = _promtool("check", "rules", "rules.yaml", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     alerts = [r for g in groups["groups"] for r in g["rules"] if "alert" in r]
-    assert len(alerts) == 4
+    # Both profiles autoscale, so the autoscaler-metrics alert is rendered next to the four others.
+    assert len(alerts) == 5
     assert f"SUCCESS: {sum(len(g['rules']) for g in groups['groups'])} rules found" in result.stdout
 
 
@@ -44,14 +46,21 @@ def test_promtool_check_rules_catches_a_broken_expression(tmp_path):
     assert _promtool("check", "rules", "rules.yaml", cwd=tmp_path).returncode != 0
 
 
-def _write_unit_test_rules(tmp_path, set_values=None) -> None:
-    rendered = render(set_values={"metrics.prometheusRule.enabled": "true", **(set_values or {})})
-    groups = _rule_groups(rendered)
+UNIT_TEST_VALUES = {
+    "metrics.prometheusRule.enabled": "true",
+    "gateway.autoscaling.enabled": "true",
+    "worker.autoscaling.enabled": "true",
+}
+
+
+def _write_unit_test_rules(tmp_path, set_values=None, rendered=None, test_file="alerts_test.yaml") -> None:
+    rendered = rendered or render(set_values={**UNIT_TEST_VALUES, **(set_values or {})})
+    groups = copy.deepcopy(_rule_groups(rendered))  # render_profile's objects are shared between tests
     for group in groups["groups"]:
         for rule in group["rules"]:
             rule.pop("annotations", None)
     (tmp_path / "rules.yaml").write_text(yaml.safe_dump(groups))
-    shutil.copy(TESTS_DIR / "promtool" / "alerts_test.yaml", tmp_path / "alerts_test.yaml")
+    shutil.copy(TESTS_DIR / "promtool" / test_file, tmp_path / test_file)
 
 
 def test_each_alert_fires_on_trouble_and_stays_quiet_when_healthy(tmp_path):
@@ -59,6 +68,30 @@ def test_each_alert_fires_on_trouble_and_stays_quiet_when_healthy(tmp_path):
     result = _promtool("test", "rules", "alerts_test.yaml", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
+
+
+def test_scale_to_zero_pages_nobody_and_a_blind_keda_hpa_does(tmp_path):
+    _write_unit_test_rules(tmp_path, rendered=render_profile("keda"), test_file="keda_alerts_test.yaml")
+    result = _promtool("test", "rules", "keda_alerts_test.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("values", "alert"),
+    [
+        # Without the traffic guard a trickle of failures pages.
+        ({"metrics.prometheusRule.errorRate.minRequestsPerSecond": 0}, "OmnigateGatewayHighErrorRate"),
+        # Counting UNAVAILABLE always pages on every cold start.
+        ({"metrics.prometheusRule.errorRate.codes": "INTERNAL|UNAVAILABLE"}, "OmnigateGatewayHighErrorRate"),
+        # A NoReadyWorkers window inside the start-up budget fires while a model is still loading.
+        ({"metrics.prometheusRule.noReadyWorkers.for": "31m"}, "OmnigateNoReadyWorkers"),
+    ],
+)
+def test_the_new_guards_are_what_keeps_the_alerts_quiet(tmp_path, values, alert):
+    _write_unit_test_rules(tmp_path, values)
+    result = _promtool("test", "rules", "alerts_test.yaml", cwd=tmp_path)
+    assert result.returncode != 0
+    assert alert in result.stdout + result.stderr
 
 
 def test_the_alert_unit_tests_can_fail(tmp_path):

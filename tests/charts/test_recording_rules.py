@@ -66,10 +66,18 @@ def test_recording_rules_select_only_this_release():
 def test_error_ratio_uses_the_alerts_server_side_codes():
     (ratio,) = [
         r
-        for r in _recording({"metrics.prometheusRule.errorRate.codes": "INTERNAL|UNAVAILABLE"})
+        for r in _recording(
+            {
+                "metrics.prometheusRule.errorRate.codes": "INTERNAL|UNAVAILABLE",
+                "metrics.prometheusRule.errorRate.coldStartCodes": "",
+            }
+        )
         if "server_errors" in r.source
     ]
     assert 'code=~"INTERNAL|UNAVAILABLE"' in ratio.expr
+    # By default: the codes always counted and those the alert counts only with ready workers, all of them.
+    (ratio,) = [r for r in _recording() if "server_errors" in r.source]
+    assert 'code=~"INTERNAL|UNKNOWN|DEADLINE_EXCEEDED|DATA_LOSS|UNAVAILABLE"' in ratio.expr
 
 
 @pytest.mark.skipif(

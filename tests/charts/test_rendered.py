@@ -491,6 +491,7 @@ def test_prometheus_rule_alerts_on_exported_metrics():
         "OmnigateTimeToFirstOutputSLO",
         "OmnigateWorkerQueueSaturated",
         "OmnigateNoReadyWorkers",
+        "OmnigateAutoscalerMetricsUnavailable",
     }
     for alert in alerts.values():
         names = set(OMNIGATE_METRIC.findall(alert["expr"]))

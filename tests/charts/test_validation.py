@@ -82,6 +82,8 @@ def _crd_check(docs: list[dict], tmp_path) -> list[str]:
         "PodMonitor": "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/PodMonitor",
         "PrometheusRule": "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/PrometheusRule",
         "ScaledObject": "@kubernetes-models/keda/keda.sh/v1alpha1/ScaledObject",
+        "HTTPRoute": "@kubernetes-models/gateway-api/gateway.networking.k8s.io/v1/HTTPRoute",
+        "GRPCRoute": "@kubernetes-models/gateway-api/gateway.networking.k8s.io/v1/GRPCRoute",
     }
     lines = [f'import type {{ I{k} }} from "{CRD_MODULES / v}.js";' for k, v in sources.items()]
     lines += [f"export const doc{i}: I{d['kind']} = {json.dumps(d)};" for i, d in enumerate(docs)]
@@ -117,7 +119,27 @@ def test_custom_resources_validate_against_their_crds(tmp_path):
     docs += _custom_resources(
         _render_set({"metrics.podMonitor.enabled": "true", "metrics.prometheusRule.enabled": "true"})
     )
-    assert {d["kind"] for d in docs} == {"ServiceMonitor", "PodMonitor", "PrometheusRule", "ScaledObject"}
+    # The Gateway API routes (off in every profile).
+    docs += _custom_resources(
+        _render_set(
+            {
+                "gateway.httpRoute": {"enabled": True, "parentRefs": [{"name": "public", "namespace": "gw"}]},
+                "gateway.grpcRoute": {
+                    "enabled": True,
+                    "parentRefs": [{"name": "public", "sectionName": "grpc"}],
+                    "hostnames": ["api.example.com"],
+                },
+            }
+        )
+    )
+    assert {d["kind"] for d in docs} == {
+        "ServiceMonitor",
+        "PodMonitor",
+        "PrometheusRule",
+        "ScaledObject",
+        "HTTPRoute",
+        "GRPCRoute",
+    }
     assert _crd_check(docs, tmp_path) == []
 
 

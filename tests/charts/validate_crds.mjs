@@ -11,9 +11,11 @@ const load = (rel) => import(pathToFileURL(join(modules, rel)).href);
 
 const monitoring = await load("@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/index.js");
 const keda = await load("@kubernetes-models/keda/keda.sh/v1alpha1/index.js");
+const gatewayApi = await load("@kubernetes-models/gateway-api/gateway.networking.k8s.io/v1/index.js");
 const models = {
   "monitoring.coreos.com/v1": monitoring,
   "keda.sh/v1alpha1": keda,
+  "gateway.networking.k8s.io/v1": gatewayApi,
 };
 
 const docs = JSON.parse(readFileSync(0, "utf8"));

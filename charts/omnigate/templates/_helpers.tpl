@@ -33,6 +33,11 @@ release name already contains the chart name).
 {{- printf "%s-worker" (include "omnigate.fullname" . | trunc 56 | trimSuffix "-") -}}
 {{- end -}}
 
+{{/* The gateway's metrics-only ClusterIP Service, rendered when the main Service is not ClusterIP. */}}
+{{- define "omnigate.gateway.metricsServiceName" -}}
+{{- printf "%s-gateway-metrics" (include "omnigate.fullname" . | trunc 47 | trimSuffix "-") -}}
+{{- end -}}
+
 {{/* chart label value: name-version. */}}
 {{- define "omnigate.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
@@ -305,6 +310,15 @@ maxUnavailable: {{ .maxUnavailable }}
 {{- $noReady := .Values.metrics.prometheusRule.noReadyWorkers -}}
 {{- if and .Values.metrics.prometheusRule.enabled $noReady.enabled $noReady.for (le (include "omnigate.durationSeconds" $noReady.for | int) $allowance) -}}
 {{- fail (printf "metrics.prometheusRule.noReadyWorkers.for (%s) is not longer than the workers' startup probe allowance (%d s): every first install, scale from zero or slow model load would page; make it longer or leave it empty (derived)" $noReady.for $allowance) -}}
+{{- end -}}
+{{- $ing := .Values.gateway.ingress -}}
+{{- if and $ing.enabled (not $ing.hosts) -}}
+{{- fail "gateway.ingress.enabled needs at least one entry in gateway.ingress.hosts (host may be empty for any host, with its paths)" -}}
+{{- end -}}
+{{- range $r := list "httpRoute" "grpcRoute" -}}
+{{- if and (index $.Values.gateway $r).enabled (not (index $.Values.gateway $r).parentRefs) -}}
+{{- fail (printf "gateway.%s.enabled needs gateway.%s.parentRefs: the Gateway(s) the route attaches to, e.g. [{name: public, namespace: gateway-system}]" $r $r) -}}
+{{- end -}}
 {{- end -}}
 {{- range $c := list "gateway" "worker" -}}
 {{- $a := (index $.Values $c).autoscaling -}}

@@ -321,6 +321,21 @@ maxUnavailable: {{ .maxUnavailable }}
 {{- end -}}
 {{- end -}}
 {{- range $c := list "gateway" "worker" -}}
+{{- $v := index $.Values $c -}}
+{{- $ownVolumes := ternary (list "tmp" "model-cache" "dshm" "tls") (list "tmp" "tls" "public-tls" "api-keys") (eq $c "worker") -}}
+{{- range $v.extraVolumes -}}
+{{- if has .name $ownVolumes -}}
+{{- fail (printf "%s.extraVolumes: the name %q is one of the chart's own volumes (%s); choose another" $c .name (join ", " $ownVolumes)) -}}
+{{- end -}}
+{{- end -}}
+{{- $ownContainers := ternary (list "worker" "prefetch-model") (list "gateway") (eq $c "worker") -}}
+{{- range concat $v.initContainers $v.extraContainers -}}
+{{- if has .name $ownContainers -}}
+{{- fail (printf "%s.initContainers/extraContainers: the name %q is taken by the chart's own container; choose another" $c .name) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- range $c := list "gateway" "worker" -}}
 {{- $a := (index $.Values $c).autoscaling -}}
 {{- if gt (int $a.minReplicas) (int $a.maxReplicas) -}}
 {{- fail (printf "%s.autoscaling.minReplicas (%d) is above maxReplicas (%d)" $c (int $a.minReplicas) (int $a.maxReplicas)) -}}

@@ -62,7 +62,7 @@ def test_workers_egress_policy_selects_the_workers_only(profile):
         kubernetes_validate.validate(policy, version, strict=True)
 
 
-@pytest.mark.parametrize("profile", ["default", "gpu-prod", "keda"])
+@pytest.mark.parametrize("profile", ["default", "cpu-dev"])
 def test_downloading_workers_reach_the_hub_over_https_and_nothing_else(profile):
     policy = render_profile(profile).one("NetworkPolicy", EGRESS)
     for address in HUB:

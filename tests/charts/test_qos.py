@@ -38,7 +38,7 @@ def qos_class(workload: dict) -> str:
 
 def test_gpu_prod_workers_have_guaranteed_qos():
     worker = render_profile("gpu-prod").one("Deployment", WORKER)
-    assert [c["name"] for c in containers(worker)] == ["prefetch-model", "worker"]  # both count
+    assert [c["name"] for c in containers(worker)] == ["wait-for-model", "worker"]  # both count
     assert qos_class(worker) == "Guaranteed"
 
 

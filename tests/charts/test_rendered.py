@@ -117,7 +117,8 @@ def test_prefetched_model_is_loaded_offline_from_the_cache_volume():
     )
     assert env(main)["HF_HUB_OFFLINE"] == "1"
     cache_mount = {"name": "model-cache", "mountPath": "/var/cache/omnigate"}
-    assert cache_mount in prefetch["volumeMounts"] and cache_mount in main["volumeMounts"]
+    assert cache_mount in prefetch["volumeMounts"]  # the prefetch writes, the worker only reads
+    assert {**cache_mount, "readOnly": True} in main["volumeMounts"]
     assert env(main)["HF_HOME"].startswith("/var/cache/omnigate/")
 
 
@@ -142,7 +143,14 @@ def test_without_prefetch_the_worker_downloads_by_model_id_with_the_token():
     ],
 )
 def test_model_cache_volume_types(cache_type, volume_key):
-    rendered = render(set_values={"worker.modelCache.type": cache_type})
+    rendered = render(
+        set_values={
+            "worker.modelCache.type": cache_type,
+            # A shared cache needs a pinned commit and, for ReadWriteMany, an explicit StorageClass.
+            "worker.model.revision": "0123456789abcdef0123456789abcdef01234567",
+            "worker.modelCache.persistentVolumeClaim.storageClassName": "nfs-rwx",
+        }
+    )
     (volume,) = [
         v for v in pod_spec(rendered.one("Deployment", WORKER))["volumes"] if v["name"] == "model-cache"
     ]

@@ -117,21 +117,57 @@ address of every ready worker pod (the gateway connects to pods, not to a virtua
 {{- printf "dns:///%s:%d" (include "omnigate.worker.dnsName" .) (int .Values.worker.ports.grpc) -}}
 {{- end -}}
 
-{{/* Where the worker loads the model from. */}}
+{{/*
+Where the worker loads the model from. A shared cache (modelCache.type=persistentVolumeClaim) is filled once
+by the model download Job (templates/worker/model-download-job.yaml) at a pinned commit, under a path that
+contains the commit, and the workers only read it. A per-pod cache (emptyDir, ephemeral) has no volume a Job
+could fill, so each pod downloads its own copy in the prefetch-model initContainer.
+*/}}
+{{- define "omnigate.worker.sharedCache" -}}
+{{- if and (eq .Values.worker.modelCache.type "persistentVolumeClaim") (not .Values.worker.model.localPath) -}}true{{- end -}}
+{{- end -}}
 {{- define "omnigate.worker.prefetchEnabled" -}}
-{{- if and .Values.worker.prefetch.enabled (not .Values.worker.model.localPath) -}}true{{- end -}}
+{{- if and .Values.worker.prefetch.enabled (not .Values.worker.model.localPath) (not (include "omnigate.worker.sharedCache" .)) -}}true{{- end -}}
 {{- end -}}
 {{- define "omnigate.worker.prefetchDir" -}}
 {{- printf "%s/models/%s" .Values.worker.modelCache.mountPath .Values.worker.model.id -}}
 {{- end -}}
+{{/* The shared cache's copy of the model: one directory per commit, never rewritten once complete. */}}
+{{- define "omnigate.worker.downloadDir" -}}
+{{- printf "%s/models/%s/%s" .Values.worker.modelCache.mountPath .Values.worker.model.id .Values.worker.model.revision -}}
+{{- end -}}
+{{/* Written by the Job after the last file: workers wait for it, a rerun of the Job skips the download. */}}
+{{- define "omnigate.worker.downloadMarker" -}}
+{{- printf "%s/.omnigate-download-complete" (include "omnigate.worker.downloadDir" .) -}}
+{{- end -}}
+{{/* One Job per commit: a new revision is a new Job (a Job's pod template cannot be changed in place). */}}
+{{- define "omnigate.worker.downloadJobName" -}}
+{{- printf "%s-download-%s" (include "omnigate.worker.fullname" . | trunc 41 | trimSuffix "-") (.Values.worker.model.revision | trunc 12) -}}
+{{- end -}}
+{{/* The worker runs offline on a copy it only reads: the cache is mounted read-only. */}}
+{{- define "omnigate.worker.cacheReadOnly" -}}
+{{- if or .Values.worker.model.localPath (include "omnigate.worker.sharedCache" .) (include "omnigate.worker.prefetchEnabled" .) -}}true{{- end -}}
+{{- end -}}
 {{- define "omnigate.worker.modelSource" -}}
 {{- if .Values.worker.model.localPath -}}
 {{- .Values.worker.model.localPath -}}
+{{- else if include "omnigate.worker.sharedCache" . -}}
+{{- include "omnigate.worker.downloadDir" . -}}
 {{- else if include "omnigate.worker.prefetchEnabled" . -}}
 {{- include "omnigate.worker.prefetchDir" . -}}
 {{- else -}}
 {{- .Values.worker.model.id -}}
 {{- end -}}
+{{- end -}}
+{{/*
+ephemeral-storage of the worker container with an emptyDir cache: the cache's and /tmp's size limits (both
+emptyDirs count against the pod's ephemeral storage) plus worker.modelCache.emptyDir.ephemeralStorageMargin
+for logs, in Mi, so the scheduler places the pod on a node whose disk can hold the model.
+*/}}
+{{- define "omnigate.worker.ephemeralStorage" -}}
+{{- $w := .Values.worker -}}
+{{- $bytes := addf (include "omnigate.quantityBytes" $w.modelCache.emptyDir.sizeLimit | float64) (include "omnigate.quantityBytes" $w.tmpSizeLimit | float64) (include "omnigate.quantityBytes" $w.modelCache.emptyDir.ephemeralStorageMargin | float64) -}}
+{{- printf "%dMi" (divf $bytes 1048576.0 | ceil | int64) -}}
 {{- end -}}
 
 {{/*
@@ -275,6 +311,16 @@ maxUnavailable: {{ .maxUnavailable }}
 {{- fail "metrics.serviceMonitor.enabled and metrics.podMonitor.enabled are both true: every pod would be scraped twice; enable only one" -}}
 {{- end -}}
 {{- $maxWorkers := ternary (int $w.autoscaling.maxReplicas) (int $w.replicaCount) (or $w.autoscaling.enabled $w.keda.enabled) -}}
+{{- $pvc := $w.modelCache.persistentVolumeClaim -}}
+{{- if and (include "omnigate.worker.sharedCache" .) (not (regexMatch "^[0-9a-f]{40}$" (toString $w.model.revision))) -}}
+{{- fail (printf "worker.model.revision=%q is not a commit: the shared model cache (modelCache.type=persistentVolumeClaim) is filled once by the download Job and read by every worker, so it must be pinned; set worker.model.revision to the model repository's 40-hex commit (the \"Files and versions\" history on the hub, or `hf api` / huggingface_hub.model_info(id, revision=...).sha)" (toString $w.model.revision)) -}}
+{{- end -}}
+{{- if and (eq $w.modelCache.type "persistentVolumeClaim") (not $pvc.existingClaim) (has "ReadWriteMany" $pvc.accessModes) (not $pvc.storageClassName) -}}
+{{- fail "worker.modelCache.persistentVolumeClaim asks for ReadWriteMany with an empty storageClassName: the cluster's default StorageClass would be used, and the defaults of EKS, GKE and AKS are single-node block storage, so the claim and every worker would stay Pending. Set worker.modelCache.persistentVolumeClaim.storageClassName to a class that provides ReadWriteMany (EFS, Filestore, Azure Files, NFS, CephFS), or give an existing claim (worker.modelCache.persistentVolumeClaim.existingClaim), or use modelCache.type=ephemeral (a ReadWriteOnce claim per pod, each pod downloading its copy); see the operator guide, \"Model delivery\"" -}}
+{{- end -}}
+{{- if and (eq $w.modelCache.type "persistentVolumeClaim") (not $pvc.existingClaim) (not $w.model.localPath) (has "ReadOnlyMany" $pvc.accessModes) -}}
+{{- fail "worker.modelCache.persistentVolumeClaim.accessModes has ReadOnlyMany: the download Job must write the claim the chart creates (use ReadWriteMany, or ReadWriteOnce with one worker); for a volume filled beforehand and mounted ReadOnlyMany, give it as existingClaim and point worker.model.localPath at the model in it" -}}
+{{- end -}}
 {{- if and (eq $w.modelCache.type "persistentVolumeClaim") (not $w.modelCache.persistentVolumeClaim.existingClaim) (gt $maxWorkers 1) (not (has "ReadWriteMany" $w.modelCache.persistentVolumeClaim.accessModes)) -}}
 {{- fail "worker.modelCache.type=persistentVolumeClaim is shared by all workers: with more than one worker its accessModes must include ReadWriteMany (or use type=ephemeral for a claim per pod)" -}}
 {{- end -}}
@@ -328,7 +374,7 @@ maxUnavailable: {{ .maxUnavailable }}
 {{- fail (printf "%s.extraVolumes: the name %q is one of the chart's own volumes (%s); choose another" $c .name (join ", " $ownVolumes)) -}}
 {{- end -}}
 {{- end -}}
-{{- $ownContainers := ternary (list "worker" "prefetch-model") (list "gateway") (eq $c "worker") -}}
+{{- $ownContainers := ternary (list "worker" "prefetch-model" "wait-for-model") (list "gateway") (eq $c "worker") -}}
 {{- range concat $v.initContainers $v.extraContainers -}}
 {{- if has .name $ownContainers -}}
 {{- fail (printf "%s.initContainers/extraContainers: the name %q is taken by the chart's own container; choose another" $c .name) -}}

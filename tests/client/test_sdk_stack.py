@@ -114,7 +114,9 @@ async def test_async_stream_result_and_concurrency(sdk_stack):
         async for event in stream:
             if isinstance(event, TextDelta):
                 deltas.append(event.text)
-        assert len(deltas) >= 2 and stream.attempts == 1
+        # How many deltas depends on load: a busy worker merges the deltas already waiting into one message
+        # (scheduler.Job.events), which a loaded CI machine made happen for all 8 tokens.
+        assert deltas and all(deltas) and stream.attempts == 1
         results = await asyncio.gather(
             *(client.generate_all(_user("Hello, how are you?"), max_new_tokens=8) for _ in range(4))
         )

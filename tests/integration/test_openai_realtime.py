@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import websockets.sync.client
 from websockets.exceptions import InvalidStatus
 
 from tests.support import speech_like
+from tests.support.media_factory import write_samples
 from tests.support.stack import REPO_DIR, Service, metric_sum, scrape_metrics, start_service, wait_serving
 from tests.support.waiting import wait_until
 
@@ -266,8 +266,7 @@ def test_the_docs_example_runs(gateway, tmp_path):
     example = section[section.index("```python\n") + 10 : section.index("```\n", section.index("```python"))]
     example = example.replace("http://127.0.0.1:8000/v1", f"http://127.0.0.1:{gateway.http_port}/v1")
     example = example.replace('api_key="unused"', f'api_key="{KEY}"')
-    (tmp_path / "demo-media").mkdir()
-    shutil.copy(REPO_DIR / "demo-media" / "sound.wav", tmp_path / "demo-media" / "sound.wav")
+    write_samples(str(tmp_path / "demo-media"))  # what `make demo-media` writes, sound.wav among it
     ran = subprocess.run(
         [sys.executable, "-c", example], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )

@@ -15,13 +15,14 @@ The load is bounded and mixes what makes every contract series move: text reques
 media by URL (image, audio, video with its audio track) and inline, a speech answer, GetModelInfo, a
 malformed request (INVALID_ARGUMENT, refused by the gateway), a prompt over the worker's token limit
 (refused by the worker: an upstream error), a request whose deadline passes (DEADLINE_EXCEEDED) and one
-the client cancels. Counters whose labels are initialised to 0 (rejections and cancellations by reason)
+the client cancels, and a /v1/realtime answer interrupted by the user's speech (barge-in). Counters whose labels are initialised to 0 (rejections and cancellations by reason)
 are present from the start; GPU memory rows are "CUDA only" and must be absent on a CPU worker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import math
 import random
 import string
@@ -29,12 +30,13 @@ import time
 from dataclasses import dataclass
 
 import grpc
+import openai
 import pytest
 
 from omnigate.gateway.v1 import gateway_pb2 as pb
 from omnigate.gateway.v1 import gateway_pb2_grpc
 from tests.charts.chart import CHART_DIR, GATEWAY, NAMESPACE, PROFILES, WORKER, missing_tools_reason, render
-from tests.support import media_factory
+from tests.support import media_factory, speech_like
 from tests.support.chart_queries import (
     adapter_query,
     adapter_rules,
@@ -142,7 +144,39 @@ def _singles(media_server, round_: int, too_long: str) -> dict[str, pb.GenerateR
     }
 
 
-async def _run_load(target: str, media_server) -> dict[str, str]:
+def _realtime_barge_in(http_port: int, seed: int) -> str:
+    """One /v1/realtime answer (the unmodified openai SDK) interrupted by the user's speech; returns how it
+    ended (the realtime sessions, answers and barge-in metrics get their observations)."""
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", max_retries=0)
+    model = client.models.list().data[0].id
+    deadline = time.monotonic() + 120
+    with client.realtime.connect(model=model) as connection:
+
+        def until(kind: str):
+            for event in connection:
+                assert event.type != "error", event
+                if event.type == kind:
+                    return event
+                assert time.monotonic() < deadline, f"no {kind}"
+            raise AssertionError(f"the connection closed before {kind}")
+
+        until("session.created")
+        connection.conversation.item.create(
+            item={
+                "type": "message",
+                "role": "user",
+                "content": [{"type": "input_text", "text": "Tell a story."}],
+            }
+        )
+        connection.response.create(response={"max_output_tokens": 2000})
+        until("response.output_audio.delta")
+        speech = speech_like.pcm16(speech_like.speech(1.0, seed=seed))
+        for chunk in speech_like.chunks(speech):
+            connection.input_audio_buffer.append(audio=base64.b64encode(chunk).decode())
+        return until("response.done").response.status
+
+
+async def _run_load(target: str, media_server, http_port: int) -> dict[str, str]:
     """Text clients throughout, and two rounds of the special requests a few scrapes apart.
 
     Two rounds because a labelled series appears with its first observation: Prometheus' rate() sees no
@@ -173,6 +207,10 @@ async def _run_load(target: str, media_server) -> dict[str, str]:
             codes = await asyncio.gather(*(special(name, r) for name, r in singles.items()))
             for name, code in zip(singles, codes, strict=True):
                 outcomes[name] = ",".join(sorted({code, *outcomes.get(name, code).split(",")}))
+            barge_in = await asyncio.to_thread(_realtime_barge_in, http_port, round_)
+            outcomes["realtime barge-in"] = ",".join(
+                sorted({barge_in, *outcomes.get("realtime barge-in", barge_in).split(",")})
+            )
         text_codes = [code for codes in await text_clients for code in codes]
         outcomes["text"] = ",".join(sorted(set(text_codes)))
     return outcomes
@@ -190,7 +228,9 @@ def observed(omni_stack, media_server, tmp_path_factory):
         prometheus.wait_targets_up()
         prometheus.wait_scrapes(2)
         start = time.time()
-        outcomes = asyncio.run(_run_load(omni_stack.gateway.target, media_server))
+        outcomes = asyncio.run(
+            _run_load(omni_stack.gateway.target, media_server, omni_stack.gateway.http_port)
+        )
         end = time.time()
         prometheus.wait_scrapes(3)  # the load's last samples are in, and the rules have run on them
         (info,) = prometheus.query(f"omnigate_worker_info{{{WK}}}")
@@ -219,6 +259,7 @@ def test_the_load_met_every_outcome_it_needs(observed):
         "prompt over the worker's limit": "RESOURCE_EXHAUSTED",
         "deadline passes": "DEADLINE_EXCEEDED",
         "client cancels": "CANCELLED",
+        "realtime barge-in": "cancelled",
         "text": "OK",
     }
 

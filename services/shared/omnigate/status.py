@@ -91,11 +91,27 @@ def retry_after_s(error: grpc.RpcError) -> float | None:
     return None
 
 
-async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-    """Ends an RPC with the status for ``exc`` (logs unexpected errors with their traceback)."""
+async def abort(
+    context: grpc.aio.ServicerContext, exc: BaseException, metadata: tuple[tuple[str, str], ...] = ()
+) -> None:
+    """Ends an RPC with the status for ``exc`` (logs unexpected errors with their traceback); ``metadata``
+    goes in the trailers beside the status details (the request id: a client whose call was refused before
+    it read the initial metadata still finds it there)."""
     if not isinstance(exc, OmnigateError) or exc.code == "internal":
         log.error("internal error", exc_info=exc)
-    await context.abort_with_status(to_status(exc))
+    refusal = to_status(exc)
+    if metadata:
+        refusal = _Status(refusal.code, refusal.details, (*refusal.trailing_metadata, *metadata))
+    await context.abort_with_status(refusal)
+
+
+class _Status(grpc.Status):
+    """A status with extra trailing metadata (grpc.Status is an interface with these three attributes)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, trailing_metadata: tuple) -> None:
+        self.code = code
+        self.details = details
+        self.trailing_metadata = trailing_metadata
 
 
 def _pack(message: Message) -> any_pb2.Any:

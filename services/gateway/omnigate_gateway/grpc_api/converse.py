@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import grpc
 
-from omnigate import status
+from omnigate import status, tracing
 from omnigate.errors import (
     DeadlineExceeded,
     ErrorCode,
@@ -403,7 +403,7 @@ async def converse(
         info = core.model_info()
     except OmnigateError as exc:
         log.info("converse call %s refused: %s", call.request_id, exc.message)
-        await status.abort(context, exc)
+        await status.abort(context, exc, ((tracing.REQUEST_ID_METADATA, call.request_id),))
         return
     closing: OmnigateError | None = None
     async with RealtimeSession(core, call, info) as session:
@@ -425,7 +425,7 @@ async def converse(
                     closing = closing or InternalError("the conversation failed")
     log.info("converse session %s closed", session.id)
     if closing is not None:
-        await status.abort(context, closing)
+        await status.abort(context, closing, ((tracing.REQUEST_ID_METADATA, call.request_id),))
 
 
 async def _read(requests: AsyncIterable[Any], session: RealtimeSession) -> None:

@@ -64,7 +64,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 async for event in self._core.generate(request, call):
                     yield event
             except Exception as exc:  # noqa: BLE001 - mapped to a status in one place
-                await status.abort(context, exc)
+                await status.abort(context, exc, ((tracing.REQUEST_ID_METADATA, call.request_id),))
 
     async def Converse(self, request_iterator, context):  # noqa: N802 - gRPC method name
         # Each answer is a Generate call with the gateway's default timeout; the call's own deadline (gRPC

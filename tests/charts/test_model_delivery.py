@@ -256,3 +256,19 @@ def test_with_a_job_the_workers_lose_their_hub_access():
 
 def test_without_a_shared_cache_there_is_no_job_policy():
     assert render().maybe("NetworkPolicy", "og-omnigate-model-download-egress") is None
+
+
+# -- release notes -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("profile", ["default", "gpu-prod"])
+def test_notes_point_at_the_download_job_when_there_is_one(profile):
+    from tests.charts.chart import CHART_DIR, NAMESPACE, PROFILES, RELEASE
+
+    args = ["install", RELEASE, str(CHART_DIR), "--namespace", NAMESPACE, "--dry-run=client"]
+    for f in PROFILES[profile]:
+        args += ["-f", str(f)]
+    notes = helm(*args).stdout.split("NOTES:", 1)[1]
+    has_job = f"logs -f job/{WORKER}-download-" in notes
+    assert has_job == (profile == "gpu-prod")
+    assert ("each one downloads" in notes) == (profile == "default")

@@ -122,12 +122,22 @@ def test_autoscaling_queries_select_this_releases_series(tmp_path):
                     {"series": f'omnigate_worker_queue_depth{{{worker},pod="w-1"}}', "values": "1x10"},
                     {"series": f'omnigate_worker_queue_depth{{{worker},pod="w-2"}}', "values": "2x10"},
                     {"series": f"omnigate_worker_queue_depth{{{other}}}", "values": "50x10"},
+                    # Two gateways hold 2 and 1 admitted requests; refused traffic (counted only in
+                    # omnigate_gateway_requests_total) and another release's gateway are not demand.
                     {
-                        "series": f'omnigate_gateway_requests_total{{{gateway},pod="g-1",rpc="Generate",code="UNAVAILABLE",mode="text"}}',
-                        "values": "0+60x10",
+                        "series": f'omnigate_gateway_admitted_requests{{{gateway},pod="g-1"}}',
+                        "values": "0 2x10",
                     },
                     {
-                        "series": f'omnigate_gateway_requests_total{{{gateway},pod="g-1",rpc="GetModelInfo",code="OK",mode="none"}}',
+                        "series": f'omnigate_gateway_admitted_requests{{{gateway},pod="g-2"}}',
+                        "values": "1x10",
+                    },
+                    {
+                        "series": 'omnigate_gateway_admitted_requests{namespace="other",job="x-omnigate-gateway"}',
+                        "values": "40x10",
+                    },
+                    {
+                        "series": f'omnigate_gateway_requests_total{{{gateway},pod="g-1",rpc="Generate",code="UNAUTHENTICATED",mode="unknown"}}',
                         "values": "0+600x10",
                     },
                 ],
@@ -142,11 +152,10 @@ def test_autoscaling_queries_select_this_releases_series(tmp_path):
                         "eval_time": "5m",
                         "exp_samples": [{"labels": "{}", "value": 3}],
                     },
-                    # 1 Generate request/s reaches the gateways (answered UNAVAILABLE: no worker yet).
                     {
                         "expr": queries["gateway-demand"],
                         "eval_time": "5m",
-                        "exp_samples": [{"labels": "{}", "value": 1}],
+                        "exp_samples": [{"labels": "{}", "value": 3}],
                     },
                 ],
             }

@@ -350,11 +350,41 @@ def test_keda_scaled_object_targets_the_worker_with_exported_metrics_and_scales_
     _behavior_is_fast_up_slow_down(spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"])
 
 
+def test_keda_wakes_workers_on_admitted_demand_only_and_falls_back_when_it_is_lost():
+    """The wake-up signal counts admitted requests (never refused or unauthenticated calls, which
+    omnigate_gateway_requests_total also counts), and a lost signal runs the fallback instead of reading
+    as zero demand."""
+    (scaled,) = render_profile("keda").all("ScaledObject")
+    spec = scaled["spec"]
+    demand = {t["name"]: t for t in spec["triggers"]}["gateway-demand"]["metadata"]
+    assert set(OMNIGATE_METRIC.findall(demand["query"])) == {"omnigate_gateway_admitted_requests"}
+    assert "omnigate_gateway_admitted_requests" in GATEWAY_SERIES
+    assert demand["ignoreNullValues"] == "false"
+    assert demand["threshold"] == "8"
+    assert spec["fallback"] == {"failureThreshold": 3, "replicas": 1}
+    tuned = render(
+        set_values={
+            "worker.keda.enabled": "true",
+            "worker.keda.scaleToZero": "true",
+            "gateway.readinessProbe.type": "tcpSocket",
+            "worker.keda.admittedRequestsPerWorker": "4",
+            "worker.keda.fallback.replicas": "2",
+            "worker.keda.fallback.failureThreshold": "5",
+        }
+    )
+    (scaled,) = tuned.all("ScaledObject")
+    assert scaled["spec"]["fallback"] == {"failureThreshold": 5, "replicas": 2}
+    assert {t["name"]: t for t in scaled["spec"]["triggers"]}["gateway-demand"]["metadata"][
+        "threshold"
+    ] == "4"
+
+
 def test_keda_without_scale_to_zero_keeps_the_minimum_and_has_no_demand_trigger():
     rendered = render(set_values={"worker.keda.enabled": "true", "worker.autoscaling.minReplicas": "2"})
     (scaled,) = rendered.all("ScaledObject")
     assert scaled["spec"]["minReplicaCount"] == 2
     assert {t["name"] for t in scaled["spec"]["triggers"]} == {"in-flight", "queue-depth"}
+    assert "fallback" not in scaled["spec"]  # workers never go to zero: nothing to fall back from
 
 
 # -- disruption, spreading ---------------------------------------------------------------------------------

@@ -65,6 +65,20 @@ def test_resource_exhausted_with_retry_info_waits_the_servers_delay():
     assert _gaps(server.fake)[0] >= 0.4, "RetryInfo's delay is honoured"
 
 
+def test_unavailable_with_retry_info_waits_the_cold_start_delay_not_the_backoff():
+    """No worker yet (scaled to zero): the gateway's UNAVAILABLE carries a delay sized to a cold start,
+    longer than any backoff; the client waits it (within the deadline) instead of giving up in a second."""
+    cold = Step(code=UNAVAILABLE, message="no worker is ready", retry_after_s=1.0, texts=())
+    with _serve(cold) as server:
+        with OmnigateClient(server.target, retry_policy=FAST, timeout_s=10) as client:
+            result = client.generate_all(HELLO)
+    assert result.text == "Hello world" and len(server.fake.calls) == 2
+    assert _gaps(server.fake)[0] >= 1.0 > FAST.max_backoff_s
+    # The gateway's default delay (OMNIGATE_GATEWAY_NO_WORKER_RETRY_AFTER_S, 30 s) is honoured by default.
+    error = OmnigateClientError(UNAVAILABLE, "no worker is ready", retry_after=30.0)
+    assert RetryPolicy().delay(error, 1) >= 30.0  # type: ignore[operator]
+
+
 @pytest.mark.parametrize(
     "step",
     [

@@ -17,6 +17,7 @@ from omnigate.errors import InternalError, InvalidInput, Unavailable
 from omnigate.gateway.v1 import gateway_pb2 as gw
 from omnigate.grpc_server import Undecodable
 from omnigate_gateway.core import Call, GatewayCore
+from omnigate_gateway.settings import GatewaySettings
 from tests.support.fake_workers import TEXT_MODEL, FakeWorkerPool, core_over, rpc_error, text
 
 
@@ -98,8 +99,10 @@ async def test_a_refused_request_never_reaches_a_worker_and_is_counted_as_reject
 
 async def test_no_ready_worker_is_unavailable_and_counted_as_no_worker(core, pool, registry):
     pool.info = None
-    with pytest.raises(Unavailable):
+    with pytest.raises(Unavailable) as refused:
         await _collect(core, _request())
+    assert refused.value.retry_after_s == core.settings.no_worker_retry_after_s  # sized to a cold start
+    assert _value(registry, "omnigate_gateway_admitted_requests") == 0  # demand only while it lasted
     assert _value(registry, "omnigate_gateway_rejected_requests_total", reason="no_worker") == 1
     assert (
         _value(registry, "omnigate_gateway_requests_total", rpc="Generate", code="UNAVAILABLE", mode="text")
@@ -183,3 +186,38 @@ async def test_model_info_is_counted_and_logged_like_generate(core, pool, regist
     )
     codes = [r.code for r in caplog.records if r.name == "omnigate_gateway.access"]
     assert codes == ["OK", "UNAVAILABLE"]
+
+
+async def test_admitted_demand_counts_requests_past_validation_only(core, pool, registry):
+    """omnigate_gateway_admitted_requests (the scale-from-zero signal) counts a request from the end of
+    its validation to its end; one refused before never counts."""
+    seen = []
+    stream = core.generate(_request(), Call(rpc="Generate"))
+    async for _ in stream:
+        seen.append(_value(registry, "omnigate_gateway_admitted_requests"))
+    assert seen and set(seen) == {1}
+    assert _value(registry, "omnigate_gateway_admitted_requests") == 0
+    with pytest.raises(InvalidInput):
+        await _collect(core, gw.GenerateRequest(generation_mode=gw.GENERATION_MODE_TEXT))
+    assert _value(registry, "omnigate_gateway_admitted_requests") == 0
+
+
+async def test_the_wait_for_a_worker_never_runs_past_the_callers_deadline(registry, pool):
+    """The core asks the pool to wait at most wait_for_worker_s, and less when the caller's deadline is
+    nearer (leaving it time to get the refusal)."""
+    waits = []
+
+    async def wait_for_info(timeout_s: float, retry_after_s: float):  # type: ignore[no-untyped-def]
+        waits.append((timeout_s, retry_after_s))
+        raise Unavailable("no worker is ready (fake pool)", retry_after_s=retry_after_s)
+
+    pool.wait_for_info = wait_for_info  # type: ignore[method-assign]
+    settings = GatewaySettings(wait_for_worker_s=100, no_worker_retry_after_s=12)
+    core = core_over(pool, registry, settings)
+    for remaining in (None, 5.0, 0.2):
+        with pytest.raises(Unavailable):
+            await _collect(core, _request(), Call(rpc="Generate", time_remaining_s=remaining))
+    (long, _), (short, retry), (none, _) = waits
+    assert long == pytest.approx(100, abs=0.5) and retry == 12
+    assert 4 < short < 5
+    assert none == 0

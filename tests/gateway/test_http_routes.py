@@ -162,7 +162,9 @@ async def test_a_worker_failure_is_503_and_a_missing_worker_too(client, pool):
     failed = await client.post("/v1/chat/completions", json=_chat())
     assert failed.status_code == 503
     pool.info = None
-    assert (await client.post("/v1/chat/completions", json=_chat())).status_code == 503
+    missing = await client.post("/v1/chat/completions", json=_chat())
+    assert missing.status_code == 503
+    assert missing.headers["retry-after"] == "30"  # no worker yet: retry after a cold start's delay
 
 
 async def test_with_api_keys_a_request_without_a_valid_key_is_401(pool, registry, health, tmp_path):

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 
 import grpc
 import pytest
@@ -414,6 +415,29 @@ async def test_readiness_follows_the_workers():
             await a.start(port=a.port)  # back on the same port (a restarted worker)
             assert await asyncio.wait_for(anext(changes), 10) is True
             assert await generate(pool) == ["a"]
+
+
+async def test_wait_for_info_holds_until_a_worker_is_ready_else_refuses_with_a_retry_delay():
+    """A cold start: the request waits for the worker that comes up; with none, it is refused after the
+    wait with the retry delay it was given."""
+    async with fakes("a") as (a,):
+        async with running_pool(a.target, ready=1) as (pool, _):
+            changes = pool.watch_ready()
+            assert await anext(changes) is True
+            await a.stop()
+            assert await asyncio.wait_for(anext(changes), 5) is False
+            started = time.monotonic()
+            with pytest.raises(Unavailable, match="no worker is ready") as refused:
+                await pool.wait_for_info(0.3, retry_after_s=42.0)
+            assert refused.value.retry_after_s == 42.0
+            assert time.monotonic() - started >= 0.3
+            waiting = asyncio.create_task(pool.wait_for_info(20, retry_after_s=42.0))
+            await asyncio.sleep(0.3)
+            assert not waiting.done()
+            await a.start(port=a.port)
+            info = await asyncio.wait_for(waiting, 10)
+            assert info is pool.info and info is not None
+            assert await pool.wait_for_info(0, retry_after_s=1.0) is info  # ready: no wait
 
 
 # ---- DNS discovery --------------------------------------------------------------------------------

@@ -50,6 +50,16 @@ def test_retriable_limit_carries_retry_info():
     assert retry.retry_delay.ToNanoseconds() == 1_500_000_000
 
 
+def test_unavailable_with_a_retry_delay_carries_retry_info():
+    """No worker yet (a cold start): UNAVAILABLE tells the caller when to try again."""
+    s = status.to_status(errors.Unavailable("no worker is ready", retry_after_s=30.0))
+    assert s.code == grpc.StatusCode.UNAVAILABLE
+    retry = error_details_pb2.RetryInfo()
+    assert _details(s).details[1].Unpack(retry)
+    assert retry.retry_delay.ToNanoseconds() == 30_000_000_000
+    assert len(_details(status.to_status(errors.Unavailable("draining"))).details) == 1  # no delay: none
+
+
 class _FakeRpcError(grpc.RpcError):
     """A stand-in for a failed upstream call (control flow only)."""
 
@@ -91,6 +101,12 @@ def test_upstream_retry_delay_survives():
         upstream="the worker",
     )
     assert isinstance(error, errors.LimitExceeded) and error.retry_after_s == 2.0
+    s = status.to_status(errors.Unavailable("no worker is ready", retry_after_s=30.0))
+    error = status.from_rpc_error(
+        _FakeRpcError(grpc.StatusCode.UNAVAILABLE, "no worker is ready", s.trailing_metadata),
+        upstream="the gateway",
+    )
+    assert isinstance(error, errors.Unavailable) and error.retry_after_s == 30.0
     unreachable = status.from_rpc_error(
         _FakeRpcError(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses"),
         upstream="the worker",

@@ -83,6 +83,12 @@ class FakeWorkerPool:
             raise Unavailable("no worker is ready (fake pool)")
         return self.info
 
+    async def wait_for_info(self, timeout_s: float, retry_after_s: float) -> ModelInfo:
+        """No waiting: the fake pool's readiness never changes by itself."""
+        if self.info is None:
+            raise Unavailable("no worker is ready (fake pool)", retry_after_s=retry_after_s)
+        return self.info
+
     def generate(self, request: GenerationRequest, timeout_s: float | None, metadata=None) -> FakeWorkerCall:
         self.calls.append((request, timeout_s, list(metadata or [])))
         call = FakeWorkerCall(list(self.events))

@@ -59,8 +59,14 @@ def start_service(name: str, module: str, env: dict[str, str], workdir: Path) ->
         f"{prefix}PORT": "0",
         f"{prefix}METRICS_PORT": "0",
         f"{prefix}PORTS_FILE": str(ports_file),
-        # The gateway's HTTP API defaults to port 8000: tests take an OS-chosen one too.
-        **({"OMNIGATE_GATEWAY_HTTP_PORT": "0"} if prefix == "OMNIGATE_GATEWAY_" else {}),
+        # The gateway's HTTP API defaults to port 8000: tests take an OS-chosen one too. With no worker
+        # ready, a test gateway refuses at once instead of holding the request for a cold start (tests of
+        # the refusal expect it); tests/integration/test_scale_from_zero.py turns the wait on.
+        **(
+            {"OMNIGATE_GATEWAY_HTTP_PORT": "0", "OMNIGATE_GATEWAY_WAIT_FOR_WORKER_S": "0"}
+            if prefix == "OMNIGATE_GATEWAY_"
+            else {}
+        ),
         **env,
     }
     log = open(log_path, "wb")  # noqa: SIM115 - owned by the process for its lifetime

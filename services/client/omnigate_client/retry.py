@@ -1,6 +1,7 @@
 """When to retry a failed call, and how long to wait first.
 
-Retried: ``UNAVAILABLE`` (no worker ready yet, a gateway restarting, a connection refused), and
+Retried: ``UNAVAILABLE`` (no worker ready yet, a gateway restarting, a connection refused; after a
+cold start's wait the gateway attaches a ``RetryInfo`` sized to one, which is waited), and
 ``RESOURCE_EXHAUSTED`` only when the server attached a ``RetryInfo`` (a full queue, a rate limit), never a
 request over a size limit. A ``Generate`` stream is never retried once its first event arrived: the
 answer has started, and repeating it would duplicate output. The waits grow exponentially with jitter; a

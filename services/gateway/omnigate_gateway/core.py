@@ -29,6 +29,8 @@ from omnigate_gateway.observation import GenerateObservation, ModelInfoObservati
 from omnigate_gateway.settings import GatewaySettings
 from omnigate_gateway.workers.pool import WorkerPool
 
+WAIT_MARGIN_S = 0.5  # a request waiting for a worker is refused this long before its deadline
+
 
 def new_request_id() -> str:
     return uuid.uuid4().hex
@@ -116,11 +118,11 @@ class GatewayCore:
                     self.request_limits,
                 )
                 generation = incoming.request
-                observed.parsed(generation.mode.value)
-                info = self.worker.require_info()
+                observed.parsed(generation.mode.value)  # admitted demand from here on
+                deadline = time.monotonic() + (call.time_remaining_s or self.settings.default_timeout_s)
+                info = await self._ready_model(deadline)
                 check_against_model(generation, info)
                 self.ingestor.check(incoming, info)
-                deadline = time.monotonic() + (call.time_remaining_s or self.settings.default_timeout_s)
                 await self.ingestor.resolve(incoming, info, deadline)
                 timings = gateway_pb2.Timings(media_s=time.monotonic() - started)
                 generation.request_id = call.request_id
@@ -144,6 +146,14 @@ class GatewayCore:
                             worker_call.cancel()  # no-op when finished; stops the worker when our client left
                 except grpc.RpcError as exc:
                     raise status.from_rpc_error(exc, upstream=f"the worker at {target}") from exc
+
+    async def _ready_model(self, deadline: float) -> ModelInfo:
+        """The served model's info; while no worker is ready (a cold start), waits for one up to
+        ``wait_for_worker_s`` and never past the request's deadline (less ``WAIT_MARGIN_S``, so that the
+        caller gets the refusal and its retry delay rather than its own deadline)."""
+        s = self.settings
+        wait_s = min(s.wait_for_worker_s, deadline - time.monotonic() - WAIT_MARGIN_S)
+        return await self.worker.wait_for_info(max(0.0, wait_s), s.no_worker_retry_after_s)
 
 
 def check_against_model(generation: GenerationRequest, info: ModelInfo) -> None:

@@ -115,6 +115,12 @@ class GatewayMetrics:
         self.in_flight = Gauge(
             "omnigate_gateway_in_flight_requests", "Generate requests being served.", registry=registry
         )
+        self.admitted = Gauge(
+            "omnigate_gateway_admitted_requests",
+            "Generate requests past authentication, rate limits and validation and not finished: waiting "
+            "for a ready worker or served by one (the demand that wakes scaled-to-zero workers).",
+            registry=registry,
+        )
         self.upstream_errors = Counter(
             "omnigate_gateway_upstream_errors_total",
             "Failed calls to workers, by gRPC status code (a retried call counts once per attempt).",

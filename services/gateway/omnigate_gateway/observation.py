@@ -103,7 +103,8 @@ class ModelInfoObservation(CallObservation):
 class GenerateObservation(CallObservation):
     """One Generate call, from the front door's hand-over to its last event.
 
-    Metrics: requests and latency by mode (the parsed request's, "unknown" before), in flight, the rejected
+    Metrics: requests and latency by mode (the parsed request's, "unknown" before), in flight, admitted
+    (from the end of validation to the end: the demand that wakes scaled-to-zero workers), the rejected
     counter for a request refused after admission and before any worker was called (admission counts its own
     refusals), upstream errors, time to the first output, token and audio, generated tokens."""
 
@@ -119,7 +120,7 @@ class GenerateObservation(CallObservation):
             else None
         )
         self.access_mode = public_mode.value if public_mode is not None else "unknown"
-        self._admitted = self._reached_worker = False
+        self._admitted = self._reached_worker = self._demand = False
         self._first_output = self._first_token = self._first_audio = False
         self._stream_span: Span | None = None
         metrics.in_flight.inc()
@@ -128,7 +129,11 @@ class GenerateObservation(CallObservation):
         self._admitted = True
 
     def parsed(self, mode: str) -> None:
+        """The request passed admission and validation: admitted demand until it ends."""
         self.mode = mode
+        if not self._demand:
+            self._demand = True
+            self._metrics.admitted.inc()
 
     @contextlib.contextmanager
     def worker_call(self, request_id: str) -> Iterator[list[tuple[str, str]]]:
@@ -172,6 +177,8 @@ class GenerateObservation(CallObservation):
     def finish(self) -> None:
         metrics = self._metrics
         metrics.in_flight.dec()
+        if self._demand:
+            metrics.admitted.dec()
         metrics.requests.labels(self.call.rpc, self.code.name, self.mode).inc()
         metrics.request_latency.labels(self.mode).observe(time.monotonic() - self.started)
         if self._stream_span is not None:

@@ -78,6 +78,18 @@ class GatewaySettings(ServiceSettings):
     worker_reconnect_backoff_max_s: float = Field(
         5.0, gt=0, description="Longest wait between attempts to reconnect to an unreachable worker."
     )
+    wait_for_worker_s: float = Field(
+        300.0,
+        ge=0,
+        description="Seconds an admitted Generate request waits at the gateway for a ready worker while none "
+        "is (a cold start after scaling to zero), never past the caller's deadline; 0 = refuse at once.",
+    )
+    no_worker_retry_after_s: float = Field(
+        30.0,
+        gt=0,
+        description="Retry delay (gRPC RetryInfo, HTTP Retry-After) sent with UNAVAILABLE when no worker "
+        "became ready in time.",
+    )
     default_max_new_tokens: int = Field(256, description="max_new_tokens used when a request sets none.")
     default_video_fps: float = Field(2.0, description="Video sampling rate used when a request sets none.")
     default_timeout_s: float = Field(600.0, description="Deadline for a request whose client set none.")

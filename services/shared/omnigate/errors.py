@@ -83,9 +83,16 @@ class LimitExceeded(OmnigateError):
 
 
 class Unavailable(OmnigateError):
-    """The service cannot take the request now (not ready, draining, backend down)."""
+    """The service cannot take the request now (not ready, draining, backend down).
+
+    ``retry_after_s`` is set when the service knows when retrying makes sense (no worker yet: a cold start).
+    """
 
     code = ErrorCode.UNAVAILABLE
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class DeadlineExceeded(OmnigateError):

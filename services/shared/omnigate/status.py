@@ -22,7 +22,7 @@ from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from omnigate.errors import LimitExceeded, OmnigateError
+from omnigate.errors import LimitExceeded, OmnigateError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def to_status(exc: BaseException) -> grpc.Status:
     details = []
     info = error_details_pb2.ErrorInfo(reason=_reason_name(reason), domain=ERROR_DOMAIN)
     details.append(_pack(info))
-    if isinstance(exc, LimitExceeded) and exc.retry_after_s is not None:
+    if isinstance(exc, LimitExceeded | Unavailable) and exc.retry_after_s is not None:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(exc.retry_after_s * 1e9))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
@@ -171,4 +171,6 @@ def from_rpc_error(error: grpc.RpcError, *, upstream: str) -> OmnigateError:
         return errors.InternalError(details)
     if kind == "LimitExceeded":
         return errors.LimitExceeded(details, retry_after_s=retry_after_s(error))
+    if kind == "Unavailable":
+        return errors.Unavailable(details, retry_after_s=retry_after_s(error))
     return getattr(errors, kind)(details)

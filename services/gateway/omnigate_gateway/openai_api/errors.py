@@ -102,7 +102,9 @@ def http_error(exc: BaseException) -> HttpError:
         return HttpError(413, error_body(exc.message, "invalid_request_error", "request_too_large"))
     for kind, (status, type_, code) in _HTTP_ERRORS.items():
         if isinstance(exc, kind):
-            return HttpError(status, error_body(exc.message, type_, code))
+            retry_after = exc.retry_after_s if isinstance(exc, Unavailable) else None
+            headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after is not None else {}
+            return HttpError(status, error_body(exc.message, type_, code), headers)
     return HttpError(500, error_body(INTERNAL_MESSAGE, "server_error", "internal_error"))
 
 

@@ -105,6 +105,22 @@ class WorkerPool:
             raise Unavailable(self.no_worker_message())
         return info
 
+    async def wait_for_info(self, timeout_s: float, retry_after_s: float) -> ModelInfo:
+        """The served model's info, waiting up to ``timeout_s`` for a worker to become ready while none is
+        (a cold start); Unavailable with ``retry_after_s`` as its retry delay when none became ready."""
+        info = self.info
+        if info is None and timeout_s > 0:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    async for ready in self.watch_ready():
+                        if ready and (info := self.info) is not None:
+                            break
+            except TimeoutError:
+                pass
+        if info is None:
+            raise Unavailable(self.no_worker_message(), retry_after_s=retry_after_s)
+        return info
+
     def counts(self) -> dict[str, int]:
         """Workers by state."""
         now = time.monotonic()

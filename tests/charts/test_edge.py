@@ -9,6 +9,8 @@ from tests.charts.chart import (
     GATEWAY,
     KUBERNETES_VERSIONS,
     PROFILES,
+    container,
+    env,
     helm,
     render,
     render_profile,
@@ -158,3 +160,19 @@ def test_the_metrics_service_name_stays_a_valid_name_with_long_release_names():
     names = [d["metadata"]["name"] for d in out.all("Service")]
     assert all(len(n) <= 63 for n in names), names
     assert len(set(names)) == len(names)
+
+
+def test_connection_ageing_of_the_public_port_is_set_through_gateway_config():
+    """gRPC connection ageing (A9) is the gateway's own setting: by default the chart leaves the gateway's
+    defaults (300 s, grace 660 s); gateway.config sets both."""
+    names = {"OMNIGATE_GATEWAY_MAX_CONNECTION_AGE_S", "OMNIGATE_GATEWAY_MAX_CONNECTION_AGE_GRACE_S"}
+    assert not set(env(container(render().one("Deployment", GATEWAY), "gateway"))) & names
+    rendered = render(
+        set_values={
+            "gateway.config.max_connection_age_s": "120",
+            "gateway.config.max_connection_age_grace_s": "900",
+        }
+    )
+    values = env(container(rendered.one("Deployment", GATEWAY), "gateway"))
+    assert values["OMNIGATE_GATEWAY_MAX_CONNECTION_AGE_S"] == "120"
+    assert values["OMNIGATE_GATEWAY_MAX_CONNECTION_AGE_GRACE_S"] == "900"

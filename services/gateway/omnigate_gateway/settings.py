@@ -165,6 +165,19 @@ class GatewaySettings(ServiceSettings):
         description="Largest single gRPC message accepted from clients (inline media) or from a worker, "
         "and sent to clients.",
     )
+    max_connection_age_s: float = Field(
+        300.0,
+        ge=0,
+        description="Seconds a client connection to the public gRPC port lives before the gateway asks the "
+        "client to reconnect (GOAWAY, gRPC A9; +-10 % jitter), so clients spread over gateways added since; "
+        "0 = never.",
+    )
+    max_connection_age_grace_s: float = Field(
+        660.0,
+        ge=0,
+        description="Seconds the calls in flight on an aged connection may still run before it is closed "
+        "(above default_timeout_s, so no call within its deadline is cut).",
+    )
     tls_cert_file: str | None = Field(
         None,
         description="PEM certificate (chain) of the public gRPC port; set with tls_key_file to serve TLS.",

@@ -84,12 +84,7 @@ def build_server(
     servicer: GatewayServicer, settings: GatewaySettings, health_servicer: health.aio.HealthServicer
 ) -> tuple[grpc.aio.Server, int]:
     """Creates the server and binds it; returns it with the bound port (not started)."""
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.max_send_message_length", settings.max_message_bytes),
-        ]
-    )
+    server = grpc.aio.server(options=server_options(settings))
     add_service(server, servicer, gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"])
     port = finish_server(
         server,
@@ -103,3 +98,20 @@ def build_server(
         ),
     )
     return server, port
+
+
+def server_options(settings: GatewaySettings) -> list[tuple[str, int]]:
+    """The public server's channel options: message size limits, and connection ageing (gRPC A9): a client
+    connection gets a GOAWAY after ``max_connection_age_s`` (gRPC adds +-10 % jitter) and its calls then have
+    ``max_connection_age_grace_s`` to finish, so long-lived clients reconnect, through the load balancer, to
+    gateways the autoscaler added since."""
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+    ]
+    if settings.max_connection_age_s > 0:
+        options += [
+            ("grpc.max_connection_age_ms", round(settings.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", round(settings.max_connection_age_grace_s * 1000)),
+        ]
+    return options

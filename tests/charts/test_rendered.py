@@ -170,8 +170,10 @@ def test_model_cache_volume_types(cache_type, volume_key):
 def test_worker_probes_use_native_grpc_health_with_a_long_startup(profile):
     worker = container(worker_deployment(profile), "worker")
     (grpc_port,) = [p["containerPort"] for p in worker["ports"] if p["name"] == "grpc"]
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "readinessProbe"):
         assert worker[probe]["grpc"] == {"port": grpc_port}, probe
+    # Liveness is a question of its own: is the engine dead (omnigate_worker/liveness.py)?
+    assert worker["livenessProbe"]["grpc"] == {"port": grpc_port, "service": "liveness"}
     startup = worker["startupProbe"]
     if profile != "cpu-dev":  # real models: give loading and warm-up at least 20 minutes
         assert startup["periodSeconds"] * startup["failureThreshold"] >= 1200
@@ -594,8 +596,9 @@ def test_tls_moves_the_grpc_probes_to_the_plaintext_health_port():
     )
     worker = container(rendered.one("Deployment", WORKER), "worker")
     health_port = _health_port(worker, "OMNIGATE_WORKER_HEALTH_PORT")
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "readinessProbe"):
         assert worker[probe]["grpc"] == {"port": health_port}, probe
+    assert worker["livenessProbe"]["grpc"] == {"port": health_port, "service": "liveness"}
     assert "appProtocol" not in rendered.one("Service", WORKER)["spec"]["ports"][0]  # not h2c any more
     gateway = container(rendered.one("Deployment", GATEWAY), "gateway")  # its public port stays plaintext
     assert "OMNIGATE_GATEWAY_HEALTH_PORT" not in env(gateway)

@@ -16,9 +16,10 @@ from tests.support.stack import MODELS_DIR, start_service, wait_serving
 pytestmark = pytest.mark.slow
 
 
-def _health(target: str) -> int:
+def _health(target: str, service: str = "") -> int:
     with grpc.insecure_channel(target) as channel:
-        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        request = health_pb2.HealthCheckRequest(service=service)
+        return health_pb2_grpc.HealthStub(channel).Check(request, timeout=5).status
 
 
 def test_serving_only_after_the_model_is_loaded(tmp_path):
@@ -37,6 +38,8 @@ def test_serving_only_after_the_model_is_loaded(tmp_path):
     try:
         # The worker listens before it has imported torch and loaded the model (seconds): not ready yet.
         assert _health(worker.target) == health_pb2.HealthCheckResponse.NOT_SERVING
+        # Not ready, but alive: the livenessProbe's service (omnigate_worker/liveness.py) says SERVING.
+        assert _health(worker.target, "liveness") == health_pb2.HealthCheckResponse.SERVING
         assert _health(gateway.target) == health_pb2.HealthCheckResponse.NOT_SERVING
         with grpc.insecure_channel(gateway.target) as channel:
             stub = gateway_pb2_grpc.GatewayServiceStub(channel)
@@ -51,6 +54,7 @@ def test_serving_only_after_the_model_is_loaded(tmp_path):
             wait_serving(worker)
             wait_serving(gateway)
             assert list(stub.Generate(request, timeout=60))[-1].WhichOneof("event") == "summary"
+            assert _health(worker.target, "liveness") == health_pb2.HealthCheckResponse.SERVING
 
         for service, prefix in ((gateway, "omnigate_gateway_"), (worker, "omnigate_worker_")):
             body = (

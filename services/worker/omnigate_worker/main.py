@@ -23,6 +23,7 @@ from omnigate.lifecycle import (
     start_metrics_server,
     write_ports_file,
 )
+from omnigate_worker import liveness
 from omnigate_worker.metrics import WorkerMetrics
 from omnigate_worker.scheduler import Scheduler
 from omnigate_worker.server import SERVICE_NAME, WorkerServicer, build_server
@@ -76,6 +77,8 @@ async def serve(settings: WorkerSettings) -> None:
     health_servicer = health.aio.HealthServicer()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    # Alive while loading (the startup probe bounds that); NOT_SERVING for good once the engine dies.
+    await health_servicer.set(liveness.LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
 
     # The server starts before the model loads so that health checks answer NOT_SERVING meanwhile.
     servicer = WorkerServicer(settings, metrics)
@@ -97,6 +100,7 @@ async def serve(settings: WorkerSettings) -> None:
     metrics.model_load.set(time.monotonic() - started)
     scheduler = Scheduler(engine, settings, metrics)
     scheduler.start()
+    liveness_watch = asyncio.create_task(liveness.watch(scheduler, health_servicer), name="liveness")
     servicer.attach(engine, scheduler)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -109,6 +113,7 @@ async def serve(settings: WorkerSettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    liveness_watch.cancel()
 
     log.info("draining: NOT_SERVING, finishing in-flight requests (up to %.0f s)", settings.grace_period_s)
     scheduler.stop_accepting()  # first: once health says NOT_SERVING, every new call is refused

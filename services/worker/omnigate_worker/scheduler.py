@@ -29,6 +29,7 @@ from omnigate import tracing
 from omnigate.conversation import Event, GenerationRequest, Modality, Summary, TextDelta
 from omnigate.errors import DeadlineExceeded, InvalidInput, LimitExceeded, Unavailable
 from omnigate_worker.engine.base import Batch, Engine, Prepared
+from omnigate_worker.liveness import is_fatal_device_error
 from omnigate_worker.metrics import WorkerMetrics
 from omnigate_worker.settings import WorkerSettings
 
@@ -171,6 +172,7 @@ class Scheduler:
         self._accepting = True
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._fatal: BaseException | None = None  # a device error that poisoned the engine (liveness.py)
 
     def start(self) -> None:
         self._thread.start()
@@ -204,6 +206,19 @@ class Scheduler:
             raise Unavailable(
                 "the worker is shutting down and takes no new requests; retry on another worker"
             )
+
+    def dead(self) -> str | None:
+        """Why the engine can serve no more (liveness.py), or None: its thread ended without being stopped,
+        or a device error poisoned it."""
+        if self._fatal is not None:
+            return f"{type(self._fatal).__name__}: {self._fatal}"
+        if not self._thread.is_alive() and self._thread.ident is not None and not self._stopped:
+            return "the engine thread ended"
+        return None
+
+    def _check_fatal(self, exc: BaseException) -> None:
+        if self._fatal is None and is_fatal_device_error(exc):
+            self._fatal = exc
 
     def busy(self) -> bool:
         with self._cond:
@@ -288,6 +303,7 @@ class Scheduler:
                     )
                 except Exception as exc:  # noqa: BLE001 - every row of a failed step gets the error
                     log.exception("decode step failed")
+                    self._check_fatal(exc)
                     batch.fail_all(self._resource_error(exc, len(batch), shared=True))
 
     def _next_work(self, batch: Batch) -> tuple[list[Job] | None, Job | None]:
@@ -375,6 +391,7 @@ class Scheduler:
             job.prefilled_at = time.monotonic()
         except Exception as exc:  # noqa: BLE001 - only this request fails
             log.debug("request %s failed to start", job.request.request_id, exc_info=True)
+            self._check_fatal(exc)
             self._done(job, self._resource_error(exc))
 
     def _run_alone(self, job: Job) -> None:
@@ -402,6 +419,7 @@ class Scheduler:
             self._done(job, None)
         except Exception as exc:  # noqa: BLE001 - only this request fails
             log.debug("request %s failed", job.request.request_id, exc_info=True)
+            self._check_fatal(exc)
             self._done(job, self._resource_error(exc))
 
     def _fail_ready(self, error: BaseException) -> None:

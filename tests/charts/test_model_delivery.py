@@ -129,7 +129,12 @@ def _cache_mount(c: dict) -> dict:
 
 @pytest.mark.parametrize(
     "values",
-    [{}, {"worker.modelCache.type": "ephemeral"}, SHARED, {"worker.model.localPath": "/var/cache/omnigate/m"}],
+    [
+        {},
+        {"worker.modelCache.type": "ephemeral"},
+        SHARED,
+        {"worker.model.localPath": "/var/cache/omnigate/m"},
+    ],
     ids=["emptyDir", "ephemeral", "shared", "localPath"],
 )
 def test_workers_mount_the_cache_read_only(values):
@@ -209,7 +214,9 @@ def test_emptydir_cache_requests_the_ephemeral_storage_it_fills():
         }
     ).one("Deployment", WORKER)
     resources = container(worker, "worker")["resources"]
-    assert resources["requests"]["ephemeral-storage"] == resources["limits"]["ephemeral-storage"] == "108544Mi"
+    assert (
+        resources["requests"]["ephemeral-storage"] == resources["limits"]["ephemeral-storage"] == "108544Mi"
+    )
 
 
 @pytest.mark.parametrize("profile", ["default", "cpu-dev"])
@@ -235,7 +242,9 @@ def test_the_job_reaches_dns_and_the_hub_over_https_only():
     rendered = render(set_values=SHARED)
     policy = rendered.one("NetworkPolicy", "og-omnigate-model-download-egress")
     assert policy["spec"]["policyTypes"] == ["Egress"]
-    assert selects(policy["spec"]["podSelector"], rendered.one("Job", JOB)["spec"]["template"]["metadata"]["labels"])
+    assert selects(
+        policy["spec"]["podSelector"], rendered.one("Job", JOB)["spec"]["template"]["metadata"]["labels"]
+    )
     assert not selects(policy["spec"]["podSelector"], pod_labels(rendered.one("Deployment", WORKER)))
     for address in HUB:
         assert _allowed(policy, address, 443) and not _allowed(policy, address, 80)

@@ -46,7 +46,9 @@ def test_sync_stream_of_typed_events_and_result(sdk_stack):
         stream = client.generate(_user("Hello, how are you?"), max_new_tokens=8)
         events = list(stream)
         assert all(isinstance(e, TextDelta) for e in events[:-1]) and isinstance(events[-1], Summary)
-        assert len(events) >= 3, "text arrives as several deltas"
+        # How many deltas depends on load: a busy worker merges the deltas already waiting into one message
+        # (scheduler.Job.events), which a loaded CI machine did for all 8 tokens.
+        assert len(events) >= 2, "text, then the summary"
         assert stream.attempts == 1
         result = client.generate_all(_user("Hello, how are you?"), max_new_tokens=8)
     _check_text_result(result, 8)

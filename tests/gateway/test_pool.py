@@ -310,6 +310,9 @@ async def test_failing_worker_is_ejected_for_a_while(behaviour):
     ):
         a.behaviour = behaviour
         for _ in range(2):
+            # both ready before each call, so that the call goes to a (a loaded CI machine once had a's health
+            # check late between the two calls, and the second went to b)
+            await wait_until(lambda: pool.counts()["ready"] == 2, what="both workers ready")
             with first_choice(pool, a):
                 with contextlib.suppress(grpc.RpcError):  # retried on b when retriable
                     await generate(pool)

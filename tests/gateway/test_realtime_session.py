@@ -466,8 +466,8 @@ async def test_a_failed_answer_is_reported_and_the_session_goes_on(pool, registr
 
 
 async def test_an_idle_session_is_closed(pool, registry):
+    started = time.monotonic()  # before the session opens: its idle clock starts there
     conversation = await _open(_core(pool, registry, realtime_idle_timeout_s=0.3))
-    started = time.monotonic()
     events = await conversation.until(SessionClosed, timeout_s=5)
     assert 0.25 <= time.monotonic() - started <= 2
     assert isinstance(events[-2], Error) and events[-2].code == "session_expired"

@@ -112,8 +112,18 @@ def alerts(groups: dict) -> list[Query]:
 
 
 def alert_inner(expr: str) -> str:
-    """The alert's expression without its final threshold comparison."""
-    return _THRESHOLD.sub("", expr.strip())
+    """The alert's expression without its final threshold comparison, and without a traffic guard after it
+    (``<expr> > 0.05 and on () <traffic> >= 0.05``: the guard only gates when the alert may fire)."""
+    expr = expr.strip()
+    guard = expr.rfind("and on ()")
+    if guard > 0 and _THRESHOLD.search(expr) and _top_level(expr[:guard]):
+        expr = expr[:guard].strip()
+    return _THRESHOLD.sub("", expr)
+
+
+def _top_level(text: str) -> bool:
+    """True when every parenthesis and brace opened in ``text`` is closed (the cut is at the top level)."""
+    return text.count("(") == text.count(")") and text.count("{") == text.count("}")
 
 
 # -- dashboard --------------------------------------------------------------------------------------------

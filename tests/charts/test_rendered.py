@@ -179,18 +179,33 @@ def test_worker_probes_use_native_grpc_health_with_a_long_startup(profile):
         assert startup["periodSeconds"] * startup["failureThreshold"] >= 1200
 
 
-@pytest.mark.parametrize("profile", ["default", "cpu-dev", "gpu-prod"])
-def test_gateway_readiness_is_grpc_health_and_liveness_does_not_follow_the_worker(profile):
+@pytest.mark.parametrize("profile", PROFILES)
+def test_gateway_probes_ask_its_readiness_and_liveness_services_never_the_workers(profile):
+    # omnigate_gateway/health.py: "readiness" is SERVING from start-up until the drain whatever the workers
+    # do (the gateway answers in-band without one), so a worker outage (or scale to zero, the keda profile)
+    # keeps every gateway in rotation; "liveness" is answered by the event loop that serves requests.
     gateway = container(gateway_deployment(profile), "gateway")
     (grpc_port,) = [p["containerPort"] for p in gateway["ports"] if p["name"] == "grpc"]
-    assert gateway["readinessProbe"]["grpc"] == {"port": grpc_port}
-    # The gateway's gRPC health follows its worker: liveness checks only that the server is up.
-    assert gateway["livenessProbe"]["tcpSocket"] == {"port": "grpc"}
+    assert gateway["readinessProbe"]["grpc"] == {"port": grpc_port, "service": "readiness"}
+    assert gateway["livenessProbe"]["grpc"] == {"port": grpc_port, "service": "liveness"}
 
 
-def test_scale_to_zero_profile_keeps_gateways_ready_without_workers():
-    gateway = container(gateway_deployment("keda"), "gateway")
+def test_gateway_readiness_can_follow_the_workers_or_be_a_tcp_check():
+    gateway = container(
+        render(set_values={"gateway.readinessProbe.followWorkers": "true"}).one("Deployment", GATEWAY),
+        "gateway",
+    )
+    (grpc_port,) = [p["containerPort"] for p in gateway["ports"] if p["name"] == "grpc"]
+    assert gateway["readinessProbe"]["grpc"] == {"port": grpc_port}  # service "": SERVING while a worker is
+    assert gateway["livenessProbe"]["grpc"]["service"] == "liveness"  # liveness never follows them
+    gateway = container(
+        render(
+            set_values={"gateway.readinessProbe.type": "tcpSocket", "gateway.livenessProbe.type": "tcpSocket"}
+        ).one("Deployment", GATEWAY),
+        "gateway",
+    )
     assert gateway["readinessProbe"]["tcpSocket"] == {"port": "grpc"}
+    assert gateway["livenessProbe"]["tcpSocket"] == {"port": "grpc"}
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -368,7 +383,6 @@ def test_keda_wakes_workers_on_admitted_demand_only_and_falls_back_when_it_is_lo
         set_values={
             "worker.keda.enabled": "true",
             "worker.keda.scaleToZero": "true",
-            "gateway.readinessProbe.type": "tcpSocket",
             "worker.keda.admittedRequestsPerWorker": "4",
             "worker.keda.fallback.replicas": "2",
             "worker.keda.fallback.failureThreshold": "5",
@@ -603,7 +617,7 @@ def test_tls_moves_the_grpc_probes_to_the_plaintext_health_port():
     gateway = container(rendered.one("Deployment", GATEWAY), "gateway")  # its public port stays plaintext
     assert "OMNIGATE_GATEWAY_HEALTH_PORT" not in env(gateway)
     (grpc_port,) = [p["containerPort"] for p in gateway["ports"] if p["name"] == "grpc"]
-    assert gateway["readinessProbe"]["grpc"] == {"port": grpc_port}
+    assert gateway["readinessProbe"]["grpc"] == {"port": grpc_port, "service": "readiness"}
 
 
 def test_gateway_public_tls_and_api_keys_are_mounted_and_the_helm_test_uses_them():
@@ -625,7 +639,8 @@ def test_gateway_public_tls_and_api_keys_are_mounted_and_the_helm_test_uses_them
         assert e[variable].startswith(mounts["public-tls"]["mountPath"] + "/")
     assert "OMNIGATE_GATEWAY_TLS_CLIENT_CA_FILE" not in e
     health_port = _health_port(gateway, "OMNIGATE_GATEWAY_HEALTH_PORT")
-    assert gateway["readinessProbe"]["grpc"] == {"port": health_port}
+    assert gateway["readinessProbe"]["grpc"] == {"port": health_port, "service": "readiness"}
+    assert gateway["livenessProbe"]["grpc"] == {"port": health_port, "service": "liveness"}
     # The keys Secret is a directory mount (subPath mounts never see Secret updates, so no revocation).
     assert volumes["api-keys"]["secret"]["secretName"] == "api-keys"
     assert "subPath" not in mounts["api-keys"] and mounts["api-keys"]["readOnly"] is True

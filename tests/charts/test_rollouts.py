@@ -32,7 +32,7 @@ def test_worker_rollout_deadline_covers_the_startup_probe_and_a_margin(profile):
     readiness = next(c for c in gateway["spec"]["template"]["spec"]["containers"] if c["name"] == "gateway")[
         "readinessProbe"
     ]
-    if "grpc" in readiness:  # a gateway is ready only once a worker is
+    if readiness.get("grpc", {}).get("service", "") == "":  # a gateway is ready only once a worker is
         assert gateway["spec"]["progressDeadlineSeconds"] == worker["spec"]["progressDeadlineSeconds"]
     else:
         assert gateway["spec"]["progressDeadlineSeconds"] == 600
@@ -48,6 +48,16 @@ def test_default_deadline_is_forty_minutes_and_follows_the_probe_and_margin():
         }
     )
     assert rendered.one("Deployment", WORKER)["spec"]["progressDeadlineSeconds"] == 5400 + 1200
+    # A gateway is ready without a worker (its readiness does not follow them): Kubernetes' default.
+    assert rendered.one("Deployment", GATEWAY)["spec"]["progressDeadlineSeconds"] == 600
+    rendered = render(
+        set_values={
+            "worker.startupProbe.periodSeconds": 20,
+            "worker.startupProbe.failureThreshold": 270,
+            "worker.progressDeadlineMarginSeconds": 1200,
+            "gateway.readinessProbe.followWorkers": "true",
+        }
+    )
     assert rendered.one("Deployment", GATEWAY)["spec"]["progressDeadlineSeconds"] == 5400 + 1200
 
 
@@ -67,7 +77,7 @@ def test_deadlines_can_be_set_explicitly():
             "worker.progressDeadlineSeconds (600) is not above the startup probe's allowance",
         ),
         (
-            {"gateway.progressDeadlineSeconds": 900},
+            {"gateway.progressDeadlineSeconds": 900, "gateway.readinessProbe.followWorkers": "true"},
             "gateway.progressDeadlineSeconds (900) is not above the workers' start-up allowance",
         ),
     ],
@@ -78,10 +88,17 @@ def test_a_deadline_shorter_than_the_startup_allowance_is_refused(values, messag
     assert message in result.stderr
 
 
-def test_a_short_gateway_deadline_is_fine_when_readiness_does_not_wait_for_workers():
-    rendered = render(
-        set_values={"gateway.progressDeadlineSeconds": 300, "gateway.readinessProbe.type": "tcpSocket"}
-    )
+@pytest.mark.parametrize(
+    "values",
+    [
+        {},  # the default: readiness does not follow the workers
+        {"gateway.readinessProbe.type": "tcpSocket"},
+        {"gateway.readinessProbe.type": "tcpSocket", "gateway.readinessProbe.followWorkers": "true"},
+        {"gateway.readinessProbe.enabled": "false", "gateway.readinessProbe.followWorkers": "true"},
+    ],
+)
+def test_a_short_gateway_deadline_is_fine_when_readiness_does_not_wait_for_workers(values):
+    rendered = render(set_values={"gateway.progressDeadlineSeconds": 300, **values})
     assert rendered.one("Deployment", GATEWAY)["spec"]["progressDeadlineSeconds"] == 300
 
 
@@ -89,4 +106,18 @@ def test_notes_wait_for_the_rollout_as_long_as_its_deadline():
     out = helm("install", RELEASE, str(CHART_DIR), "--namespace", NAMESPACE, "--dry-run=client").stdout
     notes = out.split("NOTES:", 1)[1]
     assert f"rollout status deployment/{WORKER} --timeout=2400s" in notes
+    assert f"rollout status deployment/{GATEWAY} --timeout=600s" in notes
+    assert "ready as soon as they listen" in notes
+    out = helm(
+        "install",
+        RELEASE,
+        str(CHART_DIR),
+        "--namespace",
+        NAMESPACE,
+        "--dry-run=client",
+        "--set",
+        "gateway.readinessProbe.followWorkers=true",
+    ).stdout
+    notes = out.split("NOTES:", 1)[1]
     assert f"rollout status deployment/{GATEWAY} --timeout=2400s" in notes
+    assert "ready only while a worker is" in notes

@@ -22,12 +22,16 @@ MODEL = "fake/text-model"
 
 
 class FakeHealth:
-    """A fake of the gateway's gRPC health probe (``routes.health.grpc_health_probe``)."""
+    """A fake of the gateway's gRPC health probe (``routes.health.grpc_health_probe``): every service SERVING
+    except those in ``not_serving``."""
 
-    serving = True
+    def __init__(self) -> None:
+        self.not_serving: set[str] = set()
+        self.asked: list[str] = []
 
-    async def __call__(self) -> bool:
-        return self.serving
+    async def __call__(self, service: str) -> bool:
+        self.asked.append(service)
+        return service not in self.not_serving
 
 
 @pytest.fixture
@@ -105,11 +109,21 @@ async def test_models_list_the_served_model_and_an_unknown_one_is_404_in_openais
     assert missing.json()["error"]["code"] == "model_not_found"
 
 
-async def test_health_follows_the_probe(client, health):
-    assert (await client.get("/health")).status_code == 200
-    health.serving = False
-    answer = await client.get("/health")
+@pytest.mark.parametrize(
+    ("path", "service"),
+    [("/health", ""), ("/health/readiness", "readiness"), ("/health/liveness", "liveness")],
+)
+async def test_each_health_route_answers_its_own_grpc_health_service(client, health, path, service):
+    answer = await client.get(path)
+    assert answer.status_code == 200 and answer.json() == {"status": "SERVING"}
+    assert health.asked == [service]
+    # Another service down changes nothing here (a worker outage leaves readiness and liveness SERVING).
+    health.not_serving = {s for s in ("", "readiness", "liveness") if s != service}
+    assert (await client.get(path)).status_code == 200
+    health.not_serving = {service}
+    answer = await client.get(path)
     assert answer.status_code == 503 and answer.json() == {"status": "NOT_SERVING"}
+    assert (await client.head(path)).status_code == 503
 
 
 @pytest.mark.parametrize(

@@ -238,8 +238,8 @@ the prefetch download, which run before the probe starts).
 {{/*
 progressDeadlineSeconds of the Deployments. The worker's defaults to its start-up budget, so a rollout is
 declared failed only once a new pod has overrun everything it is allowed. The gateway's defaults to the
-same while its readiness is gRPC health (a gateway is ready only once a worker is, so a first install
-waits for a model load), else to Kubernetes' 600 s.
+same while its readiness follows the workers (gateway.readinessProbe.followWorkers: a gateway is ready only
+once a worker is, so a first install waits for a model load), else to Kubernetes' 600 s.
 */}}
 {{- define "omnigate.worker.progressDeadlineSeconds" -}}
 {{- if gt (int .Values.worker.progressDeadlineSeconds) 0 -}}
@@ -248,11 +248,16 @@ waits for a model load), else to Kubernetes' 600 s.
 {{- include "omnigate.worker.startupBudgetSeconds" . -}}
 {{- end -}}
 {{- end -}}
+{{/* "true" when the gateway's readiness probe follows the workers (gRPC health service ""), else "". */}}
+{{- define "omnigate.gateway.readinessFollowsWorkers" -}}
+{{- $r := .Values.gateway.readinessProbe -}}
+{{- if and $r.enabled (eq $r.type "grpc") $r.followWorkers -}}true{{- end -}}
+{{- end -}}
 {{- define "omnigate.gateway.progressDeadlineSeconds" -}}
 {{- $g := .Values.gateway -}}
 {{- if gt (int $g.progressDeadlineSeconds) 0 -}}
 {{- int $g.progressDeadlineSeconds -}}
-{{- else if and $g.readinessProbe.enabled (eq $g.readinessProbe.type "grpc") -}}
+{{- else if include "omnigate.gateway.readinessFollowsWorkers" . -}}
 {{- include "omnigate.worker.progressDeadlineSeconds" . -}}
 {{- else -}}
 600
@@ -297,8 +302,8 @@ maxUnavailable: {{ .maxUnavailable }}
 {{- if and $w.autoscaling.enabled $w.keda.enabled -}}
 {{- fail "worker.autoscaling.enabled and worker.keda.enabled are both true: KEDA creates its own HPA for the workers and two autoscalers would fight over the replica count; enable only one" -}}
 {{- end -}}
-{{- if and $w.keda.enabled $w.keda.scaleToZero (eq .Values.gateway.readinessProbe.type "grpc") .Values.gateway.readinessProbe.enabled -}}
-{{- fail "worker.keda.scaleToZero needs gateway.readinessProbe.type=tcpSocket: the gateway's gRPC health is NOT_SERVING while there are no workers, so no request would reach a gateway and nothing would wake the workers up" -}}
+{{- if and $w.keda.enabled $w.keda.scaleToZero (include "omnigate.gateway.readinessFollowsWorkers" .) -}}
+{{- fail "worker.keda.scaleToZero needs gateway.readinessProbe.followWorkers=false: a gateway whose readiness follows the workers is out of rotation while there are none, so no request would reach a gateway and nothing would wake the workers up" -}}
 {{- end -}}
 {{- $workerTargets := add (ternary 1 0 (gt (float64 $w.autoscaling.targetInFlightRequestsPerPod) 0.0)) (ternary 1 0 (gt (float64 $w.autoscaling.targetQueueDepthPerPod) 0.0)) -}}
 {{- if and $w.autoscaling.enabled (eq (int $workerTargets) 0) -}}
@@ -344,8 +349,8 @@ maxUnavailable: {{ .maxUnavailable }}
 {{- fail (printf "worker.progressDeadlineSeconds (%d) is not above the startup probe's allowance (worker.startupProbe.periodSeconds x failureThreshold = %d s): every rollout whose workers take their allowed start-up time would be reported as failed; raise it or leave it 0 (derived)" (int $w.progressDeadlineSeconds) $allowance) -}}
 {{- end -}}
 {{- $g := .Values.gateway -}}
-{{- if and (gt (int $g.progressDeadlineSeconds) 0) $g.readinessProbe.enabled (eq $g.readinessProbe.type "grpc") (le (int $g.progressDeadlineSeconds) $allowance) -}}
-{{- fail (printf "gateway.progressDeadlineSeconds (%d) is not above the workers' start-up allowance (%d s): with gRPC readiness a gateway is ready only once a worker is, so a first install would be reported as failed; raise it or leave it 0 (derived)" (int $g.progressDeadlineSeconds) $allowance) -}}
+{{- if and (gt (int $g.progressDeadlineSeconds) 0) (include "omnigate.gateway.readinessFollowsWorkers" .) (le (int $g.progressDeadlineSeconds) $allowance) -}}
+{{- fail (printf "gateway.progressDeadlineSeconds (%d) is not above the workers' start-up allowance (%d s): with gateway.readinessProbe.followWorkers a gateway is ready only once a worker is, so a first install would be reported as failed; raise it or leave it 0 (derived)" (int $g.progressDeadlineSeconds) $allowance) -}}
 {{- end -}}
 {{- $memLimit := dig "limits" "memory" "" $w.resources -}}
 {{- if and $w.shm.enabled $memLimit -}}

@@ -23,7 +23,8 @@ from omnigate.lifecycle import (
 )
 from omnigate_gateway.auth import Authenticator
 from omnigate_gateway.core import GatewayCore
-from omnigate_gateway.grpc_api.server import SERVICE_NAME, GatewayServicer, build_server
+from omnigate_gateway.grpc_api.server import GatewayServicer, build_server
+from omnigate_gateway.health import LIVENESS_SERVICE, READINESS_SERVICE, WORKER_FOLLOWING_SERVICES
 from omnigate_gateway.media.fetch import MediaFetcher
 from omnigate_gateway.media.ingest import MediaIngestor
 from omnigate_gateway.media.resolver import Resolver
@@ -44,7 +45,8 @@ The Omnigate gateway: the public side of an Omnigate deployment. It takes genera
 (omnigate.gateway.v1.GatewayService) and over an OpenAI-compatible HTTP API (/v1/chat/completions, ...),
 fetches and decodes their media (images, audio, video by URL or inline) within its limits, and streams
 them to the workers that run the model (omnigate-worker), then streams their answers back. It serves
-grpc.health.v1 (SERVING while a worker is ready), reflection and Prometheus metrics.
+grpc.health.v1 ("" SERVING while a worker is ready; "readiness" SERVING until it drains; "liveness"),
+reflection and Prometheus metrics.
 
 Every setting is a flag or an environment variable (shown in brackets); a flag wins over the variable."""
 
@@ -81,7 +83,7 @@ async def watch_workers(
     The first time it can serve, it logs ``ready_message`` (the line a user waits for)."""
     announced = False
     async for ready in workers.watch_ready():
-        for name in ("", SERVICE_NAME):
+        for name in WORKER_FOLLOWING_SERVICES:
             await health_servicer.set(name, SERVING if ready else NOT_SERVING)
         log.info(
             "gateway %s (workers %s: %s)",
@@ -108,8 +110,9 @@ async def serve(settings: GatewaySettings, *, resolver: Resolver | None = None) 
     worker = WorkerPool(settings, metrics)
     worker.start()
     health_servicer = health.aio.HealthServicer()
-    for name in ("", SERVICE_NAME):
+    for name in (*WORKER_FOLLOWING_SERVICES, READINESS_SERVICE):
         await health_servicer.set(name, NOT_SERVING)
+    await health_servicer.set(LIVENESS_SERVICE, SERVING)
     core = GatewayCore(settings, worker, ingestor, metrics, Authenticator(settings, metrics))
     with binding(grpc_listener):
         server, port = build_server(GatewayServicer(core), settings, health_servicer)
@@ -139,6 +142,7 @@ async def serve(settings: GatewaySettings, *, resolver: Resolver | None = None) 
         ready += f", HTTP {http.url}/v1"
     if metrics_port is not None:
         ready += f", metrics http://{settings.metrics_host}:{metrics_port}/metrics"
+    await health_servicer.set(READINESS_SERVICE, SERVING)  # every door listens: requests are answered
     watcher = asyncio.create_task(watch_workers(worker, health_servicer, ready))
 
     stop = asyncio.Event()
@@ -151,7 +155,10 @@ async def serve(settings: GatewaySettings, *, resolver: Resolver | None = None) 
     watcher.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await watcher
-    await health_servicer.enter_graceful_shutdown()
+    # Not HealthServicer.enter_graceful_shutdown, which would fail liveness too: a draining gateway is not
+    # ready for new requests, but it is alive while it finishes the ones it has.
+    for name in (*WORKER_FOLLOWING_SERVICES, READINESS_SERVICE):
+        await health_servicer.set(name, NOT_SERVING)
     await asyncio.gather(server.stop(grace=settings.grace_period_s), *([http.stop()] if http else []))
     if health_server is not None:
         await health_server.stop(grace=None)

@@ -11,7 +11,8 @@ server-sent events (``responses``, ``streaming``). Routes (``routes/``):
 - ``POST /v1/audio/speech`` (speech as it is generated: wav, pcm, mp3, opus, aac, flac) and
   ``POST /v1/audio/transcriptions`` (a multipart audio file to text, for audio-input models);
 - ``GET /v1/models``, ``GET /v1/models/{id}``;
-- ``GET /health``: 200 while the gateway is SERVING (its gRPC health), 503 otherwise;
+- ``GET /health``, ``/health/readiness``, ``/health/liveness``: the gateway's gRPC health services
+  (``omnigate_gateway.health``), 200 while SERVING, 503 otherwise;
 - ``/v1/realtime`` (WebSocket): OpenAI's Realtime API, a spoken conversation (``routes/realtime.py``).
 
 Every GET route answers HEAD (same status and headers, no body); a method a route does not take is 405

@@ -72,7 +72,7 @@ class RequestIdMiddleware:
         finally:
             if status >= 400 and not state.get("reached_core") and not state.get("logged"):
                 path = scope.get("path", "")
-                if not (path == "/health" and status == 503):  # the probe's answer, not a refusal
+                if not (path.startswith("/health") and status == 503):  # a probe's answer, not a refusal
                     log_refusal(
                         request_id,
                         scope["method"],

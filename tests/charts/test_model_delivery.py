@@ -3,6 +3,8 @@ the cluster can give; per-pod caches that ask for the disk they fill."""
 
 from __future__ import annotations
 
+import re
+
 import kubernetes_validate
 import pytest
 
@@ -28,7 +30,7 @@ SHARED = {
     "worker.model.revision": COMMIT,
     "worker.modelCache.persistentVolumeClaim.storageClassName": "nfs-rwx",
 }
-JOB = f"{WORKER}-download-{COMMIT[:12]}"
+JOB_PREFIX = f"{WORKER}-download-{COMMIT[:12]}"  # then "-" and 8 hex of the Job's spec hash
 MODEL_DIR = f"/var/cache/omnigate/models/Qwen/Qwen2.5-Omni-3B/{COMMIT}"
 
 
@@ -49,7 +51,7 @@ def test_shared_cache_profiles_download_once_in_a_job_not_in_gpu_pods(profile):
     assert "prefetch-model" not in [c["name"] for c in containers(worker)]
     download = container(job, "download-model")
     revision = env(download)["OMNIGATE_MODEL_REVISION"]
-    assert len(revision) == 40 and job["metadata"]["name"].endswith(revision[:12])
+    assert len(revision) == 40 and job["metadata"]["name"].rsplit("-", 1)[0].endswith(revision[:12])
     # The Job writes where the workers read, in a directory named for the commit.
     assert env(download)["OMNIGATE_MODEL_DIR"].endswith(f"/{revision}")
     assert env(container(worker, "worker"))["OMNIGATE_WORKER_MODEL"] == env(download)["OMNIGATE_MODEL_DIR"]
@@ -65,7 +67,8 @@ def test_shared_cache_profiles_download_once_in_a_job_not_in_gpu_pods(profile):
 
 def test_the_job_downloads_the_pinned_commit_and_writes_a_marker_the_workers_wait_for():
     rendered = render(set_values={**SHARED, "worker.model.hfTokenSecret.name": "hf"})
-    job = rendered.one("Job", JOB)
+    (job,) = rendered.all("Job")
+    assert re.fullmatch(re.escape(JOB_PREFIX) + "-[0-9a-f]{8}", job["metadata"]["name"])
     download = container(job, "download-model")
     assert env(download)["OMNIGATE_MODEL_REVISION"] == COMMIT
     assert env(download)["OMNIGATE_MODEL_DIR"] == MODEL_DIR
@@ -82,14 +85,42 @@ def test_the_job_downloads_the_pinned_commit_and_writes_a_marker_the_workers_wai
     wait = container(worker, "wait-for-model")
     assert pod_spec(worker)["initContainers"] == [wait]
     assert env(wait)["OMNIGATE_MODEL_MARKER"] == marker
-    assert env(wait)["OMNIGATE_DOWNLOAD_JOB"] == JOB
+    assert env(wait)["OMNIGATE_DOWNLOAD_JOB"] == JOB_PREFIX
+
+
+def _job_and_worker_template(values: dict) -> tuple[str, dict]:
+    rendered = render(set_values={**SHARED, **values})
+    (job,) = rendered.all("Job")
+    return job["metadata"]["name"], rendered.one("Deployment", WORKER)["spec"]["template"]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"worker.image.tag": "0.1.1"},
+        {"worker.modelDownload.resources.limits.memory": "16Gi"},
+        {"worker.model.hfTokenSecret.name": "another-token"},
+        {"worker.modelDownload.backoffLimit": "6"},
+    ],
+)
+def test_any_change_to_the_job_is_a_new_job_so_helm_upgrade_is_never_refused_as_immutable(change):
+    # Kubernetes refuses a change to a Job's spec.template ("field is immutable"): the name carries a hash
+    # of the spec, so a changed Job is a new object (it finds the marker and exits at once).
+    name, worker = _job_and_worker_template({})
+    changed_name, changed_worker = _job_and_worker_template(change)
+    assert changed_name != name and changed_name.startswith(JOB_PREFIX + "-")
+    assert len(changed_name) <= 63
+    if "image" not in str(change) and "hfToken" not in str(change):  # the Job's own settings
+        assert changed_worker == worker  # do not roll the GPU workers
+    assert _job_and_worker_template({})[0] == name  # stable across renders
 
 
 def test_a_new_commit_is_a_new_job_and_a_new_directory():
     other = "fedcba9876543210fedcba9876543210fedcba98"
     rendered = render(set_values={**SHARED, "worker.model.revision": other})
     (job,) = rendered.all("Job")
-    assert job["metadata"]["name"] == f"{WORKER}-download-{other[:12]}" != JOB
+    assert job["metadata"]["name"].startswith(f"{WORKER}-download-{other[:12]}-")
+    assert not job["metadata"]["name"].startswith(JOB_PREFIX)
     assert env(container(job, "download-model"))["OMNIGATE_MODEL_DIR"].endswith(f"/{other}")
 
 
@@ -101,7 +132,9 @@ def test_per_pod_caches_and_local_models_have_no_job():
 def test_job_name_fits_63_characters_with_a_long_release_name():
     rendered = render(set_values=SHARED, release="a-very-long-release-name-that-fills-the-budget")
     (job,) = rendered.all("Job")
-    assert len(job["metadata"]["name"]) <= 63 and job["metadata"]["name"].endswith(COMMIT[:12])
+    assert len(job["metadata"]["name"]) <= 63 and re.search(
+        f"-{COMMIT[:12]}-[0-9a-f]{{8}}$", job["metadata"]["name"]
+    )
 
 
 # -- pinned revision -----------------------------------------------------------------------------------------
@@ -176,7 +209,7 @@ def test_an_existing_claim_needs_no_storage_class():
     }
     rendered = render(set_values=values)
     assert rendered.maybe("PersistentVolumeClaim", f"{WORKER}-model-cache") is None
-    volume = [v for v in pod_spec(rendered.one("Job", JOB))["volumes"] if v["name"] == "model-cache"][0]
+    volume = [v for v in pod_spec(rendered.all("Job")[0])["volumes"] if v["name"] == "model-cache"][0]
     assert volume["persistentVolumeClaim"]["claimName"] == "models"
 
 
@@ -243,7 +276,7 @@ def test_the_job_reaches_dns_and_the_hub_over_https_only():
     policy = rendered.one("NetworkPolicy", "og-omnigate-model-download-egress")
     assert policy["spec"]["policyTypes"] == ["Egress"]
     assert selects(
-        policy["spec"]["podSelector"], rendered.one("Job", JOB)["spec"]["template"]["metadata"]["labels"]
+        policy["spec"]["podSelector"], rendered.all("Job")[0]["spec"]["template"]["metadata"]["labels"]
     )
     assert not selects(policy["spec"]["podSelector"], pod_labels(rendered.one("Deployment", WORKER)))
     for address in HUB:
@@ -281,3 +314,20 @@ def test_notes_point_at_the_download_job_when_there_is_one(profile):
     has_job = f"logs -f job/{WORKER}-download-" in notes
     assert has_job == (profile == "gpu-prod")
     assert ("each one downloads" in notes) == (profile == "default")
+
+
+@pytest.mark.parametrize("values", [SHARED, {}])  # the shared cache's Job; the per-pod prefetch
+def test_worker_extra_env_reaches_the_download_a_mirror_or_proxy_needs_it(values):
+    extra = {"worker.extraEnv": [{"name": "HF_ENDPOINT", "value": "https://hub-mirror.internal"}]}
+    rendered = render(set_values={**values, **extra})
+    jobs = rendered.all("Job")
+    download = (
+        container(jobs[0], "download-model")
+        if jobs
+        else container(rendered.one("Deployment", WORKER), "prefetch-model")
+    )
+    assert env(download)["HF_ENDPOINT"] == "https://hub-mirror.internal"
+    assert (
+        env(container(rendered.one("Deployment", WORKER), "worker"))["HF_ENDPOINT"]
+        == "https://hub-mirror.internal"
+    )

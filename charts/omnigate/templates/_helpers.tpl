@@ -141,8 +141,12 @@ could fill, so each pod downloads its own copy in the prefetch-model initContain
 {{- printf "%s/.omnigate-download-complete" (include "omnigate.worker.downloadDir" .) -}}
 {{- end -}}
 {{/* One Job per commit: a new revision is a new Job (a Job's pod template cannot be changed in place). */}}
+{{/* The download Job's name: the commit, then a hash of its spec (templates/_download_job.tpl). */}}
+{{- define "omnigate.worker.downloadJobPrefix" -}}
+{{- printf "%s-download-%s" (include "omnigate.worker.fullname" . | trunc 32 | trimSuffix "-") (.Values.worker.model.revision | trunc 12) -}}
+{{- end -}}
 {{- define "omnigate.worker.downloadJobName" -}}
-{{- printf "%s-download-%s" (include "omnigate.worker.fullname" . | trunc 41 | trimSuffix "-") (.Values.worker.model.revision | trunc 12) -}}
+{{- printf "%s-%s" (include "omnigate.worker.downloadJobPrefix" .) (include "omnigate.worker.downloadJobSpec" . | sha256sum | trunc 8) -}}
 {{- end -}}
 {{/* The worker runs offline on a copy it only reads: the cache is mounted read-only. */}}
 {{- define "omnigate.worker.cacheReadOnly" -}}

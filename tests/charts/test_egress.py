@@ -1,4 +1,6 @@
-"""Workers' egress is fenced: DNS, the model hub over HTTPS while downloading, nothing in the cluster or metadata."""
+"""Egress is fenced. Workers: DNS, the model hub over HTTPS while downloading, nothing in the cluster or metadata.
+Gateways: DNS, their workers, media URLs on public addresses (a network backstop for the gateway's URL policy),
+the internal networks the gateway's settings allow, nothing else in the cluster or metadata."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from tests.charts.chart import (
 )
 
 EGRESS = f"{WORKER}-egress"
+GATEWAY_EGRESS = f"{GATEWAY}-egress"
 METADATA = "169.254.169.254"
 IN_CLUSTER = [
     "10.96.0.1",
@@ -121,5 +124,77 @@ def test_extra_rules_and_a_narrower_hub_are_used_as_given():
 
 
 def test_egress_policy_can_be_turned_off():
-    assert render(set_values={"networkPolicy.egress.enabled": "false"}).maybe("NetworkPolicy", EGRESS) is None
+    off = render(set_values={"networkPolicy.egress.enabled": "false"})
+    assert off.maybe("NetworkPolicy", EGRESS) is None and off.maybe("NetworkPolicy", GATEWAY_EGRESS) is None
     assert render(set_values={"networkPolicy.enabled": "false"}).all("NetworkPolicy") == []
+
+
+# -- the gateways ---------------------------------------------------------------------------------------------
+
+
+def _peers_selecting(policy: dict, labels: dict) -> list[dict]:
+    """The egress rules whose podSelector peers (same namespace) select pods with these labels."""
+    return [
+        rule
+        for rule in policy["spec"]["egress"]
+        if any(
+            "podSelector" in p and "namespaceSelector" not in p and selects(p["podSelector"], labels)
+            for p in rule.get("to", [])
+        )
+    ]
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_gateways_reach_their_workers_and_public_media_but_not_metadata_or_the_cluster(profile):
+    rendered = render_profile(profile)
+    policy = rendered.one("NetworkPolicy", GATEWAY_EGRESS)
+    assert policy["spec"]["policyTypes"] == ["Egress"]
+    assert selects(policy["spec"]["podSelector"], pod_labels(rendered.one("Deployment", GATEWAY)))
+    assert not selects(policy["spec"]["podSelector"], pod_labels(rendered.one("Deployment", WORKER)))
+    for version in KUBERNETES_VERSIONS:
+        kubernetes_validate.validate(policy, version, strict=True)
+    # Its workers' gRPC port, by their labels.
+    (to_workers,) = _peers_selecting(policy, pod_labels(rendered.one("Deployment", WORKER)))
+    assert to_workers["ports"] == [{"port": "grpc", "protocol": "TCP"}]
+    # Media URLs on public addresses, on any port a URL may name.
+    for address in HUB:
+        for port in (443, 80, 8443):
+            assert _allowed(policy, address, port), (address, port)
+    # Never the metadata service or the cluster's pods and Services, whatever the URL policy lets through.
+    for port in (80, 443, 8080):
+        assert not _allowed(policy, METADATA, port)
+    for address in IN_CLUSTER:
+        for port in (80, 443, 6443, 50061, 5432):
+            assert not _allowed(policy, address, port), (address, port)
+
+
+def test_the_gateways_allowed_networks_setting_opens_those_blocks_only(tmp_path):
+    values = tmp_path / "values.yaml"  # a values file: --set would split the comma-separated setting
+    values.write_text('gateway:\n  config:\n    allowed_networks: "10.40.0.0/16, fd12:3456::/48"\n')
+    policy = render([values]).one("NetworkPolicy", GATEWAY_EGRESS)
+    assert _allowed(policy, "10.40.2.3", 9000) and _allowed(policy, "fd12:3456::7", 443)
+    assert not _allowed(policy, "10.41.0.1", 443)
+    assert not _allowed(policy, METADATA, 80)
+
+
+def test_allow_private_networks_opens_private_media_but_never_the_metadata_address():
+    policy = render(set_values={"gateway.config.allow_private_networks": "true"}).one(
+        "NetworkPolicy", GATEWAY_EGRESS
+    )
+    assert _allowed(policy, "10.96.0.10", 80)
+    assert not _allowed(policy, METADATA, 80)
+
+
+def test_gateway_media_can_be_narrowed_and_extended():
+    proxy = {"to": [{"podSelector": {"matchLabels": {"app": "media-proxy"}}}], "ports": [{"port": 3128}]}
+    policy = render(
+        set_values={
+            "networkPolicy.egress.extraGatewayRules": [proxy],
+            "networkPolicy.egress.gateway.mediaTo": [{"ipBlock": {"cidr": "203.0.113.0/24"}}],
+            "networkPolicy.egress.gateway.mediaPorts": [443],
+        }
+    ).one("NetworkPolicy", GATEWAY_EGRESS)
+    assert proxy in policy["spec"]["egress"]
+    assert _allowed(policy, "203.0.113.9", 443)
+    assert not _allowed(policy, "203.0.113.9", 80)
+    assert not _allowed(policy, HUB[0], 443)

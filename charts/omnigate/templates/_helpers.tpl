@@ -397,3 +397,20 @@ maxUnavailable: {{ .maxUnavailable }}
 {{- end -}}
 {{- end -}}
 {{- end -}}
+
+{{/* The egress rule to the OTLP collector (tracing.otlpEndpoint's port; anywhere but the link-local range). */}}
+{{- define "omnigate.networkPolicy.otlpRule" -}}
+{{- with .Values.tracing.otlpEndpoint }}
+{{- $host := (urlParse .).host }}
+{{- $port := ternary (regexFind "[0-9]+$" $host) "4317" (contains ":" $host) }}
+    # The OTLP collector (tracing.otlpEndpoint's port; anywhere but the metadata address and link-local range).
+    - to:
+        - ipBlock:
+            cidr: 0.0.0.0/0
+            except:
+              - 169.254.0.0/16
+      ports:
+        - port: {{ $port }}
+          protocol: TCP
+{{- end }}
+{{- end -}}

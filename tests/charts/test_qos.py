@@ -6,7 +6,18 @@ import re
 
 import pytest
 
-from tests.charts.chart import WORKER, containers, helm, pod_spec, render, render_profile, template_args
+from tests.charts.chart import (
+    CHART_DIR,
+    NAMESPACE,
+    RELEASE,
+    WORKER,
+    containers,
+    helm,
+    pod_spec,
+    render,
+    render_profile,
+    template_args,
+)
 
 _UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 
@@ -42,9 +53,30 @@ def test_gpu_prod_workers_have_guaranteed_qos():
     assert qos_class(worker) == "Guaranteed"
 
 
-def test_the_qos_check_can_tell_burstable_pods():
-    """The default values request half the memory limit: Burstable, as the issue found gpu-prod before."""
-    assert qos_class(render_profile("default").one("Deployment", WORKER)) == "Burstable"
+@pytest.mark.parametrize("profile", ["default", "keda"])
+def test_gpu_workers_have_guaranteed_qos_by_default(profile):
+    worker = render_profile(profile).one("Deployment", WORKER)
+    assert any("nvidia.com/gpu" in str(c.get("resources")) for c in containers(worker))
+    assert qos_class(worker) == "Guaranteed"
+
+
+def test_the_qos_check_can_tell_burstable_pods_and_the_notes_warn_of_them():
+    """Requesting half the memory limit is Burstable, as the issue found the GPU workers before."""
+    burstable = {"worker.resources.requests.memory": "32Gi"}
+    assert qos_class(render(set_values=burstable).one("Deployment", WORKER)) == "Burstable"
+    no_cpu_limit = {"worker.prefetch.resources.limits.cpu": None}
+    assert qos_class(render(set_values=no_cpu_limit).one("Deployment", WORKER)) == "Burstable"
+
+    def notes(values: dict) -> str:
+        args = ["install", RELEASE, str(CHART_DIR), "--namespace", NAMESPACE, "--dry-run=client"]
+        for key, value in values.items():
+            args += ["--set-json", f"{key}=null"] if value is None else ["--set", f"{key}={value}"]
+        return helm(*args).stdout.split("NOTES:", 1)[1]
+
+    assert "do not have Guaranteed QoS" in notes(burstable)
+    assert "do not have Guaranteed QoS" in notes(no_cpu_limit)
+    assert "Guaranteed QoS" not in notes({})
+    assert "Guaranteed QoS" not in notes({**burstable, "worker.gpu.enabled": "false"})
 
 
 @pytest.mark.parametrize("profile", ["default", "gpu-prod", "keda"])

@@ -414,3 +414,18 @@ maxUnavailable: {{ .maxUnavailable }}
           protocol: TCP
 {{- end }}
 {{- end -}}
+
+{{/* "true" when a container's resources give Guaranteed QoS: cpu and memory limits, requests equal or unset. */}}
+{{- define "omnigate.guaranteedResources" -}}
+{{- $limits := .limits | default dict -}}
+{{- $requests := .requests | default dict -}}
+{{- $ok := true -}}
+{{- range $r := list "cpu" "memory" -}}
+{{- if not (hasKey $limits $r) -}}
+{{- $ok = false -}}
+{{- else if and (hasKey $requests $r) (ne (toString (get $requests $r)) (toString (get $limits $r))) -}}
+{{- $ok = false -}}
+{{- end -}}
+{{- end -}}
+{{- if $ok -}}true{{- end -}}
+{{- end -}}

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 from omnigate_gateway.metrics import GatewayMetrics
 from omnigate_worker.metrics import WorkerMetrics
 from tests.charts.chart import (
+    CHART_DIR,
     GATEWAY,
     NAMESPACE,
     PROFILES,
@@ -18,6 +19,7 @@ from tests.charts.chart import (
     container,
     containers,
     env,
+    helm,
     pod_labels,
     pod_spec,
     render,
@@ -71,11 +73,19 @@ def test_gpu_profiles_request_gpus_and_tolerate_gpu_taints(profile):
         assert "nvidia.com/gpu" not in str(c.get("resources", {}))
 
 
-def test_gpu_prod_pins_nodes_runtime_and_shared_memory():
+@pytest.mark.parametrize("profile", ["gpu-prod", "keda"])
+def test_gpu_profiles_schedule_on_any_gpu_node_of_a_stock_cluster(profile):
+    # The GPU request alone places the pod. A vendor node label (GPU feature discovery's nvidia.com/gpu.*,
+    # GKE's cloud.google.com/gke-accelerator) or a RuntimeClass named nvidia exists only on some clusters:
+    # the pod would stay Pending, or be refused by the API server.
+    spec = pod_spec(worker_deployment(profile))
+    assert not spec.get("nodeSelector")
+    assert "runtimeClassName" not in spec
+
+
+def test_gpu_prod_tolerates_its_taint_and_has_shared_memory():
     worker = worker_deployment("gpu-prod")
     spec = pod_spec(worker)
-    assert spec["nodeSelector"]["nvidia.com/gpu.present"] == "true"
-    assert spec["runtimeClassName"] == "nvidia"
     assert {"key": "dedicated", "operator": "Equal", "value": "inference", "effect": "NoSchedule"} in spec[
         "tolerations"
     ]
@@ -645,7 +655,9 @@ def test_gateway_public_tls_and_api_keys_are_mounted_and_the_helm_test_uses_them
     assert volumes["api-keys"]["secret"]["secretName"] == "api-keys"
     assert "subPath" not in mounts["api-keys"] and mounts["api-keys"]["readOnly"] is True
     assert e["OMNIGATE_GATEWAY_API_KEYS_FILE"] == mounts["api-keys"]["mountPath"] + "/api-keys"
-    assert "appProtocol" not in rendered.one("Service", GATEWAY)["spec"]["ports"][0]
+    ports = {p["name"]: p for p in rendered.one("Service", GATEWAY)["spec"]["ports"]}
+    assert "appProtocol" not in ports["grpc"]  # TLS, not h2c
+    assert ports["http"]["appProtocol"] == "https"  # the HTTP API is HTTPS only
 
     pod = rendered.one("Pod", f"{RELEASE}-omnigate-test")
     (ca_volume,) = pod["spec"]["volumes"]
@@ -689,8 +701,6 @@ def test_long_release_names_give_valid_object_names():
 
 @pytest.mark.parametrize("profile", PROFILES)
 def test_notes_tell_how_to_reach_and_check_the_release(profile):
-    from tests.charts.chart import CHART_DIR, helm
-
     args = ["install", RELEASE, str(CHART_DIR), "--namespace", NAMESPACE, "--dry-run=client"]
     for f in PROFILES[profile]:
         args += ["-f", str(f)]
@@ -701,3 +711,16 @@ def test_notes_tell_how_to_reach_and_check_the_release(profile):
     assert f"rollout status deployment/{WORKER}" in notes
     assert f"dns:///{WORKER}.{NAMESPACE}.svc.cluster.local:50061" in notes
     assert ("scale" in notes and "KEDA" in notes) == (profile == "keda")
+
+
+def test_notes_under_gateway_tls_use_tls_and_warn_that_a_proxy_must_speak_it():
+    args = ["install", RELEASE, str(CHART_DIR), "--namespace", NAMESPACE, "--dry-run=client"]
+    tls = ["--set", "gateway.tls.enabled=true", "--set", "gateway.tls.secretName=public-tls"]
+    notes = helm(*args, *tls).stdout.split("NOTES:", 1)[1]
+    assert "grpcurl -cacert ca.crt" in notes and "-plaintext" not in notes
+    assert "curl --cacert ca.crt https://" in notes
+    assert "must speak TLS" not in notes
+    routed = helm(*args, *tls, "--set", "gateway.ingress.enabled=true", "--set", "tests.enabled=true")
+    assert "must speak TLS to it" in routed.stdout.split("NOTES:", 1)[1]
+    plain = helm(*args).stdout.split("NOTES:", 1)[1]
+    assert "grpcurl -plaintext" in plain and "curl http://" in plain

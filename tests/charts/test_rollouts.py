@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from tests.charts.chart import (
@@ -27,7 +29,10 @@ def test_worker_rollout_deadline_covers_the_startup_probe_and_a_margin(profile):
     ]
     allowance = startup["periodSeconds"] * startup["failureThreshold"]
     # Kubernetes' default (600 s) would fail any rollout whose model load takes longer than 10 minutes.
-    assert worker["spec"]["progressDeadlineSeconds"] == allowance + 600
+    # With a shared cache, a new commit's workers also wait for the download Job (its activeDeadlineSeconds).
+    jobs = rendered.all("Job")
+    download = jobs[0]["spec"]["activeDeadlineSeconds"] if jobs else 0
+    assert worker["spec"]["progressDeadlineSeconds"] == allowance + 600 + download
     gateway = rendered.one("Deployment", GATEWAY)
     readiness = next(c for c in gateway["spec"]["template"]["spec"]["containers"] if c["name"] == "gateway")[
         "readinessProbe"
@@ -102,22 +107,31 @@ def test_a_short_gateway_deadline_is_fine_when_readiness_does_not_wait_for_worke
     assert rendered.one("Deployment", GATEWAY)["spec"]["progressDeadlineSeconds"] == 300
 
 
-def test_notes_wait_for_the_rollout_as_long_as_its_deadline():
-    out = helm("install", RELEASE, str(CHART_DIR), "--namespace", NAMESPACE, "--dry-run=client").stdout
-    notes = out.split("NOTES:", 1)[1]
-    assert f"rollout status deployment/{WORKER} --timeout=2400s" in notes
-    assert f"rollout status deployment/{GATEWAY} --timeout=600s" in notes
+def _notes(*set_args: str) -> str:
+    args = ["install", RELEASE, str(CHART_DIR), "--namespace", NAMESPACE, "--dry-run=client", *set_args]
+    return helm(*args).stdout.split("NOTES:", 1)[1]
+
+
+def test_notes_wait_for_the_rollout_until_done_or_past_its_deadline():
+    # No --timeout: it would count the whole rollout (which grows with the pods), where Kubernetes' deadline
+    # counts time without progress; kubectl fails on its own once the deadline has passed.
+    notes = _notes()
+    assert f"rollout status deployment/{WORKER}\n" in notes
+    assert f"rollout status deployment/{GATEWAY}\n" in notes
+    assert "rollout status" in notes and not re.search(r"rollout status \S+ --timeout", notes)
+    assert "(2400 s for the workers, 600 s for the gateways)" in notes
     assert "ready as soon as they listen" in notes
-    out = helm(
-        "install",
-        RELEASE,
-        str(CHART_DIR),
-        "--namespace",
-        NAMESPACE,
-        "--dry-run=client",
-        "--set",
-        "gateway.readinessProbe.followWorkers=true",
-    ).stdout
-    notes = out.split("NOTES:", 1)[1]
-    assert f"rollout status deployment/{GATEWAY} --timeout=2400s" in notes
+    notes = _notes("--set", "gateway.readinessProbe.followWorkers=true")
+    assert "(2400 s for the workers, 2400 s for the gateways)" in notes
     assert "ready only while a worker is" in notes
+
+
+def test_a_shared_cache_adds_the_download_jobs_deadline_to_the_workers():
+    shared = {
+        "worker.modelCache.type": "persistentVolumeClaim",
+        "worker.model.revision": "0123456789abcdef0123456789abcdef01234567",
+        "worker.modelCache.persistentVolumeClaim.storageClassName": "nfs-rwx",
+        "worker.modelDownload.activeDeadlineSeconds": 3600,
+    }
+    rendered = render(set_values=shared)
+    assert rendered.one("Deployment", WORKER)["spec"]["progressDeadlineSeconds"] == 2400 + 3600

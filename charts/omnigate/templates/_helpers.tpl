@@ -241,13 +241,18 @@ the prefetch download, which run before the probe starts).
 
 {{/*
 progressDeadlineSeconds of the Deployments. The worker's defaults to its start-up budget, so a rollout is
-declared failed only once a new pod has overrun everything it is allowed. The gateway's defaults to the
-same while its readiness follows the workers (gateway.readinessProbe.followWorkers: a gateway is ready only
-once a worker is, so a first install waits for a model load), else to Kubernetes' 600 s.
+declared failed only once a new pod has overrun everything it is allowed; with a shared cache that
+includes the download Job's activeDeadlineSeconds (a new commit's workers wait for it). The gateway's
+defaults to the same while its readiness follows the workers (gateway.readinessProbe.followWorkers: a
+gateway is ready only once a worker is, so a first install waits for a model load), else to Kubernetes'
+600 s.
 */}}
 {{- define "omnigate.worker.progressDeadlineSeconds" -}}
 {{- if gt (int .Values.worker.progressDeadlineSeconds) 0 -}}
 {{- int .Values.worker.progressDeadlineSeconds -}}
+{{- else if include "omnigate.worker.sharedCache" . -}}
+{{- /* A new commit's workers wait for the download Job, which may run its whole activeDeadlineSeconds. */ -}}
+{{- add (include "omnigate.worker.startupBudgetSeconds" . | int) (int .Values.worker.modelDownload.activeDeadlineSeconds) -}}
 {{- else -}}
 {{- include "omnigate.worker.startupBudgetSeconds" . -}}
 {{- end -}}

@@ -9,7 +9,10 @@ import kubernetes_validate
 import pytest
 
 from tests.charts.chart import (
+    CHART_DIR,
     KUBERNETES_VERSIONS,
+    NAMESPACE,
+    RELEASE,
     WORKER,
     container,
     containers,
@@ -213,14 +216,20 @@ def test_an_existing_claim_needs_no_storage_class():
     assert volume["persistentVolumeClaim"]["claimName"] == "models"
 
 
-def test_read_write_once_for_a_single_worker_takes_the_default_class():
+@pytest.mark.parametrize("storage_class", ["", "gp3"])
+def test_a_created_read_write_once_claim_is_refused_even_for_one_worker(storage_class):
+    # The Job (CPU node) and the worker (GPU node) mount it, and a rollout surges a second worker: a disk
+    # that attaches to one node at a time would leave one of them waiting for the other for good.
     values = {
         **SHARED,
-        "worker.modelCache.persistentVolumeClaim.storageClassName": "",
+        "worker.modelCache.persistentVolumeClaim.storageClassName": storage_class,
         "worker.modelCache.persistentVolumeClaim.accessModes": ["ReadWriteOnce"],
     }
-    claim = render(set_values=values).one("PersistentVolumeClaim", f"{WORKER}-model-cache")
-    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"] and "storageClassName" not in claim["spec"]
+    error = _render_error(values)
+    assert "must include ReadWriteMany" in error and "modelCache.type=ephemeral" in error
+    # An existing claim is the operator's to choose.
+    existing = {**values, "worker.modelCache.persistentVolumeClaim.existingClaim": "models"}
+    assert render(set_values=existing).all("Job")
 
 
 def test_a_created_read_only_many_claim_is_refused_with_the_alternative():
@@ -331,3 +340,13 @@ def test_worker_extra_env_reaches_the_download_a_mirror_or_proxy_needs_it(values
         env(container(rendered.one("Deployment", WORKER), "worker"))["HF_ENDPOINT"]
         == "https://hub-mirror.internal"
     )
+
+
+def test_the_notes_warn_when_per_pod_downloads_follow_a_branch():
+    def notes(*set_args: str) -> str:
+        args = ["install", RELEASE, str(CHART_DIR), "--namespace", NAMESPACE, "--dry-run=client", *set_args]
+        return helm(*args).stdout.split("NOTES:", 1)[1]
+
+    assert "worker.model.revision=main is not a commit" in notes()  # the default: per-pod caches, main
+    assert "is not a commit" not in notes("--set", f"worker.model.revision={COMMIT}")
+    assert "is not a commit" not in notes("--set", "worker.model.localPath=/models/q")

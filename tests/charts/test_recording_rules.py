@@ -29,7 +29,7 @@ def test_recording_rules_can_be_turned_off():
     groups = chart_queries.rule_groups(
         render(set_values={**ENABLED, "metrics.prometheusRule.recordingRules.enabled": "false"})
     )
-    assert len(chart_queries.alerts(groups)) == 4
+    assert len(chart_queries.alerts(groups)) == 6
 
 
 def test_names_say_which_labels_are_kept_which_metric_and_which_operations():

@@ -556,6 +556,8 @@ def test_prometheus_rule_alerts_on_exported_metrics():
         "OmnigateWorkerQueueSaturated",
         "OmnigateNoReadyWorkers",
         "OmnigateAutoscalerMetricsUnavailable",
+        "OmnigateWorkersLost",
+        "OmnigateDemandWithoutWorkers",
     }
     for alert in alerts.values():
         names = set(OMNIGATE_METRIC.findall(alert["expr"]))

@@ -467,6 +467,8 @@ def test_alert_expressions_return_data(observed):
         "OmnigateGatewayHighErrorRate",
         "OmnigateTimeToFirstOutputSLO",
         "OmnigateWorkerQueueSaturated",
+        "OmnigateWorkersLost",
+        "OmnigateDemandWithoutWorkers",
     }
 
 

@@ -10,8 +10,9 @@ panels and variables. The queries are used as rendered, with three documented su
 - Grafana variables: `$namespace`, `$gateway`, `$worker` take the values the chart rendered as their
   defaults (this release), and `$__rate_interval` a fixed window (Grafana derives it from the scrape
   interval and the panel's resolution).
-- An alert's "inner" expression is its expression without the final threshold comparison (`> 0.05`,
-  `>= 51.2`), so that it returns series whether or not the alert would fire.
+- An alert's "inner" expression is its expression without the threshold comparison (`> 0.05`,
+  `>= 51.2`) and the guards after it (`and on () <traffic> >= 0.05`), so that it returns series whether or
+  not the alert would fire.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import yaml
 
 REPO_DIR = Path(__file__).resolve().parents[2]
 METRICS_DOC = REPO_DIR / "docs" / "metrics.md"
+_GUARD = re.compile(r"\b(?:and|unless)\s+on\s*\(")
 _THRESHOLD = re.compile(r"\s*(>=|<=|==|!=|>|<)\s*(bool\s+)?[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$")
 _ADAPTER_TEMPLATE = re.compile(r"<<\s*(.*?)\s*>>")
 _VARIABLE = re.compile(r"\$(\{(\w+)\}|(\w+))")
@@ -112,12 +114,15 @@ def alerts(groups: dict) -> list[Query]:
 
 
 def alert_inner(expr: str) -> str:
-    """The alert's expression without its final threshold comparison, and without a traffic guard after it
-    (``<expr> > 0.05 and on () <traffic> >= 0.05``: the guard only gates when the alert may fire)."""
+    """The alert's expression without its threshold comparison and without the guards after it
+    (``<expr> > 0.05 and on () <traffic> >= 0.05 unless on () <scaled to zero>``: guards only gate when
+    the alert may fire): cut at the first top-level ``and on``/``unless on`` that follows a threshold."""
     expr = expr.strip()
-    guard = expr.rfind("and on ()")
-    if guard > 0 and _THRESHOLD.search(expr) and _top_level(expr[:guard]):
-        expr = expr[:guard].strip()
+    for guard in _GUARD.finditer(expr):
+        head = expr[: guard.start()].rstrip()
+        if _top_level(head) and _THRESHOLD.search(head):
+            expr = head
+            break
     return _THRESHOLD.sub("", expr)
 
 

@@ -726,3 +726,35 @@ def test_notes_under_gateway_tls_use_tls_and_warn_that_a_proxy_must_speak_it():
     assert "must speak TLS to it" in routed.stdout.split("NOTES:", 1)[1]
     plain = helm(*args).stdout.split("NOTES:", 1)[1]
     assert "grpcurl -plaintext" in plain and "curl http://" in plain
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_each_component_runs_as_its_own_service_account(profile):
+    # An identity for the model store (workload identity on the workers' account) must not reach the
+    # gateways, which fetch URLs clients choose; the download Job is the model side, the helm test pod the
+    # gateway side.
+    rendered = render_profile(profile)
+    accounts = {a["metadata"]["name"]: a for a in rendered.all("ServiceAccount")}
+    assert set(accounts) == {GATEWAY, WORKER}
+    assert pod_spec(rendered.one("Deployment", GATEWAY))["serviceAccountName"] == GATEWAY
+    assert pod_spec(rendered.one("Deployment", WORKER))["serviceAccountName"] == WORKER
+    for job in rendered.all("Job"):
+        assert pod_spec(job)["serviceAccountName"] == WORKER
+    for pod in rendered.all("Pod"):
+        assert pod_spec(pod)["serviceAccountName"] == GATEWAY
+    assert all(a["automountServiceAccountToken"] is False for a in accounts.values())
+
+
+def test_service_account_annotations_go_to_the_model_side_only_or_one_named_account():
+    identity = {"iam.gke.io/gcp-service-account": "models@project.iam.gserviceaccount.com"}
+    rendered = render(set_values={"serviceAccount.annotations": identity})
+    assert rendered.one("ServiceAccount", WORKER)["metadata"]["annotations"] == identity
+    assert "annotations" not in rendered.one("ServiceAccount", GATEWAY)["metadata"]
+    shared = render(set_values={"serviceAccount.name": "omnigate"})
+    (account,) = shared.all("ServiceAccount")
+    assert account["metadata"]["name"] == "omnigate"
+    for kind, name in (("Deployment", GATEWAY), ("Deployment", WORKER)):
+        assert pod_spec(shared.one(kind, name))["serviceAccountName"] == "omnigate"
+    existing = render(set_values={"serviceAccount.create": "false"})
+    assert existing.all("ServiceAccount") == []
+    assert pod_spec(existing.one("Deployment", WORKER))["serviceAccountName"] == "default"

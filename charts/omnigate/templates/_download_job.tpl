@@ -13,7 +13,7 @@ template:
       {{- include "omnigate.podLabels" (dict "ctx" . "component" "model-download") | nindent 6 }}
   spec:
     restartPolicy: Never
-    serviceAccountName: {{ include "omnigate.serviceAccountName" . }}
+    serviceAccountName: {{ include "omnigate.serviceAccountName" (dict "ctx" . "component" "worker") }}
     automountServiceAccountToken: false
     {{- with .Values.imagePullSecrets }}
     imagePullSecrets:

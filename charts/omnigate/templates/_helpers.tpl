@@ -86,12 +86,20 @@ app.kubernetes.io/part-of: omnigate
 {{- end }}
 {{- end -}}
 
-{{/* The ServiceAccount the pods run as. */}}
+{{/*
+The ServiceAccount a component's pods run as: (dict "ctx" $ "component" "gateway"|"worker"). One per
+component (the worker's also runs the model download), so an identity meant for the model store (a
+workload-identity annotation) never reaches the internet-facing gateways; serviceAccount.name, when set, is
+the one account of every pod.
+*/}}
 {{- define "omnigate.serviceAccountName" -}}
-{{- if .Values.serviceAccount.create -}}
-{{- default (include "omnigate.fullname" .) .Values.serviceAccount.name -}}
+{{- $sa := .ctx.Values.serviceAccount -}}
+{{- if $sa.name -}}
+{{- $sa.name -}}
+{{- else if $sa.create -}}
+{{- include (printf "omnigate.%s.fullname" .component) .ctx -}}
 {{- else -}}
-{{- default "default" .Values.serviceAccount.name -}}
+default
 {{- end -}}
 {{- end -}}
 
